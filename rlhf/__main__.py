@@ -1,0 +1,168 @@
+"""Command line: ``python -m rlhf {sft,reward,ppo,dpo,grpo,sample} --config FILE.json
+--data FILE.jsonl --out DIR [--resume] [--reward-model DIR | --reward-fn module:function]``
+and ``python -m rlhf tiny-model DIR`` (builds the small offline test model).
+
+Shows a progress bar; Ctrl-C once stops cleanly with a checkpoint (twice aborts).
+Exit status: 0 done, 1 a training error (message on stderr), 130 stopped by Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+
+from rlhf.errors import TrainingError
+from rlhf.runner import KINDS, SAMPLES_FILE
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m rlhf",
+        description="RLHF engine: SFT, reward model, PPO, DPO, GRPO, sampling.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    for kind in KINDS:
+        s = sub.add_parser(kind, help=f"run {kind}")
+        s.add_argument(
+            "--config", required=True, help="JSON file with the config fields (see rlhf/<algo>.py)"
+        )
+        s.add_argument("--data", required=True, help="JSONL data file")
+        s.add_argument(
+            "--out", required=True, help="output folder (checkpoints step-*/, or samples.jsonl)"
+        )
+        s.add_argument(
+            "--resume", action="store_true", help="continue from the latest checkpoint in --out"
+        )
+        s.add_argument(
+            "--checkpoint", help="(sample) checkpoint to sample from; default: config init_adapter"
+        )
+        s.add_argument("--model", help="override the config's model")
+        s.add_argument(
+            "--eval-data", help="(sft, reward, dpo) held-out JSONL rows; default: a split of --data"
+        )
+        group = s.add_mutually_exclusive_group()
+        group.add_argument("--reward-model", help="(ppo, grpo) reward-model checkpoint folder")
+        group.add_argument(
+            "--reward-fn",
+            help="(ppo, grpo) reward function 'module:function' or 'file.py:function'",
+        )
+        s.add_argument("--quiet", action="store_true", help="no progress bar")
+    t = sub.add_parser("tiny-model", help="build the small offline test model in DIR")
+    t.add_argument("dir")
+    t.add_argument("--vocab-size", type=int, default=512)
+    t.add_argument("--hidden-size", type=int, default=64)
+    t.add_argument("--num-layers", type=int, default=2)
+    t.add_argument("--num-heads", type=int, default=4)
+    t.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "tiny-model":
+        from rlhf.modeling import build_tiny_model
+
+        path = build_tiny_model(
+            args.dir,
+            vocab_size=args.vocab_size,
+            hidden_size=args.hidden_size,
+            num_layers=args.num_layers,
+            num_heads=args.num_heads,
+            seed=args.seed,
+        )
+        print(path)
+        return 0
+    try:
+        return _run(args)
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args) -> int:
+    from tqdm import tqdm
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    from rlhf.checkpoint import latest_checkpoint
+    from rlhf.config import config_from_dict
+    from rlhf.data import read_jsonl
+    from rlhf.errors import ConfigError
+    from rlhf.runner import run
+
+    try:
+        raw = json.loads(Path(args.config).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read config {args.config}: {exc}") from None
+    if args.model:
+        raw["model"] = args.model
+    config = config_from_dict(args.command, raw)
+    data = read_jsonl(args.data)
+    eval_data = read_jsonl(args.eval_data) if args.eval_data else None
+    out = Path(args.out)
+
+    resume_from = None
+    if args.command == "sample":
+        resume_from = args.checkpoint
+    elif args.resume:
+        resume_from = latest_checkpoint(out)
+        if resume_from is None:
+            print(f"no checkpoint in {out}; starting from scratch", file=sys.stderr)
+
+    stop = {"requested": False}
+
+    def on_sigint(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        print("\nstopping after this step (Ctrl-C again to abort)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    bar = tqdm(total=None, disable=args.quiet, unit="step", dynamic_ncols=True, desc=args.command)
+
+    def on_step(step: int, metrics: dict) -> None:
+        total = metrics.get("progress/total_steps")
+        if total and bar.total != int(total):
+            bar.total = int(total)
+        bar.n = step
+        shown = {
+            k: f"{v:.4g}"
+            for k, v in metrics.items()
+            if k.startswith(("loss/", "objective/", "reward/", "eval/"))
+        }
+        bar.set_postfix(shown, refresh=False)
+        bar.refresh()
+
+    try:
+        result = run(
+            args.command,
+            config,
+            data,
+            output_dir=out,
+            on_step=on_step,
+            should_stop=lambda: stop["requested"],
+            resume_from=resume_from,
+            reward_model=args.reward_model,
+            reward_fn=args.reward_fn,
+            eval_data=eval_data,
+        )
+    finally:
+        bar.close()
+        signal.signal(signal.SIGINT, previous)
+
+    if args.command == "sample":
+        print(f"wrote {len(result)} prompts to {out / SAMPLES_FILE}")
+        return 130 if stop["requested"] else 0
+    print(
+        f"checkpoint: {result.checkpoint_dir} (step {result.step}{', stopped' if result.stopped else ''})"
+    )
+    print(json.dumps(result.metrics, indent=2, sort_keys=True))
+    return 130 if result.stopped else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

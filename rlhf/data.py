@@ -1,0 +1,320 @@
+"""Data rows, JSONL reading, validation and collators.
+
+Rows are plain dicts (the lines of the CLI's JSONL files):
+
+- SFT: ``{"prompt", "completion"}``; the loss is taken on completion tokens only, as in
+  InstructGPT's supervised fine-tuning (Ouyang et al. 2022, arXiv:2203.02155, sec. 3.5)
+  and the "completion-only" masking of Alpaca / TRL.
+- Reward and DPO: ``{"prompt", "completions": [...], "ranking": [[i], [j, k], ...]}`` (groups
+  best first; completions in one group are tied) or ``{"prompt", "chosen", "rejected"}``
+  (Rafailov et al. 2023, arXiv:2305.18290).
+- PPO, GRPO and sampling: ``{"prompt"}``.
+
+Token layout of one SFT example (right padding)::
+
+    input_ids: [p0 p1 p2 c0 c1 eos pad pad]
+    labels:    [-100 -100 -100 c0 c1 eos -100 -100]     (loss on completion + eos only)
+
+Prompts are tokenized with the tokenizer's special tokens (e.g. BOS), completions without,
+and an EOS token ends every completion so that the model learns to stop.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf.errors import DataError
+
+IGNORE_INDEX = -100
+"""Label value ignored by the cross-entropy loss (PyTorch's default ignore_index)."""
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read a JSONL file of objects; DataError names the file and line of a bad line."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{path} line {lineno}: invalid JSON ({exc.msg} at column {exc.colno})"
+                ) from None
+            if not isinstance(row, dict):
+                raise DataError(
+                    f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}"
+                )
+            row.setdefault("_line", lineno)
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def write_jsonl(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def strip_meta(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows without bookkeeping keys (``_line``)."""
+    return [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def _where(row: dict[str, Any], index: int) -> str:
+    return f"line {row['_line']}" if "_line" in row else f"row {index}"
+
+
+def _require_str(row: dict[str, Any], index: int, key: str, *, allow_empty: bool = False) -> None:
+    if key not in row:
+        raise DataError(f"{_where(row, index)}: missing field {key!r}")
+    value = row[key]
+    if not isinstance(value, str):
+        raise DataError(
+            f"{_where(row, index)}: field {key!r} must be a string, got {type(value).__name__}"
+        )
+    if not allow_empty and not value.strip():
+        raise DataError(f"{_where(row, index)}: field {key!r} is empty")
+
+
+def validate_ranking(ranking: Any, num_completions: int, *, where: str = "row") -> list[list[int]]:
+    """Check a ranking (groups best first) covers each completion index exactly once."""
+    if not isinstance(ranking, list) or not ranking:
+        raise DataError(
+            f"{where}: 'ranking' must be a non-empty list of groups such as [[0], [1, 2]]"
+        )
+    seen: list[int] = []
+    out = []
+    for group in ranking:
+        if isinstance(group, int) and not isinstance(group, bool):
+            group = [group]
+        if not isinstance(group, list) or not group:
+            raise DataError(
+                f"{where}: each ranking group must be a non-empty list of completion indexes"
+            )
+        for i in group:
+            if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < num_completions:
+                raise DataError(
+                    f"{where}: ranking index {i!r} is not a completion index (0..{num_completions - 1})"
+                )
+            if i in seen:
+                raise DataError(f"{where}: completion {i} appears twice in the ranking")
+            seen.append(i)
+        out.append(list(group))
+    missing = sorted(set(range(num_completions)) - set(seen))
+    if missing:
+        raise DataError(f"{where}: the ranking leaves out completion(s) {missing}")
+    if len(out) < 2:
+        raise DataError(
+            f"{where}: the ranking has a single group (all tied): nothing to learn from"
+        )
+    return out
+
+
+def normalize_preference_row(row: dict[str, Any], index: int = 0) -> dict[str, Any]:
+    """Validate a reward/DPO row; return ``{"prompt", "completions", "ranking"}``.
+
+    ``{"prompt","chosen","rejected"}`` becomes completions [chosen, rejected], ranking [[0],[1]].
+    """
+    where = _where(row, index)
+    _require_str(row, index, "prompt")
+    if "completions" in row:
+        comps = row["completions"]
+        if (
+            not isinstance(comps, list)
+            or len(comps) < 2
+            or not all(isinstance(c, str) for c in comps)
+        ):
+            raise DataError(f"{where}: 'completions' must be a list of at least two strings")
+        if "ranking" not in row:
+            raise DataError(
+                f"{where}: missing field 'ranking' (groups best first, e.g. [[0], [1]])"
+            )
+        ranking = validate_ranking(row["ranking"], len(comps), where=where)
+        return {"prompt": row["prompt"], "completions": list(comps), "ranking": ranking}
+    if "chosen" in row or "rejected" in row:
+        _require_str(row, index, "chosen")
+        _require_str(row, index, "rejected")
+        return {
+            "prompt": row["prompt"],
+            "completions": [row["chosen"], row["rejected"]],
+            "ranking": [[0], [1]],
+        }
+    raise DataError(f"{where}: expected 'completions' + 'ranking' or 'chosen' + 'rejected'")
+
+
+def validate_rows(kind: str, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Check rows for a run kind; return clean rows (preference rows normalised).
+
+    Raises DataError naming the first bad row (its JSONL line when read with read_jsonl).
+    """
+    if not isinstance(rows, (list, tuple)) or not rows:
+        raise DataError("no data rows")
+    out = []
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"row {index}: expected an object, got {type(row).__name__}")
+        if kind == "sft":
+            _require_str(row, index, "prompt", allow_empty=True)
+            _require_str(row, index, "completion")
+            out.append({"prompt": row["prompt"], "completion": row["completion"]})
+        elif kind in ("reward", "dpo"):
+            out.append(normalize_preference_row(row, index))
+        elif kind in ("ppo", "grpo", "sample"):
+            _require_str(row, index, "prompt")
+            clean = {k: v for k, v in row.items() if not k.startswith("_")}
+            out.append(clean)
+        else:
+            raise DataError(f"unknown run kind {kind!r}")
+    return out
+
+
+# ---------------------------------------------------------------------------- tokens
+
+
+def format_prompt(tokenizer, prompt: str, *, chat_template: bool = False) -> str:
+    """The prompt text fed to the model: raw, or wrapped by the tokenizer's chat template."""
+    if not chat_template:
+        return prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("chat_template=True but the tokenizer has no chat template")
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
+
+
+def encode_prompt(
+    tokenizer, prompt: str, *, max_len: int, chat_template: bool = False
+) -> list[int]:
+    """Prompt token ids (with the tokenizer's special tokens), keeping the last ``max_len``."""
+    text = format_prompt(tokenizer, prompt, chat_template=chat_template)
+    add_special = not chat_template  # a chat template already writes its special tokens
+    ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]
+    return ids[-max_len:] if max_len > 0 else ids
+
+
+def encode_prompt_completion(
+    tokenizer,
+    prompt: str,
+    completion: str,
+    *,
+    max_seq_len: int,
+    chat_template: bool = False,
+    add_eos: bool = True,
+) -> tuple[list[int], int]:
+    """Token ids of prompt + completion (+ eos) and the prompt length.
+
+    Truncation keeps at least one completion token: the prompt is cut from the left to
+    ``max_seq_len - 1`` tokens, then the completion from the right.
+    """
+    p_ids = encode_prompt(
+        tokenizer, prompt, max_len=max(1, max_seq_len - 1), chat_template=chat_template
+    )
+    c_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    if add_eos and tokenizer.eos_token_id is not None:
+        c_ids = c_ids + [tokenizer.eos_token_id]
+    ids = (p_ids + c_ids)[:max_seq_len]
+    return ids, len(p_ids)
+
+
+def completion_mask(prompt_lens: torch.Tensor, seq_lens: torch.Tensor, T: int) -> torch.Tensor:
+    """[B] prompt lengths, [B] sequence lengths -> [B,T] bool, True on completion tokens (right padding)."""
+    pos = torch.arange(T, device=prompt_lens.device).unsqueeze(0)  # [1,T]
+    return (pos >= prompt_lens.unsqueeze(1)) & (pos < seq_lens.unsqueeze(1))
+
+
+def pad_sequences(
+    seqs: Sequence[Sequence[int]], pad_id: int, *, side: str = "right"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad lists of ids to one [B,T] tensor; returns (ids, attention_mask)."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if not s:
+            continue
+        t = torch.as_tensor(list(s), dtype=torch.long)
+        if side == "right":
+            ids[i, : len(s)] = t
+            mask[i, : len(s)] = 1
+        else:
+            ids[i, T - len(s) :] = t
+            mask[i, T - len(s) :] = 1
+    return ids, mask
+
+
+def collate_sft(examples: Sequence[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Pre-tokenized (ids, prompt_len) pairs -> input_ids, attention_mask, labels (completion only)."""
+    input_ids, attention_mask = pad_sequences([ids for ids, _ in examples], pad_id, side="right")
+    T = input_ids.shape[1]
+    prompt_lens = torch.tensor([p for _, p in examples], dtype=torch.long)
+    seq_lens = torch.tensor([len(ids) for ids, _ in examples], dtype=torch.long)
+    mask = completion_mask(prompt_lens, seq_lens, T)
+    labels = torch.where(mask, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class SFTCollator:
+    """Rows {"prompt","completion"} -> a right-padded batch with completion-only labels."""
+
+    def __init__(self, tokenizer, *, max_seq_len: int, chat_template: bool = False):
+        self.tokenizer = tokenizer
+        self.max_seq_len = max_seq_len
+        self.chat_template = chat_template
+
+    def encode(self, row: dict[str, Any]) -> tuple[list[int], int]:
+        return encode_prompt_completion(
+            self.tokenizer,
+            row["prompt"],
+            row["completion"],
+            max_seq_len=self.max_seq_len,
+            chat_template=self.chat_template,
+        )
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return collate_sft([self.encode(r) for r in rows], self.tokenizer.pad_token_id)
+
+
+class PromptCollator:
+    """Rows {"prompt"} -> a LEFT-padded batch for ``generate`` (input_ids, attention_mask)."""
+
+    def __init__(self, tokenizer, *, max_prompt_len: int, chat_template: bool = False):
+        self.tokenizer = tokenizer
+        self.max_prompt_len = max_prompt_len
+        self.chat_template = chat_template
+
+    def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        seqs = [
+            encode_prompt(
+                self.tokenizer,
+                r["prompt"],
+                max_len=self.max_prompt_len,
+                chat_template=self.chat_template,
+            )
+            for r in rows
+        ]
+        pad_id = self.tokenizer.pad_token_id
+        input_ids, attention_mask = pad_sequences(seqs, pad_id, side="left")
+        return {"input_ids": input_ids, "attention_mask": attention_mask}

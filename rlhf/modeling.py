@@ -1,0 +1,413 @@
+"""Base models, named LoRA adapters, scalar heads and the tiny test model.
+
+One base model in memory per job; LoRA adapters (Hu et al. 2021, "LoRA: Low-Rank
+Adaptation of Large Language Models", arXiv:2106.09685) give it its roles:
+
+- policy: a trainable adapter ("policy");
+- value: a trainable adapter + :class:`ScalarHead` (PPO, Schulman et al. 2017, arXiv:1707.06347);
+- reward: a frozen adapter + :class:`ScalarHead` from a reward-model run (InstructGPT,
+  Ouyang et al. 2022, arXiv:2203.02155, sec. 3.5);
+- reference: the same base with adapters disabled (``with model.disable_adapter():``).
+
+:func:`build_tiny_model` makes a small Llama-shaped causal LM (Touvron et al. 2023,
+arXiv:2302.13971) with random weights and a byte-level BPE tokenizer (Radford et al. 2019,
+GPT-2; Sennrich et al. 2016, arXiv:1508.07909) trained offline on a built-in corpus, and
+saves it as an ordinary model folder so tests and the local demo load it through the same
+``from_pretrained`` path as a real model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rlhf.config import BaseConfig
+from rlhf.errors import ConfigError
+
+# peft asks transformers a deprecated question on every get_peft_model; the answer is still right.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+# ---------------------------------------------------------------------------- device / dtype
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def pick_device_dtype(
+    device: str = "auto", dtype: str = "auto"
+) -> tuple[torch.device, torch.dtype]:
+    """Choose where and in what precision to run: bf16 on a GPU that has it, fp32 on CPU."""
+    if device == "auto":
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(
+                f"device {device!r} requested but CUDA is not available; use device='auto' or 'cpu'"
+            )
+    if dtype == "auto":
+        if dev.type == "cuda" and torch.cuda.is_bf16_supported():
+            dt = torch.bfloat16
+        else:
+            dt = torch.float32
+    else:
+        try:
+            dt = _DTYPES[dtype]
+        except KeyError:
+            raise ConfigError(
+                f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16"
+            ) from None
+    return dev, dt
+
+
+def resolve_device_dtype(cfg: BaseConfig) -> tuple[torch.device, torch.dtype]:
+    """pick_device_dtype for a config."""
+    return pick_device_dtype(cfg.device, cfg.dtype)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_tokenizer(name_or_path: str | os.PathLike):
+    """AutoTokenizer with a pad token (falls back to eos) and right padding for training."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(name_or_path))
+    if tok.pad_token is None:
+        if tok.eos_token is not None:
+            tok.pad_token = tok.eos_token
+        else:
+            tok.add_special_tokens({"pad_token": "<|pad|>"})
+    tok.padding_side = "right"
+    return tok
+
+
+def load_causal_lm(
+    name_or_path: str | os.PathLike, *, device: torch.device | str, dtype: torch.dtype
+):
+    """AutoModelForCausalLM.from_pretrained on ``device`` in ``dtype`` (SDPA attention)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(name_or_path), attn_implementation="sdpa", **kwargs
+        )
+    except (ValueError, ImportError):  # an architecture without SDPA support
+        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
+    return model.to(device)
+
+
+def load_policy(cfg: BaseConfig, *, adapter_name: str = "policy", trainable: bool = True):
+    """Tokenizer + base model + LoRA adapter for ``cfg`` (started from cfg.init_adapter if set).
+
+    Returns (model: PeftModel, tokenizer, device, dtype).
+    """
+    device, dtype = resolve_device_dtype(cfg)
+    tokenizer = load_tokenizer(cfg.model)
+    base = load_causal_lm(cfg.model, device=device, dtype=dtype)
+    if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
+        base.resize_token_embeddings(len(tokenizer))
+    if base.config.pad_token_id is None:
+        base.config.pad_token_id = tokenizer.pad_token_id
+    model = add_lora(base, cfg, adapter_name=adapter_name, trainable=trainable)
+    return model, tokenizer, device, dtype
+
+
+# ---------------------------------------------------------------------------- LoRA
+
+
+def lora_config(cfg: BaseConfig, task_type: str = "CAUSAL_LM"):
+    """peft.LoraConfig from the config's LoRA fields."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules,
+        bias="none",
+        task_type=task_type,
+    )
+
+
+def adapter_dir(ckpt_dir: str | os.PathLike, name: str) -> Path:
+    """Folder holding adapter ``name`` in a checkpoint (``ckpt/name/`` or ``ckpt/`` itself)."""
+    ckpt = Path(ckpt_dir)
+    for candidate in (ckpt / name, ckpt):
+        if (candidate / "adapter_config.json").exists():
+            return candidate
+    raise ConfigError(
+        f"no adapter {name!r} in {ckpt} (expected {ckpt / name / 'adapter_config.json'})"
+    )
+
+
+def _init_adapter_dir(init: str | os.PathLike, adapter_name: str) -> Path:
+    """The adapter folder to start from: a checkpoint, a run folder (its latest checkpoint) or
+    a bare PEFT adapter folder; adapter ``adapter_name`` if present, else "policy"."""
+    from rlhf.checkpoint import resolve_checkpoint
+
+    try:
+        ckpt = resolve_checkpoint(init)
+    except ConfigError:
+        ckpt = Path(init)
+    name = adapter_name if (ckpt / adapter_name / "adapter_config.json").exists() else "policy"
+    return adapter_dir(ckpt, name)
+
+
+def add_lora(
+    model, cfg: BaseConfig, adapter_name: str = "policy", *, trainable: bool = True, init_from=None
+):
+    """Add a LoRA adapter named ``adapter_name`` and make it the active one.
+
+    ``model`` is a plain transformers model (wrapped into a PeftModel) or a PeftModel that
+    already has other adapters. The adapter starts from ``init_from`` (a checkpoint folder)
+    or, for the policy, from ``cfg.init_adapter``; otherwise fresh (B = 0, so the adapted
+    model starts equal to the base, Hu et al. 2021 sec. 4.1).
+    """
+    from peft import PeftModel, get_peft_model
+
+    init = (
+        init_from
+        if init_from is not None
+        else (cfg.init_adapter if adapter_name == "policy" else None)
+    )
+    if init:
+        path = _init_adapter_dir(init, adapter_name)
+        if isinstance(model, PeftModel):
+            model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=trainable)
+        else:
+            model = PeftModel.from_pretrained(
+                model, str(path), adapter_name=adapter_name, is_trainable=trainable
+            )
+    else:
+        lcfg = lora_config(cfg)
+        if isinstance(model, PeftModel):
+            model.add_adapter(adapter_name, lcfg)
+        else:
+            model = get_peft_model(model, lcfg, adapter_name=adapter_name)
+    model.set_adapter(adapter_name)
+    if not trainable:
+        for name, p in model.named_parameters():
+            if f".{adapter_name}." in name:
+                p.requires_grad_(False)
+    return model
+
+
+def trainable_parameters(model) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+# ---------------------------------------------------------------------------- heads
+
+
+class ScalarHead(nn.Module):
+    """A linear map hidden -> 1 for rewards and values: ``head(h[B,T,H]) -> [B,T]``.
+
+    Initialised with std 1/sqrt(H+1) as the reward head of Ziegler et al. 2019
+    ("Fine-Tuning Language Models from Human Preferences", arXiv:1909.08593). Kept in fp32;
+    inputs are cast to fp32.
+    """
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.linear = nn.Linear(hidden_size, 1)
+        nn.init.normal_(self.linear.weight, std=1.0 / math.sqrt(hidden_size + 1))
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden_states.to(self.linear.weight.dtype)).squeeze(-1)  # [B, T]
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last real token of each row ([B,T] -> [B]); works with right or left padding."""
+    T = attention_mask.shape[-1]
+    positions = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
+    return (positions * attention_mask.long()).argmax(dim=-1)
+
+
+def hidden_size_of(model) -> int:
+    config = model.config
+    for name in ("hidden_size", "n_embd", "d_model"):
+        if hasattr(config, name):
+            return int(getattr(config, name))
+    raise ConfigError("cannot find the hidden size in the model config")
+
+
+# ---------------------------------------------------------------------------- tiny model
+
+SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n{{ message['content'] }}<|eos|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+_CORPUS_SEED = """
+The quick brown fox jumps over the lazy dog. A labeler reads two answers and picks the better one.
+Reinforcement learning from human feedback trains a reward model on rankings, then tunes a policy.
+The policy writes a completion for each prompt; the reward model scores it; the optimizer updates it.
+Write a short poem about the sea. The sea is wide and blue, and the waves come in and go out again.
+Summarize the following text in one sentence. Translate this sentence into French, please.
+What is the capital of France? Paris is the capital of France. What is two plus two? It is four.
+Question: Why is the sky blue? Answer: Sunlight is scattered by the air, and blue light scatters most.
+Please explain how a neural network learns. It computes a loss and follows the gradient downhill.
+I like apples, bananas, cherries and grapes. She said hello to everyone in the room and sat down.
+def add(a, b): return a + b  # numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000 yes no true false
+The helpful assistant answers clearly and politely; the harmful answer is rejected by the labelers.
+Once upon a time there was a small model that wanted to learn to talk like people do.
+"""
+
+
+def _tiny_corpus() -> list[str]:
+    lines = [line.strip() for line in _CORPUS_SEED.strip().splitlines() if line.strip()]
+    words = " ".join(lines).split()
+    corpus = list(lines)
+    # deterministic word shuffles give the BPE trainer enough pair statistics
+    for k in range(1, 8):
+        corpus.append(" ".join(words[k :: k + 1] + words[:: k + 2]))
+    return corpus
+
+
+def _train_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_tiny_corpus(), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|bos|>",
+        eos_token="<|eos|>",
+        pad_token="<|pad|>",
+        additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.padding_side = "right"
+    return fast
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive advisory lock (fcntl) so parallel test processes build a folder once."""
+    import fcntl
+
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def build_tiny_model(
+    path: str | os.PathLike,
+    *,
+    vocab_size: int = 512,
+    hidden_size: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    seed: int = 0,
+) -> Path:
+    """Build (or reuse) a small Llama-shaped causal LM with random weights at ``path``.
+
+    The tokenizer is a byte-level BPE trained offline on a built-in corpus, with pad/bos/eos
+    tokens and a simple chat template. The folder loads with ``from_pretrained(path)``.
+    Cached: when ``path`` already holds a model built with the same arguments it is returned
+    at once. Written to a temporary folder and renamed into place.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    args = {
+        "vocab_size": vocab_size,
+        "hidden_size": hidden_size,
+        "num_layers": num_layers,
+        "num_heads": num_heads,
+        "seed": seed,
+        "version": 2,
+    }
+    marker = path / "tiny_model.json"
+    if marker.exists() and (path / "config.json").exists():
+        try:
+            if json.loads(marker.read_text()) == args:
+                return path
+        except (OSError, ValueError):
+            pass
+    if hidden_size % num_heads:
+        raise ConfigError(
+            f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})"
+        )
+
+    tokenizer = _train_tokenizer(vocab_size)
+    devnull_seed_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        initializer_range=hidden_size**-0.5,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    torch.random.set_rng_state(devnull_seed_state)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(path.parent / f".{path.name}.lock"):
+        # another process may have built it while we trained the tokenizer
+        if (
+            marker.exists()
+            and (path / "config.json").exists()
+            and json.loads(marker.read_text()) == args
+        ):
+            return path
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "tiny_model.json").write_text(json.dumps(args))
+            if path.exists():  # a build with other arguments
+                shutil.rmtree(path)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+    return path

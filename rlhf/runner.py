@@ -1,0 +1,144 @@
+"""One entry point for every run kind, used by the CLI (``python -m rlhf``) and the Celery tasks.
+
+``run(kind, config, data, output_dir=...)`` validates the config (a dataclass or a plain
+dict), then dispatches to the algorithm module, imported lazily so that a worker only loads
+what it runs: SFT (:mod:`rlhf.sft`), reward model (:mod:`rlhf.reward`, InstructGPT,
+Ouyang et al. 2022), DPO (:mod:`rlhf.dpo`, Rafailov et al. 2023), PPO (:mod:`rlhf.ppo`,
+Schulman et al. 2017), GRPO (:mod:`rlhf.grpo`, Shao et al. 2024) and sampling
+(:mod:`rlhf.sampling`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from rlhf.config import BaseConfig, config_class, config_from_dict
+from rlhf.errors import ConfigError
+from rlhf.loop import OnStep, ShouldStop, TrainResult
+
+KINDS = ("sft", "reward", "dpo", "ppo", "grpo", "sample")
+
+_ENTRY_POINTS = {
+    "sft": "rlhf.sft:train_sft",
+    "reward": "rlhf.reward:train_reward",
+    "dpo": "rlhf.dpo:train_dpo",
+    "ppo": "rlhf.ppo:train_ppo",
+    "grpo": "rlhf.grpo:train_grpo",
+    "sample": "rlhf.sampling:sample",
+}
+
+SAMPLES_FILE = "samples.jsonl"
+
+
+def _import(target: str) -> Callable:
+    module_name, _, attr = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            raise ConfigError(
+                f"run kind needs {module_name}, which is not available in this install"
+            ) from exc
+        raise
+    return getattr(module, attr)
+
+
+def load_reward_fn(spec: str) -> Callable[[str, str], float]:
+    """Import a reward function from "package.module:function" or "path/to/file.py:function".
+
+    The function takes (prompt, completion) and returns a float.
+    """
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ConfigError(f"reward function must look like 'module:function', got {spec!r}")
+    module_name, _, func_name = spec.rpartition(":")
+    if not module_name or not func_name:
+        raise ConfigError(f"reward function must look like 'module:function', got {spec!r}")
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.exists():
+            raise ConfigError(f"reward function file {path} does not exist")
+        module_spec = importlib.util.spec_from_file_location(f"_reward_fn_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ConfigError(f"cannot import reward module {module_name!r}: {exc}") from exc
+    fn = getattr(module, func_name, None)
+    if not callable(fn):
+        raise ConfigError(f"{module_name} has no function {func_name!r}")
+    return fn
+
+
+def coerce_config(kind: str, config: BaseConfig | dict[str, Any]) -> BaseConfig:
+    """A config dataclass for ``kind`` from a dataclass or a dict (validated)."""
+    if isinstance(config, dict):
+        return config_from_dict(kind, config)
+    expected = config_class(kind)
+    if not isinstance(config, expected):
+        raise ConfigError(f"a {kind} run needs a {expected.__name__}, got {type(config).__name__}")
+    config.validate()
+    return config
+
+
+def run(
+    kind: str,
+    config: BaseConfig | dict[str, Any],
+    data: list[dict[str, Any]],
+    *,
+    output_dir: str | os.PathLike,
+    on_step: OnStep | None = None,
+    should_stop: ShouldStop | None = None,
+    resume_from: str | os.PathLike | None = None,
+    reward_model: str | os.PathLike | None = None,
+    reward_fn: Callable[[str, str], float] | str | None = None,
+    eval_data: list[dict[str, Any]] | None = None,
+) -> TrainResult | list[dict[str, Any]]:
+    """Run ``kind`` ("sft", "reward", "dpo", "ppo", "grpo", "sample") and return its result.
+
+    Training kinds return a TrainResult. "sample" returns the list of sampled rows and also
+    writes them to ``output_dir/samples.jsonl`` (``resume_from``, when given, is the
+    checkpoint to sample from). PPO/GRPO take ``reward_model`` (a reward checkpoint folder) or
+    ``reward_fn`` (a callable or a "module:function" string). ``eval_data`` (held-out rows) goes
+    to the kinds that take it (sft, reward, dpo) instead of their own held-out split.
+    """
+    if kind not in KINDS:
+        raise ConfigError(f"unknown run kind {kind!r}; expected one of {', '.join(KINDS)}")
+    cfg = coerce_config(kind, config)
+    fn = _import(_ENTRY_POINTS[kind])
+    if isinstance(reward_fn, str):
+        reward_fn = load_reward_fn(reward_fn)
+
+    if kind == "sample":
+        from rlhf.data import write_jsonl
+
+        rows = fn(cfg, data, checkpoint=resume_from, on_step=on_step, should_stop=should_stop)
+        write_jsonl(Path(output_dir) / SAMPLES_FILE, rows)
+        return rows
+
+    kwargs: dict[str, Any] = {
+        "output_dir": output_dir,
+        "on_step": on_step,
+        "should_stop": should_stop,
+        "resume_from": resume_from,
+    }
+    if kind in ("ppo", "grpo"):
+        if reward_model is None and reward_fn is None:
+            raise ConfigError(
+                f"a {kind} run needs a reward model (--reward-model DIR) or a reward function (--reward-fn module:function)"
+            )
+        kwargs["reward_model"] = reward_model
+        kwargs["reward_fn"] = reward_fn
+    elif reward_model is not None or reward_fn is not None:
+        raise ConfigError(f"a {kind} run takes no reward model or reward function")
+    if eval_data is not None:
+        if kind not in ("sft", "reward", "dpo"):
+            raise ConfigError(f"a {kind} run takes no eval data")
+        kwargs["eval_data"] = eval_data
+    return fn(cfg, data, **kwargs)
