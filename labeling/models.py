@@ -52,11 +52,15 @@ class Membership(models.Model):
         ADMIN = "admin"
 
     project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="memberships")
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships"
+    )
     role = models.CharField(max_length=16, choices=Role.choices, default=Role.LABELER)
 
     class Meta:
-        constraints = [models.UniqueConstraint(fields=["project", "user"], name="one_membership_per_user")]
+        constraints = [
+            models.UniqueConstraint(fields=["project", "user"], name="one_membership_per_user")
+        ]
 
 
 class Prompt(models.Model):
@@ -83,7 +87,9 @@ class Completion(models.Model):
     # training.Checkpoint id that generated it (a plain id keeps the apps' migrations acyclic).
     checkpoint_id = models.BigIntegerField(null=True, blank=True, db_index=True)
     model_name = models.CharField(max_length=500, blank=True)
-    generation = models.JSONField(default=dict, blank=True, help_text="Sampling settings, seed, token count.")
+    generation = models.JSONField(
+        default=dict, blank=True, help_text="Sampling settings, seed, token count."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -134,9 +140,13 @@ class Assignment(models.Model):
         EXPIRED = "expired"
 
     item = models.ForeignKey(Item, on_delete=models.CASCADE, related_name="assignments")
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="assignments")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="assignments"
+    )
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE)
-    display_order = models.JSONField(help_text="Completion ids in the order this labeler sees them.")
+    display_order = models.JSONField(
+        help_text="Completion ids in the order this labeler sees them."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     expires_at = models.DateTimeField(db_index=True)
 
@@ -144,7 +154,11 @@ class Assignment(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["item", "user"], name="one_assignment_per_item_user")
         ]
-        indexes = [models.Index(fields=["item", "status", "expires_at"], name="assignment_live_idx")]
+        indexes = [
+            models.Index(fields=["item", "status", "expires_at"], name="assignment_live_idx"),
+            # "the user's live lease in this project", asked on every page load
+            models.Index(fields=["user", "status", "expires_at"], name="assignment_user_live_idx"),
+        ]
 
 
 class Ranking(models.Model):
@@ -154,13 +168,18 @@ class Ranking(models.Model):
 
     item = models.ForeignKey(Item, on_delete=models.CASCADE, related_name="rankings")
     user = models.ForeignKey(
-        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="rankings"
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="rankings",
     )
     source = models.CharField(max_length=16, choices=Source.choices, default=Source.LABELER)
     # [[best ids...], [next ids...], ...]: a group with several ids is a tie.
     groups = models.JSONField()
-    # Sorted completion ids covered by `groups`; must equal ItemCompletion ids of the item
-    # (checked in labeling.services.ranking_submit inside the transaction that inserts it).
+    # The ids in `groups` must be exactly the item's ItemCompletion ids, each once: checked with
+    # a clear message by labeling.services.ranking_validate, and enforced by the database with a
+    # trigger (migration 0002) on PostgreSQL and SQLite, whoever writes the row.
     rationale = models.TextField(blank=True)
     seconds_spent = models.FloatField(null=True, blank=True)
     display_order = models.JSONField(default=list, blank=True)
@@ -170,7 +189,9 @@ class Ranking(models.Model):
         ordering = ["id"]
         constraints = [
             models.UniqueConstraint(
-                fields=["item", "user"], condition=Q(user__isnull=False), name="one_ranking_per_item_user"
+                fields=["item", "user"],
+                condition=Q(user__isnull=False),
+                name="one_ranking_per_item_user",
             ),
             models.CheckConstraint(
                 condition=Q(seconds_spent__isnull=True) | Q(seconds_spent__gte=0),
@@ -190,7 +211,9 @@ class Flag(models.Model):
 class ApiToken(models.Model):
     """A token for scripts. Only its SHA-256 is stored; the raw token is shown once."""
 
-    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens")
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens"
+    )
     name = models.CharField(max_length=100, blank=True)
     key_hash = models.CharField(max_length=64, unique=True)
     created_at = models.DateTimeField(auto_now_add=True)

@@ -1,0 +1,227 @@
+"""Reads for the labeling app. Every lookup that starts from a request is scoped to the
+projects the user belongs to (`project_get_for_user` raises Http404 otherwise)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from itertools import combinations
+from statistics import median
+
+from django.db.models import Count, IntegerField, OuterRef, Q, QuerySet, Subquery, Value
+from django.db.models.functions import Coalesce
+from django.http import Http404
+
+from labeling.agreement import kendall_tau_b, pair_counts
+from labeling.models import Assignment, Flag, Item, ItemCompletion, Membership, Project, Ranking
+
+
+def _count_subquery(qs: QuerySet, outer_field: str = "project") -> Coalesce:
+    counted = qs.filter(**{outer_field: OuterRef("pk")}).order_by().values(outer_field)
+    counted = counted.annotate(n=Count("pk")).values("n")
+    return Coalesce(Subquery(counted, output_field=IntegerField()), Value(0))
+
+
+def project_list_for_user(*, user) -> QuerySet[Project]:
+    """The user's projects (a superuser sees all), each annotated with `role`,
+    `total_items`, `complete_items` and `my_done` (the user's rankings in it)."""
+    if not user.is_authenticated:
+        return Project.objects.none()
+    qs = (
+        Project.objects.all()
+        if user.is_superuser
+        else Project.objects.filter(memberships__user=user)
+    )
+    role = Membership.objects.filter(project=OuterRef("pk"), user=user).values("role")[:1]
+    return qs.annotate(
+        role=Subquery(role),
+        total_items=_count_subquery(Item.objects.all()),
+        complete_items=_count_subquery(Item.objects.filter(is_complete=True)),
+        my_done=_count_subquery(Ranking.objects.filter(user=user), outer_field="item__project"),
+    ).order_by("-created_at", "-id")
+
+
+def project_get_for_user(*, user, project_id, admin: bool = False) -> Project:
+    """The project if `user` is a member (an admin member when `admin`); Http404 otherwise,
+    so a labeler cannot even learn that another project exists. Sets `project.role` and
+    `project.is_admin` for the templates."""
+    try:
+        project_id = int(project_id)
+    except (TypeError, ValueError):
+        raise Http404("No such project.") from None
+    if not user.is_authenticated:
+        raise Http404("No such project.")
+    project = Project.objects.filter(pk=project_id).first()
+    membership = (
+        Membership.objects.filter(project_id=project_id, user=user).first() if project else None
+    )
+    if project is None or (membership is None and not user.is_superuser):
+        raise Http404("No such project.")
+    project.role = membership.role if membership else Membership.Role.ADMIN
+    project.is_admin = user.is_superuser or project.role == Membership.Role.ADMIN
+    if admin and not project.is_admin:
+        raise Http404("No such project.")
+    return project
+
+
+def project_members(*, project: Project) -> QuerySet[Membership]:
+    return project.memberships.select_related("user").order_by("role", "user__username")
+
+
+def project_progress(*, project: Project) -> dict:
+    """Items complete / total (queue items only: imported ones come ranked), labeler
+    rankings stored, live leases and unresolved flags."""
+    items = Item.objects.filter(project=project)
+    counts = items.aggregate(
+        total=Count("pk"),
+        complete=Count("pk", filter=Q(is_complete=True)),
+        imported=Count("pk", filter=Q(source=Item.Source.IMPORT)),
+    )
+    total, complete = counts["total"], counts["complete"]
+    return {
+        "total": total,
+        "complete": complete,
+        "remaining": total - complete,
+        "imported": counts["imported"],
+        "percent": round(100 * complete / total, 1) if total else 0.0,
+        "rankings": Ranking.objects.filter(item__project=project, user__isnull=False).count(),
+        "flags": Flag.objects.filter(item__project=project, resolved=False).count(),
+    }
+
+
+def labeler_done_count(*, project: Project, user) -> int:
+    return Ranking.objects.filter(item__project=project, user=user).count()
+
+
+def assignment_view(*, assignment: Assignment) -> dict:
+    """What the ranking page shows for a lease: the item, its prompt and its completions in
+    the labeler's display order (numbered 1..K, the digit keys)."""
+    item = Item.objects.select_related("prompt", "project").get(pk=assignment.item_id)
+    completions = {
+        ic.completion_id: ic.completion
+        for ic in ItemCompletion.objects.filter(item=item).select_related("completion")
+    }
+    order = [cid for cid in assignment.display_order if cid in completions]
+    order += [cid for cid in completions if cid not in order]
+    return {
+        "assignment": assignment,
+        "item": item,
+        "prompt": item.prompt,
+        "completions": [completions[cid] for cid in order],
+        "display_order": order,
+    }
+
+
+def _labeler_rankings(project: Project) -> list[dict]:
+    return list(
+        Ranking.objects.filter(item__project=project, user__isnull=False)
+        .order_by("id")
+        .values("item_id", "user_id", "groups", "seconds_spent")
+    )
+
+
+def _shared_item_comparisons(rankings: list[dict]):
+    """Yield (user_a, user_b, counts, tau) for every two labelers who ranked the same item."""
+    by_item: dict[int, list[dict]] = defaultdict(list)
+    for r in rankings:
+        by_item[r["item_id"]].append(r)
+    for rows in by_item.values():
+        for a, b in combinations(rows, 2):
+            yield (
+                a["user_id"],
+                b["user_id"],
+                pair_counts(a["groups"], b["groups"]),
+                kendall_tau_b(a["groups"], b["groups"]),
+            )
+
+
+def project_agreement(*, project: Project) -> dict:
+    """Inter-labeler agreement on items ranked by two or more labelers.
+
+    pairwise_agreement: pairs of completions given the same relation / pairs compared,
+    pooled over every two labelers on every shared item; mean_kendall_tau: the mean of
+    tau-b over those labeler pairs (None where nothing is shared)."""
+    same = pairs = comparisons = 0
+    taus: list[float] = []
+    shared_items = set()
+    rankings = _labeler_rankings(project)
+    for _, _, counts, tau in _shared_item_comparisons(rankings):
+        comparisons += 1
+        same += counts["same"]
+        pairs += counts["pairs"]
+        if tau is not None:
+            taus.append(tau)
+    by_item = defaultdict(int)
+    for r in rankings:
+        by_item[r["item_id"]] += 1
+    shared_items = sum(1 for n in by_item.values() if n >= 2)
+    return {
+        "shared_items": shared_items,
+        "comparisons": comparisons,
+        "pairwise_agreement": same / pairs if pairs else None,
+        "mean_kendall_tau": sum(taus) / len(taus) if taus else None,
+    }
+
+
+def labeler_stats(*, project: Project) -> list[dict]:
+    """One row per labeler who ranked in the project: username, count, median seconds, and
+    agreement with the other labelers on shared items (pairwise rate and mean tau-b)."""
+    rankings = _labeler_rankings(project)
+    per_user: dict[int, dict] = defaultdict(
+        lambda: {"count": 0, "seconds": [], "same": 0, "pairs": 0, "taus": []}
+    )
+    for r in rankings:
+        row = per_user[r["user_id"]]
+        row["count"] += 1
+        if r["seconds_spent"] is not None:
+            row["seconds"].append(r["seconds_spent"])
+    for ua, ub, counts, tau in _shared_item_comparisons(rankings):
+        for uid in (ua, ub):
+            per_user[uid]["same"] += counts["same"]
+            per_user[uid]["pairs"] += counts["pairs"]
+            if tau is not None:
+                per_user[uid]["taus"].append(tau)
+    from django.contrib.auth import get_user_model
+
+    names = dict(get_user_model().objects.filter(pk__in=per_user).values_list("pk", "username"))
+    out = []
+    for uid, row in per_user.items():
+        out.append(
+            {
+                "user_id": uid,
+                "username": names.get(uid, f"user {uid}"),
+                "count": row["count"],
+                "median_seconds": median(row["seconds"]) if row["seconds"] else None,
+                "agreement": row["same"] / row["pairs"] if row["pairs"] else None,
+                "mean_kendall_tau": sum(row["taus"]) / len(row["taus"]) if row["taus"] else None,
+            }
+        )
+    out.sort(key=lambda r: (-r["count"], r["username"]))
+    return out
+
+
+def flagged_items(*, project: Project, include_resolved: bool = False) -> QuerySet[Flag]:
+    qs = Flag.objects.filter(item__project=project)
+    if not include_resolved:
+        qs = qs.filter(resolved=False)
+    return qs.select_related("item", "item__prompt", "user").order_by("-created_at", "-id")
+
+
+def rankings_for_project(*, project: Project, source: str | None = None) -> QuerySet[Ranking]:
+    """Every ranking in the project, oldest first, with item, prompt and user joined.
+    `source` = "labeler" or "import" narrows it. Completions: `item_completion_texts`."""
+    qs = Ranking.objects.filter(item__project=project)
+    if source is not None:
+        qs = qs.filter(source=source)
+    return qs.select_related("item", "item__prompt", "user").order_by("id")
+
+
+def item_completion_texts(*, item_ids) -> dict[int, dict[int, str]]:
+    """{item id: {completion id: text}} for a batch of items (for exports and training)."""
+    out: dict[int, dict[int, str]] = defaultdict(dict)
+    for item_id, cid, text in (
+        ItemCompletion.objects.filter(item_id__in=list(item_ids))
+        .order_by("item_id", "position")
+        .values_list("item_id", "completion_id", "completion__text")
+    ):
+        out[item_id][cid] = text
+    return dict(out)

@@ -1,0 +1,268 @@
+"""Labeling pages. Each view: a permission-scoped lookup (`project_get_for_user`, which
+raises 404 outside the user's projects), one service or selector call, a response.
+
+The ranking page's JSON endpoints (next, submit, skip, flag) are POSTs with the CSRF token
+in the X-CSRFToken header; errors come back as {"error": message, "code": ...} with the
+status of the LabelingError.
+"""
+
+from __future__ import annotations
+
+import json
+
+from django.contrib import messages
+from django.contrib.auth import views as auth_views
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.shortcuts import redirect, render
+from django.template.loader import render_to_string
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from labeling import selectors, services
+from labeling.forms import ImportForm, MemberForm, ProjectForm, ThrottledAuthenticationForm
+from labeling.services import LabelingError
+
+
+class ThrottledLoginView(auth_views.LoginView):
+    authentication_form = ThrottledAuthenticationForm
+    redirect_authenticated_user = True
+
+
+def _can_create_projects(user) -> bool:
+    return user.is_staff or user.has_perm("labeling.add_project")
+
+
+@login_required
+@require_GET
+def home(request):
+    projects = selectors.project_list_for_user(user=request.user)
+    return render(
+        request,
+        "labeling/home.html",
+        {"projects": projects, "can_create": _can_create_projects(request.user)},
+    )
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def project_create_view(request):
+    if not _can_create_projects(request.user):
+        raise PermissionDenied("Only staff can create projects.")
+    form = ProjectForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            project = services.project_create(created_by=request.user, **form.cleaned_data)
+        except LabelingError as e:
+            form.add_error(None, e.message)
+        else:
+            messages.success(request, f"Created {project.name}. Add labelers below.")
+            return redirect("labeling:project_dashboard", project_id=project.pk)
+    return render(request, "labeling/project_form.html", {"form": form})
+
+
+@login_required
+@require_GET
+def project_dashboard(request, project_id):
+    project = selectors.project_get_for_user(user=request.user, project_id=project_id)
+    if not project.is_admin:
+        return redirect("labeling:label", project_id=project.pk)
+    context = {
+        "project": project,
+        "progress": selectors.project_progress(project=project),
+        "members": selectors.project_members(project=project),
+        "flags": selectors.flagged_items(project=project)[:100],
+        "stats": selectors.labeler_stats(project=project),
+        "agreement": selectors.project_agreement(project=project),
+        "member_form": MemberForm(),
+        "import_form": ImportForm(),
+    }
+    return render(request, "labeling/dashboard.html", context)
+
+
+@login_required
+@require_POST
+def member_add(request, project_id):
+    project = selectors.project_get_for_user(user=request.user, project_id=project_id, admin=True)
+    form = MemberForm(request.POST)
+    if form.is_valid():
+        try:
+            m = services.membership_add_by_username(project=project, **form.cleaned_data)
+        except LabelingError as e:
+            messages.error(request, e.message)
+        else:
+            messages.success(request, f"{m.user.username} is now a {m.role} of {project.name}.")
+    else:
+        messages.error(request, "Give a username and a role.")
+    return redirect("labeling:project_dashboard", project_id=project.pk)
+
+
+@login_required
+@require_POST
+def flag_resolve_view(request, project_id, flag_id):
+    project = selectors.project_get_for_user(user=request.user, project_id=project_id, admin=True)
+    try:
+        services.flag_resolve(project=project, flag_id=flag_id)
+    except LabelingError as e:
+        raise Http404(e.message) from None
+    return redirect("labeling:project_dashboard", project_id=project.pk)
+
+
+@login_required
+@require_POST
+def project_import(request, project_id):
+    project = selectors.project_get_for_user(user=request.user, project_id=project_id, admin=True)
+    form = ImportForm(request.POST, request.FILES)
+    if not form.is_valid():
+        messages.error(request, "Choose a JSONL or CSV file to import.")
+        return redirect("labeling:project_dashboard", project_id=project.pk)
+    from labeling.importexport import ImportFileError, import_file
+
+    upload = form.cleaned_data["file"]
+    try:
+        report = import_file(
+            project=project, fileobj=upload, fmt=form.cleaned_data["fmt"] or None, user=request.user
+        )
+    except ImportFileError as e:
+        messages.error(request, f"{upload.name}, {e}. Nothing from this file was stored.")
+    except ValueError as e:
+        messages.error(request, f"{upload.name}: {e}. Nothing from this file was stored.")
+    else:
+        r = report.as_dict()
+        messages.success(
+            request,
+            f"Imported {upload.name}: {r['records']} records, {r['prompts']} prompts, "
+            f"{r['completions']} completions, {r['items']} items, {r['rankings']} rankings.",
+        )
+    return redirect("labeling:project_dashboard", project_id=project.pk)
+
+
+@login_required
+@require_GET
+def project_export(request, project_id):
+    project = selectors.project_get_for_user(user=request.user, project_id=project_id, admin=True)
+    from labeling.importexport import EXPORT_KINDS, export_jsonl
+
+    kind = request.GET.get("kind", "rankings")
+    if kind not in EXPORT_KINDS:
+        return HttpResponse(f"kind must be one of {', '.join(EXPORT_KINDS)}", status=400)
+    consensus = request.GET.get("consensus") in {"1", "true", "on"}
+    filename = f"project-{project.pk}-{kind}{'-consensus' if consensus else ''}.jsonl"
+    response = StreamingHttpResponse(
+        export_jsonl(project=project, kind=kind, consensus=consensus),
+        content_type="application/jsonl; charset=utf-8",
+    )
+    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return response
+
+
+# --------------------------------------------------------------------------- the ranking page
+
+
+def _item_context(request, project, assignment) -> dict:
+    context = {"project": project, "assignment": None}
+    if assignment is not None:
+        context.update(selectors.assignment_view(assignment=assignment))
+    return context
+
+
+def _item_html(request, project, assignment) -> str:
+    return render_to_string(
+        "labeling/_item.html", _item_context(request, project, assignment), request=request
+    )
+
+
+@login_required
+@require_GET
+def label(request, project_id):
+    """The ranking page with the user's current item (a lease they hold, or a new one)."""
+    project = selectors.project_get_for_user(user=request.user, project_id=project_id)
+    assignment = services.assignment_next(project=project, user=request.user)
+    context = _item_context(request, project, assignment)
+    context["done"] = selectors.labeler_done_count(project=project, user=request.user)
+    return render(request, "labeling/label.html", context)
+
+
+def _error(e: LabelingError) -> JsonResponse:
+    return JsonResponse({"error": e.message, "code": e.code}, status=e.status_code)
+
+
+def _json_body(request) -> dict:
+    try:
+        body = json.loads(request.body or b"{}")
+    except (ValueError, UnicodeDecodeError):
+        raise LabelingError("The request body is not valid JSON.") from None
+    if not isinstance(body, dict):
+        raise LabelingError("The request body must be a JSON object.")
+    return body
+
+
+@login_required
+@require_POST
+def label_next(request, project_id):
+    """The item after `after` (the one on screen), rendered, for the page to preload."""
+    project = selectors.project_get_for_user(user=request.user, project_id=project_id)
+    try:
+        after = _json_body(request).get("after")
+        after = int(after) if after is not None else None
+    except (LabelingError, TypeError, ValueError):
+        return JsonResponse({"error": "`after` must be an item id.", "code": "invalid"}, status=400)
+    assignment = services.assignment_next(project=project, user=request.user, exclude_item_id=after)
+    return JsonResponse(
+        {
+            "item_id": assignment.item_id if assignment else None,
+            "html": _item_html(request, project, assignment),
+        }
+    )
+
+
+def _item_in_project(request, project_id, item_id):
+    """The project (404 unless a member); the item id must belong to it."""
+    project = selectors.project_get_for_user(user=request.user, project_id=project_id)
+    if not project.items.filter(pk=item_id).exists():
+        raise services.ItemNotFound(f"Item {item_id} does not exist or is not in this project.")
+    return project
+
+
+@login_required
+@require_POST
+def item_submit(request, project_id, item_id):
+    try:
+        project = _item_in_project(request, project_id, item_id)
+        body = _json_body(request)
+        ranking = services.ranking_submit(
+            user=request.user,
+            item_id=item_id,
+            groups=body.get("groups"),
+            rationale=body.get("rationale") or "",
+            seconds_spent=body.get("seconds_spent"),
+            display_order=body.get("display_order"),
+        )
+    except LabelingError as e:
+        return _error(e)
+    done = selectors.labeler_done_count(project=project, user=request.user)
+    return JsonResponse({"ranking_id": ranking.pk, "groups": ranking.groups, "done": done})
+
+
+@login_required
+@require_POST
+def item_skip_view(request, project_id, item_id):
+    try:
+        _item_in_project(request, project_id, item_id)
+        services.item_skip(user=request.user, item_id=item_id)
+    except LabelingError as e:
+        return _error(e)
+    return JsonResponse({"skipped": item_id})
+
+
+@login_required
+@require_POST
+def item_flag_view(request, project_id, item_id):
+    try:
+        _item_in_project(request, project_id, item_id)
+        flag = services.item_flag(
+            user=request.user, item_id=item_id, reason=_json_body(request).get("reason") or ""
+        )
+    except LabelingError as e:
+        return _error(e)
+    return JsonResponse({"flag_id": flag.pk})

@@ -1,0 +1,160 @@
+"""A labeler logs in, ranks 4 responses by keyboard, then by drag and drop, submits, and gets
+the next (preloaded) item without a page load; the stored rankings match what was shown."""
+
+import pytest
+from django.contrib.auth import get_user_model
+
+from labeling import services
+from labeling.models import Assignment, Flag, Item, Ranking
+
+pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
+
+PASSWORD = "e2e-labeler-password-1"
+
+
+@pytest.fixture
+def setup(settings):
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    User = get_user_model()
+    admin = User.objects.create_user("e2e-admin", password="e2e-admin-password-1")
+    labeler = User.objects.create_user("e2e-labeler", password=PASSWORD)
+    project = services.project_create(
+        name="E2E project", created_by=admin, instructions="Rank **best** first.", k=4
+    )
+    services.membership_set(project=project, user=labeler, role="labeler")
+    for i in range(4):
+        prompt = services.prompt_create(project=project, text=f"Question {i}: what is {i} + {i}?")
+        texts = ["Curt.", "A *polite* answer.", "```\n" + "x = 1; " * 30 + "\n```", "- a\n- list"]
+        for j, text in enumerate(texts):
+            services.completion_create(prompt=prompt, text=f"{text} ({i}.{j})")
+        services.items_create_for_prompt(project=project, prompt=prompt)
+    return project, labeler
+
+
+def _shown(page):
+    """(item id, completion ids in screen order: response 1, 2, 3, 4)."""
+    item_id = int(page.get_attribute("#item", "data-item-id"))
+    ids = page.eval_on_selector_all(
+        "#responses .response", "cards => cards.map(c => Number(c.dataset.completionId))"
+    )
+    return item_id, ids
+
+
+def _wait_for_new_item(page, old_item_id, done):
+    page.wait_for_function(
+        "([old, done]) => { const el = document.getElementById('item');"
+        " return el && el.dataset.itemId !== String(old)"
+        " && document.getElementById('done-count').textContent.trim() === String(done); }",
+        arg=[old_item_id, done],
+    )
+
+
+def test_a_labeler_ranks_by_keyboard_and_by_drag_and_drop(live_server, page, setup):
+    project, labeler = setup
+    page.goto(f"{live_server.url}/accounts/login/")
+    page.fill("#id_username", "e2e-labeler")
+    page.fill("#id_password", PASSWORD)
+    page.click("#login-submit")
+    page.wait_for_url(f"{live_server.url}/")
+    page.click(f"[data-project-id='{project.pk}'] a.button.primary")
+    page.wait_for_selector("#item[data-item-id] .response")
+    assert page.inner_text("#done-count").strip() == "0"
+    page.evaluate("window.__sameDocument = true")
+
+    # 1. Keyboard: 3, 1, Backspace (undo), 1, T (tie), 4, 2, Enter  ->  [[r3], [r1, r4], [r2]]
+    first_item, ids = _shown(page)
+    assert len(ids) == 4
+    page.locator("body").click(position={"x": 5, "y": 5})  # focus the page, not a field
+    for key in ["3", "1", "Backspace", "1", "t", "4", "2"]:
+        page.keyboard.press(key)
+    assert page.locator("#ranking .rank-group").count() == 3
+    assert page.locator("#ranking .rank-group.tie .chip").count() == 2
+    assert page.is_enabled("#submit-ranking")
+    page.keyboard.press("Enter")
+    _wait_for_new_item(page, first_item, 1)
+
+    ranking = Ranking.objects.get(item_id=first_item, user=labeler)
+    assert ranking.groups == [[ids[2]], [ids[0], ids[3]], [ids[1]]]
+    assert ranking.display_order == ids
+    assert ranking.seconds_spent is not None and ranking.seconds_spent > 0
+
+    # 2. Drag and drop: 4, 1, 2 onto "next rank", then 3 onto rank 2 (a tie) -> [[r4], [r1, r3], [r2]]
+    second_item, ids2 = _shown(page)
+    assert second_item != first_item
+    for n in (4, 1, 2):
+        page.drag_and_drop(f"#response-{n}", "#new-rank")
+    page.drag_and_drop("#response-3", "#ranking .rank-group[data-rank='2']")
+    assert page.locator("#ranking .rank-group").count() == 3
+    page.fill("#rationale", "Response 4 is right and polite.")
+    page.click("#submit-ranking")
+    _wait_for_new_item(page, second_item, 2)
+    page.wait_for_selector("body[data-preload='done']")
+
+    ranking2 = Ranking.objects.get(item_id=second_item, user=labeler)
+    assert ranking2.groups == [[ids2[3]], [ids2[0], ids2[2]], [ids2[1]]]
+    assert ranking2.display_order == ids2
+    assert ranking2.rationale == "Response 4 is right and polite."
+    assert page.evaluate("window.__sameDocument") is True  # no full page load in between
+
+    # 3. The third item was preloaded: it is on screen; flag it with F and a reason.
+    third_item, _ = _shown(page)
+    assert third_item not in (first_item, second_item)
+    page.locator("body").click(position={"x": 5, "y": 5})
+    page.keyboard.press("f")
+    page.fill("#flag-reason", "The answers are numbered oddly.")
+    page.click("#flag-confirm")
+    page.wait_for_function(
+        "old => document.getElementById('item').dataset.itemId !== String(old)", arg=third_item
+    )
+    assert Flag.objects.get(item_id=third_item).reason == "The answers are numbered oddly."
+
+    # 4. The fourth item: S skips it, and the queue is empty.
+    fourth_item, _ = _shown(page)
+    page.locator("body").click(position={"x": 5, "y": 5})
+    page.keyboard.press("s")
+    page.wait_for_selector("#queue-empty")
+    assert Assignment.objects.get(item_id=fourth_item, user=labeler).status == "skipped"
+    assert Ranking.objects.filter(user=labeler).count() == 2
+    assert Item.objects.filter(project=project, is_complete=True).count() == 2
+    assert page.evaluate("window.__sameDocument") is True
+
+
+def test_the_ranking_page_fits_a_phone_screen(live_server, browser, setup):
+    project, labeler = setup
+    context = browser.new_context(
+        viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True
+    )
+    page = context.new_page()
+    try:
+        page.goto(f"{live_server.url}/accounts/login/")
+        page.fill("#id_username", "e2e-labeler")
+        page.fill("#id_password", PASSWORD)
+        page.click("#login-submit")
+        page.wait_for_url(f"{live_server.url}/")
+        page.goto(f"{live_server.url}/projects/{project.pk}/label/")
+        page.wait_for_selector("#item .response")
+        overflow = page.evaluate("document.documentElement.scrollWidth - window.innerWidth")
+        assert overflow <= 1
+        # every response card fits in the column (a long code line scrolls inside its block)
+        widest = page.evaluate(
+            "Math.max(...[...document.querySelectorAll('.response, .ranking-panel')]"
+            ".map(e => e.getBoundingClientRect().right))"
+        )
+        assert (
+            widest
+            <= page.evaluate("document.getElementById('prompt').getBoundingClientRect().right") + 1
+        )
+        item_id, ids = _shown(page)
+        for n in (2, 1, 4, 3):  # tap "Rank next" on each card: no keyboard or drag on a phone
+            page.click(f"#response-{n} .place")
+        page.click("#submit-ranking")
+        _wait_for_new_item(page, item_id, 1)
+        assert Ranking.objects.get(item_id=item_id).groups == [
+            [ids[1]],
+            [ids[0]],
+            [ids[3]],
+            [ids[2]],
+        ]
+        page.wait_for_selector("body[data-preload='done']")  # no request left in flight
+    finally:
+        context.close()
