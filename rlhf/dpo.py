@@ -1,0 +1,469 @@
+"""Direct Preference Optimization with a LoRA policy.
+
+Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is Secretly a
+Reward Model" (arXiv:2305.18290), equation 7::
+
+    L_DPO = -E_(x, y_w, y_l) [ log σ( β log π_θ(y_w|x)/π_ref(y_w|x) - β log π_θ(y_l|x)/π_ref(y_l|x) ) ]
+
+The implicit reward of a completion is ``β (log π_θ(y|x) - log π_ref(y|x))`` (sec. 5);
+``rewards/margin`` is its mean chosen - rejected difference and ``rewards/accuracy`` the
+fraction of pairs where the chosen one scores higher.
+
+Rows are ``{"prompt", "chosen", "rejected"}`` or ranked ``{"prompt", "completions",
+"ranking"}``; a ranking expands to every pair of completions in different tiers. Each
+distinct sequence of a micro-batch goes through the model once even when it is in several
+pairs. Reference log-probs are computed once before training (no second model in memory and
+no reference forward per step); by default the reference is the base model with the LoRA
+adapters disabled (``DPOConfig.reference``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from rlhf.checkpoint import (
+    load_adapter_weights,
+    load_training_state,
+    read_state,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from rlhf.config import BaseConfig, config_to_dict
+from rlhf.data import completion_mask, encode_prompt_completion, pad_sequences
+from rlhf.errors import ConfigError, DataError, NonFiniteLossError
+from rlhf.loop import (
+    OnStep,
+    ShouldStop,
+    TrainResult,
+    batch_indices,
+    call_should_stop,
+    check_finite,
+    lineage,
+    make_optimizer,
+    oom_guard,
+    seed_everything,
+    warmup_cosine,
+    warmup_steps_for,
+)
+from rlhf.modeling import adapter_dir, load_policy, trainable_parameters
+from rlhf.reward import PreferenceRow, active_adapter, backbone_of, preference_rows
+from rlhf.sft import split_eval
+
+ADAPTER = "policy"
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor,
+    ref_rejected_logps: torch.Tensor,
+    beta: float,
+    *,
+    label_smoothing: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The DPO loss of a batch of pairs (Rafailov et al. 2023, eq. 7).
+
+    All inputs: [B] summed log-probabilities of the completion tokens given the prompt.
+    ``label_smoothing`` ε > 0 gives conservative DPO (Mitchell 2023): the preference is
+    assumed flipped with probability ε. Returns ``(loss, chosen_rewards [B],
+    rejected_rewards [B])`` where the loss is the batch mean and the rewards are the
+    implicit rewards β·(log π_θ - log π_ref), detached.
+    """
+    chosen_logratio = policy_chosen_logps - ref_chosen_logps  # [B]
+    rejected_logratio = policy_rejected_logps - ref_rejected_logps  # [B]
+    logits = beta * (chosen_logratio - rejected_logratio)  # [B]
+    losses = -(1.0 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(
+        -logits
+    )
+    return losses.mean(), beta * chosen_logratio.detach(), beta * rejected_logratio.detach()
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DPOConfig(BaseConfig):
+    """DPO with a LoRA policy. ``batch_size`` counts preference PAIRS per micro-batch."""
+
+    beta: float = 0.1
+    """Strength of the implicit KL constraint (Rafailov et al. 2023 use β = 0.1 for
+    dialogue and summarization, 0.5 for controlled sentiment)."""
+
+    label_smoothing: float = 0.0
+    """Probability that a preference label is flipped (conservative DPO, Mitchell 2023); 0 = DPO."""
+
+    learning_rate: float = 5e-5
+    """Peak AdamW rate. Rafailov et al. fine-tune all weights at 1e-6; LoRA adapters need
+    roughly 10-50x more (Hu et al. 2021 train adapters at 1e-4..2e-4)."""
+
+    warmup_ratio: float = 0.1
+    """Linear warm-up fraction (Rafailov et al. warm up for 150 steps, ~10% of a short run)."""
+
+    reference: str = "auto"
+    """The reference policy π_ref: "base" = the base model with adapters disabled; "init" =
+    the policy as loaded from ``init_adapter`` (π_SFT, the paper's choice); "auto" = "init"
+    when init_adapter is set, else "base" (they are the same model then: a fresh LoRA adapter
+    starts at zero). Its log-probs are computed ONCE, before training."""
+
+    eval_fraction: float = 0.1
+    """Fraction of rows (prompts) held out for eval/* (0 = none; ignored with eval_data)."""
+
+    eval_every: int = 0
+    """Compute held-out metrics every N steps (0 = at checkpoints and at the end only)."""
+
+    eval_batch_size: int = 0
+    """Sequences per eval / reference forward pass (0 = 2 * batch_size)."""
+
+    chat_template: bool = False
+    """Wrap prompts with the tokenizer's chat template (as the policy's SFT run did)."""
+
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory (Chen et al. 2016, arXiv:1604.06174)."""
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.beta > 0:
+            raise ConfigError(f"beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.reference not in ("auto", "base", "init"):
+            raise ConfigError(f"reference must be auto, base or init, got {self.reference!r}")
+        if self.reference == "init" and not self.init_adapter:
+            raise ConfigError("reference='init' needs init_adapter (the SFT checkpoint)")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        for name in ("eval_every", "eval_batch_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Log-probabilities
+# --------------------------------------------------------------------------------------------
+
+
+def sequence_logps(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_lens: torch.Tensor
+) -> torch.Tensor:
+    """Summed log π(completion tokens | prompt) per row: [B,T] ids (right padded), [B] -> [B].
+
+    Only the completion positions go through the LM head (hidden [N,H] -> logits [N,V]), so a
+    32k vocabulary does not cost B·T·V memory. Models that post-process logits (soft-capping,
+    logit scale) take the ordinary full forward instead.
+    """
+    B, T = input_ids.shape
+    seq_lens = attention_mask.sum(-1)
+    target = completion_mask(prompt_lens, seq_lens, T)[
+        :, 1:
+    ]  # [B,T-1]: token t+1 is a completion token
+    rows = torch.arange(B, device=input_ids.device).unsqueeze(1).expand(B, T - 1)[target]  # [N]
+    tokens = input_ids[:, 1:][target]  # [N]
+    lm = model.get_base_model()
+    cfg = lm.config
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[
+            :, :-1
+        ][target]
+    else:
+        hidden = backbone_of(model)(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
+        logits = lm.get_output_embeddings()(hidden[:, :-1][target])  # [N,V]
+    logits = logits.float()
+    token_logps = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # [N]
+    return torch.zeros(B, device=logits.device, dtype=torch.float32).index_add_(
+        0, rows, token_logps
+    )
+
+
+@dataclass
+class _Sequences:
+    """Every (prompt, completion) of the data tokenized once; pairs index into them."""
+
+    ids: list[list[int]]
+    prompt_lens: list[int]
+
+    def batch(self, index: Sequence[int], pad_id: int, device):
+        ids, mask = pad_sequences([self.ids[i] for i in index], pad_id, side="right")
+        plens = torch.tensor([self.prompt_lens[i] for i in index], dtype=torch.long)
+        return ids.to(device), mask.to(device), plens.to(device)
+
+
+def preference_pairs(
+    rows: Sequence[PreferenceRow], offsets: Sequence[int]
+) -> list[tuple[int, int]]:
+    """All (chosen, rejected) pairs of ``rows`` as global sequence ids (ranking rows expand to
+    every pair of different tiers, ties skipped)."""
+    return [
+        (offsets[r] + w, offsets[r] + lo) for r, row in enumerate(rows) for w, lo in row.pairs()
+    ]
+
+
+def _unique(index: Sequence[int]) -> tuple[list[int], dict[int, int]]:
+    order = sorted(set(index))
+    return order, {s: i for i, s in enumerate(order)}
+
+
+@torch.no_grad()
+def all_logps(
+    model, seqs: _Sequences, index: Sequence[int], *, pad_id: int, batch_size: int, device
+) -> torch.Tensor:
+    """log π of sequences ``index`` in eval mode (no dropout) -> [len(index)] float32 on CPU."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(index), batch_size):
+        ids, mask, plens = seqs.batch(index[i : i + batch_size], pad_id, device)
+        out.append(sequence_logps(model, ids, mask, plens).cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+def train_dpo(
+    config: DPOConfig,
+    data: list[dict],
+    *,
+    output_dir: str | os.PathLike,
+    on_step: OnStep | None = None,
+    should_stop: ShouldStop | None = None,
+    resume_from: str | os.PathLike | None = None,
+    eval_data: list[dict] | None = None,
+) -> TrainResult:
+    """Train the LoRA adapter "policy" with DPO on preference rows; return the last checkpoint.
+
+    Reference log-probs of every sequence are computed once before training (see
+    ``DPOConfig.reference``) and saved with each checkpoint, so a resumed run uses the same
+    ones. on_step(step, metrics): ``loss/dpo``, ``rewards/chosen``, ``rewards/rejected``,
+    ``rewards/margin``, ``rewards/accuracy``, ``logps/chosen``, ``logps/rejected``,
+    ``perf/pairs_per_s``, ``perf/tokens_per_s``, ``optim/lr``, ``optim/grad_norm``,
+    ``progress/total_steps``, and at evals the held-out ``eval/rewards_margin``,
+    ``eval/rewards_accuracy`` and ``eval/loss_dpo``.
+    """
+    cfg = config
+    cfg.validate()
+    rows = preference_rows(data)
+    if eval_data is not None:
+        train_rows, eval_rows = rows, preference_rows(eval_data)
+    else:
+        train_idx, eval_idx = split_eval(len(rows), fraction=cfg.eval_fraction, seed=cfg.seed)
+        train_rows, eval_rows = [rows[i] for i in train_idx], [rows[i] for i in eval_idx]
+    output_dir = Path(output_dir)
+    seed_everything(cfg.seed)
+
+    model, tokenizer, device, _dtype = load_policy(cfg, adapter_name=ADAPTER)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    pad_id = tokenizer.pad_token_id
+
+    # tokenize every completion once: train rows first, then eval rows
+    seqs = _Sequences([], [])
+    offsets: list[int] = []
+    for r in list(train_rows) + list(eval_rows):
+        offsets.append(len(seqs.ids))
+        for c in r.completions:
+            ids, plen = encode_prompt_completion(
+                tokenizer, r.prompt, c, max_seq_len=cfg.max_seq_len, chat_template=cfg.chat_template
+            )
+            if len(ids) <= plen:
+                raise DataError(
+                    f"prompt {r.prompt[:40]!r}: no completion tokens left after truncation "
+                    f"to max_seq_len={cfg.max_seq_len}"
+                )
+            seqs.ids.append(ids)
+            seqs.prompt_lens.append(plen)
+    train_pairs = preference_pairs(train_rows, offsets[: len(train_rows)])
+    eval_pairs = preference_pairs(eval_rows, offsets[len(train_rows) :])
+    eval_bs = cfg.eval_batch_size or 2 * cfg.batch_size
+
+    params = trainable_parameters(model)
+    optimizer = make_optimizer(params, cfg)
+    scheduler = warmup_cosine(optimizer, warmup_steps_for(cfg), cfg.max_steps)
+
+    start_step, parent, ref_logps = 0, cfg.init_adapter, None
+    if resume_from is not None:
+        ckpt = resolve_checkpoint(resume_from)
+        saved = read_state(ckpt)
+        if saved.get("kind") != "dpo":
+            raise ConfigError(f"{ckpt} is a {saved.get('kind')!r} checkpoint, not a DPO one")
+        load_adapter_weights(model, ckpt, ADAPTER)
+        training_state = load_training_state(ckpt, optimizer, scheduler)
+        ref_logps = training_state.get("extra", {}).get("ref_logps")
+        start_step = int(saved["step"])
+        parent = saved.get("lineage", {}).get("parent", parent)
+    reference = (
+        cfg.reference if cfg.reference != "auto" else ("init" if cfg.init_adapter else "base")
+    )
+    if ref_logps is None or len(ref_logps) != len(seqs.ids):
+        # π_ref once, before training. "init": the policy adapter as loaded (resume: reload it)
+        every = list(range(len(seqs.ids)))
+        with oom_guard("eval_batch_size or max_seq_len"):
+            if reference == "base":
+                with model.disable_adapter():
+                    ref_logps = all_logps(
+                        model, seqs, every, pad_id=pad_id, batch_size=eval_bs, device=device
+                    )
+            elif resume_from is None:
+                ref_logps = all_logps(
+                    model, seqs, every, pad_id=pad_id, batch_size=eval_bs, device=device
+                )
+            else:
+                flags = [(p, p.requires_grad) for p in model.parameters()]
+                model.load_adapter(
+                    str(adapter_dir(cfg.init_adapter, ADAPTER)),
+                    adapter_name="reference",
+                    is_trainable=False,
+                )
+                with active_adapter(model, "reference"):
+                    ref_logps = all_logps(
+                        model, seqs, every, pad_id=pad_id, batch_size=eval_bs, device=device
+                    )
+                model.delete_adapter("reference")
+                model.set_adapter(ADAPTER)
+                for p, flag in flags:
+                    p.requires_grad_(flag)
+    ref_logps = ref_logps.float()
+
+    run_lineage = lineage(
+        cfg,
+        [{"prompt": r.prompt, "completions": r.completions, "ranking": r.groups} for r in rows],
+        parent=parent,
+        reference=reference,
+    )
+    pairs_per_step = cfg.batch_size * cfg.grad_accum_steps
+
+    def eval_metrics() -> dict[str, float]:
+        if not eval_pairs:
+            return {}
+        used, pos = _unique([s for pair in eval_pairs for s in pair])
+        with oom_guard("eval_batch_size or max_seq_len"):
+            lp = all_logps(model, seqs, used, pad_id=pad_id, batch_size=eval_bs, device=device)
+        c = torch.tensor([pos[w] for w, _ in eval_pairs])
+        r = torch.tensor([pos[lo] for _, lo in eval_pairs])
+        ref_c = ref_logps[[w for w, _ in eval_pairs]]
+        ref_r = ref_logps[[lo for _, lo in eval_pairs]]
+        loss, chosen, rejected = dpo_loss(
+            lp[c], lp[r], ref_c, ref_r, cfg.beta, label_smoothing=cfg.label_smoothing
+        )
+        return {
+            "eval/loss_dpo": float(loss),
+            "eval/rewards_margin": float((chosen - rejected).mean()),
+            "eval/rewards_accuracy": float((chosen > rejected).float().mean()),
+        }
+
+    def checkpoint(step: int, metrics: dict[str, float]) -> Path:
+        state = {
+            "kind": "dpo",
+            "config": config_to_dict(cfg),
+            "metrics": metrics,
+            "lineage": run_lineage,
+            "adapters": [ADAPTER],
+        }
+        return save_checkpoint(
+            output_dir,
+            step=step,
+            model=model,
+            adapter_names=[ADAPTER],
+            optimizer=optimizer,
+            scheduler=scheduler,
+            state=state,
+            extra={"ref_logps": ref_logps},
+        )
+
+    model.train()
+    metrics: dict[str, float] = {}
+    last_ckpt: Path | None = None
+    step = start_step
+    while step < cfg.max_steps:
+        if call_should_stop(should_stop):
+            metrics = {**metrics, **eval_metrics()}
+            last_ckpt = checkpoint(step, metrics)
+            return TrainResult(checkpoint_dir=last_ckpt, step=step, metrics=metrics, stopped=True)
+
+        t_start = time.perf_counter()
+        idx = batch_indices(
+            len(train_pairs), seed=cfg.seed, start=step * pairs_per_step, count=pairs_per_step
+        )
+        sums = dict.fromkeys(("loss", "chosen", "rejected", "acc", "lp_c", "lp_r"), 0.0)
+        n_tokens = 0
+        with oom_guard(
+            "batch_size (pairs per micro-batch) or max_seq_len (or turn on gradient_checkpointing)"
+        ):
+            for m in range(cfg.grad_accum_steps):
+                pairs = [train_pairs[i] for i in idx[m * cfg.batch_size : (m + 1) * cfg.batch_size]]
+                used, pos = _unique([s for pair in pairs for s in pair])  # each sequence once
+                ids, mask, plens = seqs.batch(used, pad_id, device)
+                lp = sequence_logps(model, ids, mask, plens)  # [U]
+                c = torch.tensor([pos[w] for w, _ in pairs], device=lp.device)
+                r = torch.tensor([pos[lo] for _, lo in pairs], device=lp.device)
+                ref_c = ref_logps[[w for w, _ in pairs]].to(lp.device)
+                ref_r = ref_logps[[lo for _, lo in pairs]].to(lp.device)
+                loss, chosen, rejected = dpo_loss(
+                    lp[c], lp[r], ref_c, ref_r, cfg.beta, label_smoothing=cfg.label_smoothing
+                )
+                loss = loss / cfg.grad_accum_steps
+                check_finite(loss, step + 1, name="DPO loss")
+                loss.backward()
+                sums["loss"] += float(loss.detach())
+                sums["chosen"] += float(chosen.sum())
+                sums["rejected"] += float(rejected.sum())
+                sums["acc"] += float((chosen > rejected).float().sum())
+                sums["lp_c"] += float(lp[c].detach().sum())
+                sums["lp_r"] += float(lp[r].detach().sum())
+                n_tokens += sum(len(seqs.ids[i]) for i in used)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            if not math.isfinite(float(grad_norm)):
+                raise NonFiniteLossError(
+                    f"gradient norm is {float(grad_norm)} at step {step + 1}; lower learning_rate or "
+                    "max_grad_norm. The last good checkpoint is kept."
+                )
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = max(time.perf_counter() - t_start, 1e-9)
+        step += 1
+        n = len(idx)
+        metrics = {
+            "loss/dpo": sums["loss"],
+            "rewards/chosen": sums["chosen"] / n,
+            "rewards/rejected": sums["rejected"] / n,
+            "rewards/margin": (sums["chosen"] - sums["rejected"]) / n,
+            "rewards/accuracy": sums["acc"] / n,
+            "logps/chosen": sums["lp_c"] / n,
+            "logps/rejected": sums["lp_r"] / n,
+            "perf/pairs_per_s": n / dt,
+            "perf/tokens_per_s": n_tokens / dt,
+            "optim/lr": lr,
+            "optim/grad_norm": float(grad_norm),
+            "progress/total_steps": float(cfg.max_steps),
+            "progress/epoch": step * pairs_per_step / len(train_pairs),
+        }
+        will_save = bool(cfg.save_every) and step % cfg.save_every == 0 and step < cfg.max_steps
+        if (cfg.eval_every and step % cfg.eval_every == 0) or will_save or step == cfg.max_steps:
+            metrics.update(eval_metrics())
+        if on_step is not None:
+            on_step(step, dict(metrics))
+        if will_save:
+            last_ckpt = checkpoint(step, metrics)
+
+    if step > start_step or last_ckpt is None:
+        last_ckpt = checkpoint(step, metrics)
+    return TrainResult(checkpoint_dir=last_ckpt, step=step, metrics=metrics, stopped=False)

@@ -1,0 +1,861 @@
+"""Reward model: a LoRA adapter + scalar head trained on K-wise rankings (InstructGPT sec. 3.5).
+
+Ouyang et al. 2022, "Training language models to follow instructions with human feedback"
+(arXiv:2203.02155), section 3.5, equation 1::
+
+    loss(θ) = -1/C(K,2) · E_(x, y_w, y_l) [ log σ( r_θ(x, y_w) - r_θ(x, y_l) ) ]
+
+A labeler ranks K completions of one prompt; that gives up to C(K,2) comparisons. They are
+highly correlated, so instead of shuffling them into the data set as separate examples (which
+overfits in one epoch), every prompt is ONE batch element: its K completions are encoded once
+(K forward passes, not 2·C(K,2)) and all of its pairs enter the loss, averaged per prompt.
+
+Rankings are tiers, best first: ``[[2], [0, 3], [1]]`` means 2 > 0 = 3 > 1. Completions in
+the same tier are ties and make no pair. ``{"prompt", "chosen", "rejected"}`` rows are the
+K=2 case ``[[0], [1]]``.
+
+Model. One base model (a causal LM, or an encoder such as a sentence-transformers MiniLM,
+detected from its config) with a LoRA adapter named ``"reward"`` and a :class:`ScalarHead`:
+
+- causal LM: the reward is the head applied to the last hidden state at the last non-pad
+  token of ``prompt + completion + EOS`` (right padding), as in Ziegler et al. 2019 and
+  InstructGPT (the reward is read where the response ends);
+- encoder: ``[CLS] prompt [SEP] completion [SEP]`` pooled as the sentence-transformers
+  pooling config says (mean over tokens for all-MiniLM-L6-v2), else the [CLS] state.
+
+After training, the head's bias is shifted so that the rewards of the training completions
+(the reference set) have mean 0, as InstructGPT does before RL (sec. 3.5: "normalized so that
+the labeler demonstrations achieve a mean score of 0"); the shift is stored in the head.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rlhf.checkpoint import (
+    load_adapter_weights,
+    load_head,
+    load_training_state,
+    read_state,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from rlhf.config import BaseConfig, config_to_dict
+from rlhf.data import encode_prompt_completion, pad_sequences, validate_rows
+from rlhf.errors import ConfigError, NonFiniteLossError
+from rlhf.loop import (
+    OnStep,
+    ShouldStop,
+    TrainResult,
+    batch_indices,
+    call_should_stop,
+    check_finite,
+    lineage,
+    make_optimizer,
+    oom_guard,
+    seed_everything,
+    warmup_cosine,
+    warmup_steps_for,
+)
+from rlhf.modeling import (
+    ScalarHead,
+    adapter_dir,
+    hidden_size_of,
+    last_token_index,
+    load_causal_lm,
+    load_tokenizer,
+    lora_config,
+    pick_device_dtype,
+    resolve_device_dtype,
+    trainable_parameters,
+)
+from rlhf.sft import split_eval
+
+# --------------------------------------------------------------------------------------------
+# Pure helpers: rankings -> pairs -> loss
+# --------------------------------------------------------------------------------------------
+
+
+def ranking_pairs(groups: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
+    """All (winner, loser) index pairs of a ranking given as tiers, best first.
+
+    ``[[0], [1, 2], [3]]`` -> ``[(0, 1), (0, 2), (0, 3), (1, 3), (2, 3)]``; the tie 1 = 2 is
+    skipped. A full order of K completions gives C(K, 2) pairs.
+    """
+    pairs: list[tuple[int, int]] = []
+    for i, better in enumerate(groups):
+        for worse in groups[i + 1 :]:
+            pairs.extend((int(w), int(lo)) for w in better for lo in worse)
+    return pairs
+
+
+def pairwise_ranking_loss(rewards: torch.Tensor, groups: Sequence[Sequence[int]]) -> torch.Tensor:
+    """The K-wise InstructGPT loss of ONE prompt: mean over its pairs of -log σ(r_w - r_l).
+
+    rewards: [K] the rewards of the prompt's K completions (each encoded once).
+    groups: the ranking as tiers of indices into ``rewards``, best first; ties are skipped.
+    Returns a scalar; it equals the mean of the explicit pairwise losses. A ranking with no
+    strict preference (all tied) gives 0 with a gradient of 0.
+    """
+    pairs = ranking_pairs(groups)
+    if not pairs:
+        return rewards.sum() * 0.0
+    idx = torch.tensor(pairs, dtype=torch.long, device=rewards.device)  # [P, 2]
+    margin = rewards[idx[:, 0]] - rewards[idx[:, 1]]  # [P]
+    return -F.logsigmoid(margin).mean()
+
+
+def batch_pair_index(rankings: Sequence[Sequence[Sequence[int]]], *, device=None):
+    """Flatten the pairs of a batch of rankings into index and weight tensors.
+
+    rankings: one ranking (tiers) per prompt, with indices into the batch's flat reward
+    vector. Returns ``(winners [P], losers [P], weights [P])`` where each prompt's pairs
+    share weight ``1 / (num_prompts_with_pairs · num_pairs_of_that_prompt)``, so that
+    ``Σ weights · pair_loss`` is the mean over prompts of each prompt's mean pair loss.
+    """
+    winners: list[int] = []
+    losers: list[int] = []
+    weights: list[float] = []
+    per_prompt = [ranking_pairs(groups) for groups in rankings]
+    n_prompts = sum(1 for pairs in per_prompt if pairs)
+    for pairs in per_prompt:
+        for w, lo in pairs:
+            winners.append(w)
+            losers.append(lo)
+            weights.append(1.0 / (n_prompts * len(pairs)))
+    return (
+        torch.tensor(winners, dtype=torch.long, device=device),
+        torch.tensor(losers, dtype=torch.long, device=device),
+        torch.tensor(weights, dtype=torch.float32, device=device),
+    )
+
+
+def batch_ranking_loss(
+    rewards: torch.Tensor, rankings: Sequence[Sequence[Sequence[int]]]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The InstructGPT loss of a batch: the mean over prompts of :func:`pairwise_ranking_loss`.
+
+    rewards: [N] rewards of every completion in the batch (prompts concatenated).
+    rankings: per prompt, tiers of indices into ``rewards``.
+    Returns ``(loss, correct [P])``: the scalar loss and, per pair, whether r_w > r_l.
+    """
+    winners, losers, weights = batch_pair_index(rankings, device=rewards.device)
+    if winners.numel() == 0:
+        return rewards.sum() * 0.0, torch.zeros(0, dtype=torch.bool, device=rewards.device)
+    margin = rewards[winners] - rewards[losers]  # [P]
+    loss = -(weights.to(margin.dtype) * F.logsigmoid(margin)).sum()
+    return loss, margin.detach() > 0
+
+
+# --------------------------------------------------------------------------------------------
+# Data: both row formats -> PreferenceRow
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PreferenceRow:
+    """One prompt with K >= 2 completions and a ranking as tiers (best first)."""
+
+    prompt: str
+    completions: list[str]
+    groups: list[list[int]]
+
+    def pairs(self) -> list[tuple[int, int]]:
+        return ranking_pairs(self.groups)
+
+
+def preference_rows(data: Sequence[dict]) -> list[PreferenceRow]:
+    """Validate and normalise reward/DPO rows (see :func:`rlhf.data.normalize_preference_row`).
+
+    Accepts ``{"prompt", "completions": [...], "ranking": [[i], [j, k], ...]}`` (tiers, best
+    first, every completion ranked exactly once) and ``{"prompt", "chosen", "rejected"}``.
+    Raises DataError naming the row (or its JSONL line) on anything else.
+    """
+    return [
+        PreferenceRow(r["prompt"], r["completions"], [list(t) for t in r["ranking"]])
+        for r in validate_rows("reward", list(data))
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RewardConfig(BaseConfig):
+    """Reward-model training. ``batch_size`` counts PROMPTS (each with all its K completions),
+    as InstructGPT batches whole rankings (sec. 3.5; they use 64 prompts per batch)."""
+
+    learning_rate: float = 1e-4
+    """Peak AdamW rate. InstructGPT trains the full 6B RM at 9e-6; LoRA adapters need ~10x
+    more (Hu et al. 2021 use 1e-4..2e-4); 1e-4 is half the QLoRA SFT rate."""
+
+    max_steps: int = 100
+    """Optimizer steps. InstructGPT trains its RM for a single epoch (more overfits, sec. 3.5)."""
+
+    eval_fraction: float = 0.1
+    """Fraction of rows (prompts) held out for ``reward/accuracy`` (0 = none; ignored when
+    ``eval_data`` is passed to train_reward)."""
+
+    eval_every: int = 0
+    """Compute held-out accuracy every N steps (0 = at checkpoints and at the end only)."""
+
+    eval_batch_size: int = 0
+    """Prompts per eval forward pass (0 = batch_size)."""
+
+    base_kind: str = "auto"
+    """"causal" (decoder LM, reward at the last token), "encoder" (BERT-like AutoModel, pooled),
+    or "auto" = read it from the model config (``*ForCausalLM`` / is_decoder -> causal)."""
+
+    pooling: str = "auto"
+    """How a sequence becomes one vector: "last" (last non-pad token), "mean", "cls", or
+    "auto" = "last" for causal LMs; for encoders the sentence-transformers pooling config
+    (1_Pooling/config.json) when present, else "cls"."""
+
+    chat_template: bool = False
+    """Wrap prompts with the tokenizer's chat template (as the policy's SFT run did)."""
+
+    normalize_reward: bool = True
+    """After training, shift the head bias so that the rewards of the reference set (the
+    training completions) have mean 0 (InstructGPT sec. 3.5, before RL)."""
+
+    reference_max_completions: int = 4096
+    """At most this many training completions (a seeded sample) form the reference set."""
+
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory (Chen et al. 2016, arXiv:1604.06174)."""
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        for name in ("eval_every", "eval_batch_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.base_kind not in ("auto", "causal", "encoder"):
+            raise ConfigError(f"base_kind must be auto, causal or encoder, got {self.base_kind!r}")
+        if self.pooling not in ("auto", "last", "mean", "cls"):
+            raise ConfigError(f"pooling must be auto, last, mean or cls, got {self.pooling!r}")
+        if self.reference_max_completions <= 0:
+            raise ConfigError(
+                f"reference_max_completions must be > 0, got {self.reference_max_completions}"
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Model: base (+ LoRA adapter "reward") + ScalarHead
+# --------------------------------------------------------------------------------------------
+
+ADAPTER = "reward"
+HEAD = "reward"
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel")
+
+
+def detect_base_kind(name_or_path: str) -> str:
+    """ "causal" for decoder LMs (``*ForCausalLM`` architectures or ``is_decoder``), else "encoder"."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(name_or_path))
+    if getattr(config, "is_encoder_decoder", False):
+        raise ConfigError(
+            f"{name_or_path}: encoder-decoder models are not supported as reward models"
+        )
+    archs = list(getattr(config, "architectures", None) or [])
+    if any(a.endswith(_CAUSAL_SUFFIXES) for a in archs) or getattr(config, "is_decoder", False):
+        return "causal"
+    if archs:
+        return "encoder"
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    mt = config.model_type
+    causal = mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and mt not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    return "causal" if causal else "encoder"
+
+
+def default_pooling(name_or_path: str, base_kind: str) -> str:
+    """ "last" for causal LMs; for encoders the sentence-transformers pooling mode, else "cls"."""
+    if base_kind == "causal":
+        return "last"
+    pooling_cfg = Path(str(name_or_path)) / "1_Pooling" / "config.json"
+    if not pooling_cfg.exists():
+        try:
+            from transformers.utils import cached_file
+
+            found = cached_file(
+                str(name_or_path),
+                "1_Pooling/config.json",
+                _raise_exceptions_for_missing_entries=False,
+            )
+            pooling_cfg = Path(found) if found else pooling_cfg
+        except Exception:  # offline hub id without that file: fall back
+            pass
+    if pooling_cfg.exists():
+        modes = json.loads(pooling_cfg.read_text())
+        if modes.get("pooling_mode_mean_tokens"):
+            return "mean"
+        if modes.get("pooling_mode_cls_token"):
+            return "cls"
+    return "cls"
+
+
+def backbone_of(model):
+    """The transformer body under a PeftModel (causal LM -> its decoder; encoder -> itself).
+
+    LoRA layers are injected in place, so calling the body uses the active adapter.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    prefix = getattr(base, "base_model_prefix", "")
+    inner = getattr(base, prefix, None) if prefix else None
+    if isinstance(inner, nn.Module) and inner is not base:
+        return inner
+    return base
+
+
+def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """[B,T,H] hidden states -> [B,H]: "last" non-pad token, "mean" over tokens, or "cls" (token 0)."""
+    if pooling == "last":
+        idx = last_token_index(attention_mask)  # [B]
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]
+    if pooling == "mean":
+        m = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B,T,1]
+        return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+    if pooling == "cls":
+        return hidden[:, 0]
+    raise ConfigError(f"unknown pooling {pooling!r}")
+
+
+@contextlib.contextmanager
+def active_adapter(model, name: str):
+    """Run a block with adapter ``name`` active, in eval mode, then restore everything.
+
+    ``PeftModel.set_adapter`` also flips ``requires_grad`` (it makes the new adapter trainable
+    and freezes the others), so the previous active adapter, every parameter's
+    ``requires_grad`` flag and the train/eval mode are saved and put back on exit. A PPO
+    policy model therefore comes back exactly as it was: same active adapter ("policy"),
+    same trainable parameters.
+    """
+    previous = model.active_adapter
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    switch = previous != name
+    if switch:
+        model.set_adapter(name)
+    model.eval()
+    try:
+        yield model
+    finally:
+        if switch:
+            if isinstance(previous, str):
+                model.set_adapter(previous)
+            else:  # several active adapters
+                model.base_model.set_adapter(list(previous))
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+class RewardModel(nn.Module):
+    """A PeftModel body + :class:`ScalarHead`: ``forward(input_ids, attention_mask) -> [B]``.
+
+    The body is run with whatever adapter is active; use :func:`active_adapter` to pick one.
+    """
+
+    def __init__(self, peft_model, head: ScalarHead, *, base_kind: str, pooling: str):
+        super().__init__()
+        self.peft_model = peft_model
+        self.head = head
+        self.base_kind = base_kind
+        self.pooling = pooling
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        body = backbone_of(self.peft_model)
+        out = (
+            body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            if self.base_kind == "causal"
+            else body(input_ids=input_ids, attention_mask=attention_mask)
+        )
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # [B,T,H]
+        pooled = pool_hidden(hidden, attention_mask, self.pooling)  # [B,H]
+        return self.head(pooled.unsqueeze(1)).squeeze(1)  # [B]
+
+
+class RewardEncoder:
+    """Text -> token ids for the reward model, the same in training and scoring.
+
+    causal: ``prompt (+ chat template) + completion + EOS`` (rlhf.data.encode_prompt_completion:
+    the prompt is cut from the left, so the completion's end, where the reward is read, stays);
+    encoder: the text pair ``[CLS] prompt [SEP] completion [SEP]``, longest part truncated first.
+    """
+
+    def __init__(self, tokenizer, *, base_kind: str, max_seq_len: int, chat_template: bool = False):
+        self.tokenizer = tokenizer
+        self.base_kind = base_kind
+        self.max_seq_len = max_seq_len
+        self.chat_template = chat_template
+
+    def encode(self, prompt: str, completion: str) -> list[int]:
+        if self.base_kind == "causal":
+            ids, _ = encode_prompt_completion(
+                self.tokenizer,
+                prompt,
+                completion,
+                max_seq_len=self.max_seq_len,
+                chat_template=self.chat_template,
+            )
+            return ids
+        return self.tokenizer(prompt, completion, truncation=True, max_length=self.max_seq_len)[
+            "input_ids"
+        ]
+
+    def batch(self, seqs: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = pad_sequences(seqs, self.tokenizer.pad_token_id, side="right")
+        return ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+
+
+def load_reward_base(name_or_path: str, base_kind: str, *, device, dtype):
+    """The base model: AutoModelForCausalLM for "causal", AutoModel for "encoder"."""
+    if base_kind == "causal":
+        return load_causal_lm(name_or_path, device=device, dtype=dtype)
+    from transformers import AutoModel
+
+    return AutoModel.from_pretrained(str(name_or_path), dtype=dtype).to(device)
+
+
+def _task_type(base_kind: str) -> str:
+    return "CAUSAL_LM" if base_kind == "causal" else "FEATURE_EXTRACTION"
+
+
+def build_reward_model(cfg: RewardConfig):
+    """Tokenizer + base + fresh LoRA adapter "reward" + head, on the config's device/dtype.
+
+    Returns ``(reward_model: RewardModel, encoder: RewardEncoder, device)``.
+    """
+    from peft import get_peft_model
+
+    device, dtype = resolve_device_dtype(cfg)
+    base_kind = detect_base_kind(cfg.model) if cfg.base_kind == "auto" else cfg.base_kind
+    pooling = default_pooling(cfg.model, base_kind) if cfg.pooling == "auto" else cfg.pooling
+    tokenizer = load_tokenizer(cfg.model)
+    base = load_reward_base(cfg.model, base_kind, device=device, dtype=dtype)
+    if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
+        base.resize_token_embeddings(len(tokenizer))
+    if getattr(base.config, "pad_token_id", None) is None:
+        base.config.pad_token_id = tokenizer.pad_token_id
+    peft_model = get_peft_model(
+        base, lora_config(cfg, task_type=_task_type(base_kind)), adapter_name=ADAPTER
+    )
+    head = ScalarHead(hidden_size_of(base)).to(device)
+    rm = RewardModel(peft_model, head, base_kind=base_kind, pooling=pooling)
+    encoder = RewardEncoder(
+        tokenizer, base_kind=base_kind, max_seq_len=cfg.max_seq_len, chat_template=cfg.chat_template
+    )
+    return rm, encoder, device
+
+
+def load_adapter_into(peft_model, folder: Path, adapter_name: str) -> None:
+    """Copy a saved adapter's weights (any adapter name) into ``adapter_name`` of ``peft_model``."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
+    bad = list(getattr(result, "unexpected_keys", []) or [])
+    if bad:
+        raise ConfigError(
+            f"adapter in {folder} does not fit this model (e.g. {bad[0]}); same base and lora_r?"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def score_sequences(
+    rm: RewardModel,
+    encoder: RewardEncoder,
+    seqs: Sequence[Sequence[int]],
+    *,
+    batch_size: int,
+    device,
+):
+    """Rewards [N] (float32, on CPU) of pre-tokenized sequences, in eval mode."""
+    was_training = rm.training
+    rm.eval()
+    out = []
+    for i in range(0, len(seqs), batch_size):
+        ids, mask = encoder.batch(seqs[i : i + batch_size], device)
+        out.append(rm(ids, mask).float().cpu())
+    rm.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def ranking_accuracy(
+    rewards: torch.Tensor, rows: Sequence[PreferenceRow]
+) -> tuple[float, float, int]:
+    """Over all explicit pairs of ``rows`` (rewards flat, rows concatenated): fraction with
+    r_w > r_l, the mean per-prompt K-wise loss, and the number of pairs."""
+    rankings, offset = [], 0
+    for row in rows:
+        rankings.append([[offset + i for i in tier] for tier in row.groups])
+        offset += len(row.completions)
+    loss, correct = batch_ranking_loss(rewards, rankings)
+    n = int(correct.numel())
+    return (float(correct.float().mean()) if n else float("nan")), float(loss), n
+
+
+def train_reward(
+    config: RewardConfig,
+    data: list[dict],
+    *,
+    output_dir: str | os.PathLike,
+    on_step: OnStep | None = None,
+    should_stop: ShouldStop | None = None,
+    resume_from: str | os.PathLike | None = None,
+    eval_data: list[dict] | None = None,
+) -> TrainResult:
+    """Train a reward model (LoRA adapter "reward" + head "reward") on ranked completions.
+
+    Each optimizer step takes ``batch_size * grad_accum_steps`` prompts; every completion of a
+    prompt is encoded once and all of its C(K,2) pairs enter the loss (InstructGPT sec. 3.5).
+    on_step(step, metrics): ``loss/reward``, ``reward/train_accuracy``, ``reward/margin``,
+    ``perf/comparisons_per_s``, ``perf/tokens_per_s``, ``optim/lr``, ``optim/grad_norm``,
+    ``progress/total_steps``, and at evals ``reward/accuracy`` (held-out pairs) and
+    ``loss/reward_eval``. Held-out rows: ``eval_data`` if given, else an ``eval_fraction`` split.
+    Before every checkpoint the head bias is shifted so the reference set has mean reward 0.
+    """
+    cfg = config
+    cfg.validate()
+    rows = preference_rows(data)
+    if eval_data is not None:
+        train_rows, eval_rows = rows, preference_rows(eval_data)
+    else:
+        train_idx, eval_idx = split_eval(len(rows), fraction=cfg.eval_fraction, seed=cfg.seed)
+        train_rows, eval_rows = [rows[i] for i in train_idx], [rows[i] for i in eval_idx]
+    output_dir = Path(output_dir)
+    seed_everything(cfg.seed)
+
+    rm, encoder, device = build_reward_model(cfg)
+    peft_model, head = rm.peft_model, rm.head
+    head.linear.bias.requires_grad_(
+        False
+    )  # the pairwise loss ignores a shift; set by normalisation
+    if (
+        cfg.init_adapter
+    ):  # e.g. start from the SFT policy, as InstructGPT starts its RM from the SFT model
+        init = Path(cfg.init_adapter)
+        folder = adapter_dir(init, ADAPTER if (init / ADAPTER).exists() else "policy")
+        load_adapter_into(peft_model, folder, ADAPTER)
+    if cfg.gradient_checkpointing:
+        peft_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+        peft_model.enable_input_require_grads()
+
+    def encode(rs: Sequence[PreferenceRow]) -> list[list[list[int]]]:
+        return [[encoder.encode(r.prompt, c) for c in r.completions] for r in rs]
+
+    train_seqs, eval_seqs = encode(train_rows), encode(eval_rows)
+    params = trainable_parameters(peft_model) + [head.linear.weight]
+    optimizer = make_optimizer(params, cfg)
+    scheduler = warmup_cosine(optimizer, warmup_steps_for(cfg), cfg.max_steps)
+
+    start_step, parent = 0, cfg.init_adapter
+    if resume_from is not None:
+        ckpt = resolve_checkpoint(resume_from)
+        saved = read_state(ckpt)
+        if saved.get("kind") != "reward":
+            raise ConfigError(f"{ckpt} is a {saved.get('kind')!r} checkpoint, not a reward one")
+        load_adapter_weights(peft_model, ckpt, ADAPTER)
+        head.load_state_dict(load_head(ckpt, HEAD).state_dict())
+        load_training_state(ckpt, optimizer, scheduler)
+        start_step = int(saved["step"])
+        parent = saved.get("lineage", {}).get("parent", parent)
+
+    run_lineage = lineage(
+        cfg,
+        [{"prompt": r.prompt, "completions": r.completions, "ranking": r.groups} for r in rows],
+        parent=parent,
+    )
+    eval_bs = cfg.eval_batch_size or cfg.batch_size
+    prompts_per_step = cfg.batch_size * cfg.grad_accum_steps
+
+    # reference set for the bias: a seeded sample of the training completions
+    flat_train = [s for seqs in train_seqs for s in seqs]
+    ref_order = torch.randperm(
+        len(flat_train), generator=torch.Generator().manual_seed(cfg.seed + 104729)
+    ).tolist()
+    reference = [flat_train[i] for i in ref_order[: cfg.reference_max_completions]]
+
+    def eval_metrics() -> dict[str, float]:
+        if not eval_rows:
+            return {}
+        with oom_guard("eval_batch_size or max_seq_len"):
+            rewards = score_sequences(
+                rm,
+                encoder,
+                [s for seqs in eval_seqs for s in seqs],
+                batch_size=eval_bs * 4,
+                device=device,
+            )
+        acc, loss, n = ranking_accuracy(rewards, eval_rows)
+        return {"reward/accuracy": acc, "loss/reward_eval": loss, "reward/eval_pairs": float(n)}
+
+    def normalise() -> dict[str, float]:
+        if not cfg.normalize_reward:
+            return {}
+        with oom_guard("eval_batch_size or max_seq_len"):
+            mean = float(
+                score_sequences(rm, encoder, reference, batch_size=eval_bs * 4, device=device)
+                .double()
+                .mean()
+            )
+        with torch.no_grad():
+            head.linear.bias -= mean
+        return {"reward/reference_mean_before_shift": mean}
+
+    def checkpoint(step: int, metrics: dict[str, float]) -> Path:
+        shift = normalise()
+        bias = float(head.linear.bias.detach())
+        state = {
+            "kind": "reward",
+            "config": config_to_dict(cfg),
+            "metrics": {**metrics, **shift},
+            "lineage": run_lineage,
+            "adapters": [ADAPTER],
+            "heads": [HEAD],
+            "reward": {
+                "base_kind": rm.base_kind,
+                "pooling": rm.pooling,
+                "chat_template": cfg.chat_template,
+                "max_seq_len": cfg.max_seq_len,
+                "head_bias": bias,
+                "reference_size": len(reference),
+                "normalized": cfg.normalize_reward,
+            },
+        }
+        return save_checkpoint(
+            output_dir,
+            step=step,
+            model=peft_model,
+            adapter_names=[ADAPTER],
+            heads={HEAD: head},
+            optimizer=optimizer,
+            scheduler=scheduler,
+            state=state,
+        )
+
+    rm.train()
+    metrics: dict[str, float] = {}
+    last_ckpt: Path | None = None
+    step = start_step
+    while step < cfg.max_steps:
+        if call_should_stop(should_stop):
+            metrics = {**metrics, **eval_metrics()}
+            last_ckpt = checkpoint(step, metrics)
+            return TrainResult(checkpoint_dir=last_ckpt, step=step, metrics=metrics, stopped=True)
+
+        t_start = time.perf_counter()
+        idx = batch_indices(
+            len(train_rows), seed=cfg.seed, start=step * prompts_per_step, count=prompts_per_step
+        )
+        loss_sum, n_pairs, n_correct, n_tokens, margin_sum = 0.0, 0, 0, 0, 0.0
+        with oom_guard(
+            "batch_size (prompts per micro-batch) or max_seq_len (or turn on gradient_checkpointing)"
+        ):
+            for m in range(cfg.grad_accum_steps):
+                chunk = idx[m * cfg.batch_size : (m + 1) * cfg.batch_size]
+                seqs, rankings = [], []
+                for r in chunk:  # every completion once; pairs index into the flat batch
+                    off = len(seqs)
+                    seqs.extend(train_seqs[r])
+                    rankings.append([[off + i for i in tier] for tier in train_rows[r].groups])
+                ids, mask = encoder.batch(seqs, device)
+                rewards = rm(ids, mask)  # [N]
+                loss, correct = batch_ranking_loss(rewards.float(), rankings)
+                loss = loss / cfg.grad_accum_steps
+                check_finite(loss, step + 1, name="reward loss")
+                loss.backward()
+                loss_sum += float(loss.detach())
+                winners, losers, _ = batch_pair_index(rankings)
+                margin_sum += float((rewards[winners] - rewards[losers]).detach().float().sum())
+                n_pairs += int(correct.numel())
+                n_correct += int(correct.sum())
+                n_tokens += sum(len(q) for q in seqs)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            if not math.isfinite(float(grad_norm)):
+                raise NonFiniteLossError(
+                    f"gradient norm is {float(grad_norm)} at step {step + 1}; lower learning_rate or "
+                    "max_grad_norm. The last good checkpoint is kept."
+                )
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        dt = max(time.perf_counter() - t_start, 1e-9)
+        step += 1
+        metrics = {
+            "loss/reward": loss_sum,
+            "reward/train_accuracy": n_correct / max(n_pairs, 1),
+            "reward/margin": margin_sum / max(n_pairs, 1),
+            "perf/comparisons_per_s": n_pairs / dt,
+            "perf/tokens_per_s": n_tokens / dt,
+            "optim/lr": lr,
+            "optim/grad_norm": float(grad_norm),
+            "progress/total_steps": float(cfg.max_steps),
+            "progress/epoch": step * prompts_per_step / len(train_rows),
+        }
+        will_save = bool(cfg.save_every) and step % cfg.save_every == 0 and step < cfg.max_steps
+        if (cfg.eval_every and step % cfg.eval_every == 0) or will_save or step == cfg.max_steps:
+            metrics.update(eval_metrics())
+        if on_step is not None:
+            on_step(step, dict(metrics))
+        if will_save:
+            last_ckpt = checkpoint(step, metrics)
+
+    if step > start_step or last_ckpt is None:
+        last_ckpt = checkpoint(step, metrics)
+    return TrainResult(checkpoint_dir=last_ckpt, step=step, metrics=metrics, stopped=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Scoring (used by PPO, GRPO and evaluation)
+# --------------------------------------------------------------------------------------------
+
+
+class RewardScorer:
+    """Scores (prompt, completion) pairs with a trained reward model: ``scorer(prompts,
+    completions) -> Tensor[B]`` (float32, on the model's device), no gradients.
+
+    Two ways to load (:meth:`from_checkpoint`):
+
+    - standalone: its own base model (causal LM or encoder) with the "reward" adapter;
+    - shared: ``model=`` a PeftModel on the SAME causal base (e.g. PPO's policy). The reward
+      adapter is loaded into it under the name "reward" (frozen) and the head kept here.
+      Each call runs inside :func:`active_adapter`: it switches the model to "reward" and
+      eval mode, scores, then restores the previously active adapter (e.g. "policy"), every
+      parameter's ``requires_grad`` flag and the train/eval mode. Scores carry no graph.
+    """
+
+    def __init__(
+        self,
+        rm: RewardModel,
+        encoder: RewardEncoder,
+        *,
+        device,
+        adapter_name: str = ADAPTER,
+        batch_size: int = 32,
+        info: dict | None = None,
+    ):
+        self.rm = rm
+        self.encoder = encoder
+        self.device = torch.device(device)
+        self.adapter_name = adapter_name
+        self.batch_size = batch_size
+        self.info = info or {}
+
+    @property
+    def head(self) -> ScalarHead:
+        return self.rm.head
+
+    @classmethod
+    def from_checkpoint(
+        cls, ckpt_dir, *, model=None, tokenizer=None, device=None, batch_size: int = 32
+    ) -> RewardScorer:
+        """Load a reward checkpoint (a step folder, or a run folder = its latest checkpoint)."""
+        from peft import PeftModel
+
+        ckpt = resolve_checkpoint(ckpt_dir)
+        state = read_state(ckpt)
+        if state.get("kind") != "reward":
+            raise ConfigError(f"{ckpt} is a {state.get('kind')!r} checkpoint, not a reward model")
+        info = dict(state.get("reward", {}))
+        saved_cfg = state.get("config", {})
+        base_name = state.get("lineage", {}).get("base_model") or saved_cfg.get("model")
+        base_kind = info.get("base_kind", "causal")
+        max_seq_len = int(info.get("max_seq_len", saved_cfg.get("max_seq_len", 512)))
+        folder = adapter_dir(ckpt, ADAPTER)
+
+        if model is not None:
+            if base_kind != "causal":
+                raise ConfigError(
+                    f"the reward model in {ckpt} sits on an encoder ({base_name}); "
+                    "load it without model= (standalone)"
+                )
+            if not isinstance(model, PeftModel):
+                raise ConfigError("model= must be a peft PeftModel on the reward model's base")
+            dev = next(model.parameters()).device
+            if ADAPTER not in model.peft_config:
+                flags = [(p, p.requires_grad) for p in model.parameters()]
+                previous, was_training = model.active_adapter, model.training
+                model.load_adapter(str(folder), adapter_name=ADAPTER, is_trainable=False)
+                if model.active_adapter != previous:
+                    model.set_adapter(previous)
+                for p, flag in flags:
+                    p.requires_grad_(flag)
+                for name, p in model.named_parameters():
+                    if f".{ADAPTER}." in name:
+                        p.requires_grad_(False)
+                model.train(was_training)  # load_adapter(is_trainable=False) switches to eval()
+            peft_model = model
+            if tokenizer is None:
+                tokenizer = load_tokenizer(base_name)
+        else:
+            dev, dtype = pick_device_dtype(
+                str(device) if device is not None else "auto", saved_cfg.get("dtype", "auto")
+            )
+            tokenizer = tokenizer or load_tokenizer(base_name)
+            base = load_reward_base(base_name, base_kind, device=dev, dtype=dtype)
+            if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
+                base.resize_token_embeddings(len(tokenizer))
+            peft_model = PeftModel.from_pretrained(
+                base, str(folder), adapter_name=ADAPTER, is_trainable=False
+            )
+            peft_model.eval()
+        head = load_head(ckpt, HEAD, device=dev)
+        if head.hidden_size != hidden_size_of(peft_model.get_base_model()):
+            raise ConfigError(
+                f"reward head expects hidden size {head.hidden_size}, the model has "
+                f"{hidden_size_of(peft_model.get_base_model())}: not the same base model"
+            )
+        head.requires_grad_(False)
+        rm = RewardModel(peft_model, head, base_kind=base_kind, pooling=info.get("pooling", "last"))
+        encoder = RewardEncoder(
+            tokenizer,
+            base_kind=base_kind,
+            max_seq_len=max_seq_len,
+            chat_template=bool(info.get("chat_template", False)),
+        )
+        return cls(
+            rm, encoder, device=dev, batch_size=batch_size, info={**info, "checkpoint": str(ckpt)}
+        )
+
+    @torch.no_grad()
+    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+        if len(prompts) != len(completions):
+            raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+        seqs = [self.encoder.encode(p, c) for p, c in zip(prompts, completions, strict=True)]
+        with active_adapter(self.rm.peft_model, self.adapter_name):
+            out = []
+            for i in range(0, len(seqs), self.batch_size):
+                ids, mask = self.encoder.batch(seqs[i : i + self.batch_size], self.device)
+                out.append(self.rm(ids, mask).float())
+        return torch.cat(out) if out else torch.zeros(0, device=self.device)
