@@ -1,0 +1,429 @@
+"""Group Relative Policy Optimization (GRPO) with a LoRA policy.
+
+Shao et al. 2024, "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open
+Language Models" (arXiv:2402.03300), section 4.1. For each prompt q, G completions
+o_1..o_G are sampled from the current policy and scored r_1..r_G; there is no value model:
+every token of o_i gets the group-normalised advantage (outcome supervision, sec. 4.1.2)::
+
+    Â_i = (r_i - mean(r_1..r_G)) / std(r_1..r_G)
+
+and the objective (eq. 3), maximised, is
+
+    1/G Σ_i 1/|o_i| Σ_t [ min(ρ_it Â_i, clip(ρ_it, 1-ε, 1+ε) Â_i) - β D_KL(π_θ ‖ π_ref)_it ]
+
+with ρ_it = π_θ(o_it | q, o_i<t) / π_θold(o_it | ...) and the per-token KL estimated by k3
+(eq. 4: π_ref/π_θ - log π_ref/π_θ - 1). The reference is the base model with adapters
+disabled, so GRPO keeps one copy of the weights. Rollouts, reward inputs and checkpoints are
+shared with :mod:`rlhf.ppo`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhf.checkpoint import load_training_state, read_state, resolve_checkpoint, save_checkpoint
+from rlhf.config import BaseConfig, config_to_dict
+from rlhf.data import validate_rows
+from rlhf.errors import ConfigError, NonFiniteLossError
+from rlhf.loop import (
+    OnStep,
+    ShouldStop,
+    TrainResult,
+    batch_indices,
+    call_should_stop,
+    check_finite,
+    lineage,
+    make_optimizer,
+    oom_guard,
+    seed_everything,
+    warmup_cosine,
+)
+from rlhf.ppo import (
+    MergedGeneration,
+    Rewarder,
+    RewardFn,
+    _sync,
+    adapter_parameters,
+    eos_token_ids,
+    kl_k1,
+    kl_k3,
+    load_policy_model,
+    make_rollout,
+    masked_mean,
+    response_logprobs,
+    rollout_logprobs,
+)
+
+
+@dataclass
+class GRPOConfig(BaseConfig):
+    """GRPO hyper-parameters. ``batch_size`` counts PROMPTS per step; each gets
+    ``num_generations`` completions, so a step samples batch_size * num_generations."""
+
+    learning_rate: float = 1e-5
+    """Peak AdamW rate. DeepSeekMath uses 1e-6 for full fine-tuning; LoRA needs roughly 10x more
+    (Hu et al. 2021)."""
+
+    batch_size: int = 8
+    """Prompts per step (DeepSeekMath: 1024 completions = 16 prompts x 64 on a cluster)."""
+
+    num_generations: int = 8
+    """G, completions sampled per prompt (DeepSeekMath: 64; TRL's default: 8)."""
+
+    num_iterations: int = 1
+    """μ, policy updates per batch of samples (DeepSeekMath: 1, so the ratio starts at 1)."""
+
+    num_minibatches: int = 1
+    """Minibatches per batch of samples, one optimizer step each (DeepSeekMath: 1)."""
+
+    max_steps: int = 100
+    """Steps (sampling + num_iterations * num_minibatches optimizer steps each)."""
+
+    max_seq_len: int = 512
+    """Prompt + completion tokens; prompts are cut from the left to max_seq_len - max_new_tokens."""
+
+    max_new_tokens: int = 128
+    """Completion length cap (TRL GRPOConfig default max_completion_length = 256; 128 here)."""
+
+    temperature: float = 1.0
+    """Sampling temperature, also applied to the logits of the loss (TRL's default: 1.0)."""
+
+    beta: float = 0.04
+    """KL coefficient β against the reference (DeepSeekMath sec. 4.2: 0.04). 0 drops the term."""
+
+    cliprange: float = 0.2
+    """Ratio clip ε (PPO's 0.2, Schulman et al. 2017; DeepSeekMath's objective eq. 3)."""
+
+    scale_rewards: bool = True
+    """Divide by the group's std (DeepSeekMath eq. under sec. 4.1.2). False keeps only the mean
+    baseline (Liu et al. 2025, "Understanding R1-Zero-Like Training", Dr. GRPO)."""
+
+    chat_template: bool = False
+    """Wrap prompts with the tokenizer's chat template (use the same setting as the SFT run)."""
+
+    merge_for_generation: bool = True
+    """Merge the policy adapter into the base weights while generating (see rlhf.ppo)."""
+
+    lora_dropout: float = 0.0
+    """No dropout in RL, so log-probs at sampling and update time agree (Huang et al. 2024)."""
+
+    warmup_ratio: float = 0.0
+    """No warm-up (DeepSeekMath trains GRPO at a constant rate)."""
+
+    def validate(self) -> None:
+        super().validate()
+        if self.num_generations < 2:
+            raise ConfigError(
+                f"num_generations must be >= 2 (a group needs a baseline), got {self.num_generations}"
+            )
+        for name in ("num_iterations", "num_minibatches", "max_new_tokens"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        rows = self.batch_size * self.num_generations
+        if rows % self.num_minibatches:
+            raise ConfigError(
+                f"batch_size * num_generations ({rows}) must be divisible by num_minibatches ({self.num_minibatches})"
+            )
+        if (rows // self.num_minibatches) % self.grad_accum_steps:
+            raise ConfigError(
+                f"the minibatch size ({rows // self.num_minibatches}) must be divisible by grad_accum_steps "
+                f"({self.grad_accum_steps})"
+            )
+        if self.max_new_tokens >= self.max_seq_len:
+            raise ConfigError(
+                f"max_new_tokens ({self.max_new_tokens}) must be < max_seq_len ({self.max_seq_len})"
+            )
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if self.beta < 0:
+            raise ConfigError(f"beta must be >= 0, got {self.beta}")
+        if not self.cliprange > 0:
+            raise ConfigError(f"cliprange must be > 0, got {self.cliprange}")
+
+
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, *, scale: bool = True, eps: float = 1e-4
+) -> torch.Tensor:
+    """Group-normalised advantages (Shao et al. 2024, sec. 4.1.2).
+
+    rewards: [N * G], the G completions of each prompt consecutive. Returns [N * G]:
+    ``(r - mean_group) / (std_group + eps)`` (unbiased std, as torch.std and TRL), or only
+    ``r - mean_group`` when ``scale`` is False. A group whose rewards are all equal gets 0.
+    """
+    if rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    grouped = rewards.float().view(-1, group_size)  # [N, G]
+    adv = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale:
+        adv = adv / (grouped.std(dim=1, keepdim=True) + eps)
+    return adv.reshape(-1)
+
+
+def grpo_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    cliprange: float,
+    beta: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The GRPO loss (minus eq. 3 of Shao et al. 2024) for a batch of completions.
+
+    logprobs, old_logprobs, ref_logprobs, mask: [B, T]; advantages: [B] (one per completion).
+    Per token ``max(-ρÂ, -clip(ρ)Â) + β·k3``; averaged over each completion's tokens, then over
+    completions. Returns ``(loss, stats)`` with clipfrac and the mean k3 (detached).
+    """
+    adv = advantages.to(logprobs.dtype).unsqueeze(1).expand_as(logprobs)  # [B, T]
+    ratio = torch.exp(logprobs - old_logprobs)
+    pg1 = -adv * ratio
+    pg2 = -adv * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    per_token = torch.maximum(pg1, pg2)
+    kl = None
+    if ref_logprobs is not None and beta > 0:
+        kl = kl_k3(logprobs, ref_logprobs)
+        per_token = per_token + beta * kl
+    per_seq = masked_mean(per_token, mask, dim=1)  # [B]
+    loss = per_seq.mean()
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((pg2 > pg1).to(logprobs.dtype), mask),
+            "kl_k3": masked_mean(kl, mask) if kl is not None else torch.zeros(()),
+        }
+    return loss, stats
+
+
+def train_grpo(
+    config: GRPOConfig,
+    data: list[dict],
+    *,
+    output_dir,
+    on_step: OnStep | None = None,
+    should_stop: ShouldStop | None = None,
+    resume_from=None,
+    reward_model=None,
+    reward_fn: RewardFn | None = None,
+) -> TrainResult:
+    """Train the policy adapter with GRPO on ``{"prompt"}`` rows.
+
+    Reward inputs as :func:`rlhf.ppo.train_ppo` (exactly one of ``reward_model``, a reward
+    checkpoint or scorer, and ``reward_fn(prompt, completion) -> float``). ``on_step`` gets
+    objective/reward, objective/reward_std (mean within-group std), objective/kl (mean summed
+    k1 per completion against the reference), objective/entropy, loss/policy, loss/kl (mean k3),
+    policy/clipfrac, response/length, perf/rollout_s, perf/score_s, perf/train_s,
+    perf/tokens_per_s and progress/total_steps. Checkpoints hold the adapter "policy".
+    """
+    cfg = config
+    cfg.validate()
+    rows = validate_rows("grpo", data)
+    prompts = [r["prompt"] for r in rows]
+    output_dir = Path(output_dir)
+    seed_everything(cfg.seed)
+
+    resume = resolve_checkpoint(resume_from) if resume_from is not None else None
+    saved = read_state(resume) if resume is not None else None
+    if saved is not None and saved.get("kind") != "grpo":
+        raise ConfigError(f"{resume} is a {saved.get('kind')!r} checkpoint, not a GRPO one")
+    model, tokenizer, device, _dtype = load_policy_model(cfg, resume=resume)
+    rewarder = Rewarder(
+        cfg=cfg,
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        reward_model=reward_model,
+        reward_fn=reward_fn,
+    )
+    model.set_adapter("policy")
+    model.eval()
+    params = adapter_parameters(model, "policy")
+    optimizer = make_optimizer(params, cfg)
+    updates_per_step = cfg.num_iterations * cfg.num_minibatches
+    total_updates = cfg.max_steps * updates_per_step
+    scheduler = warmup_cosine(
+        optimizer, int(round(cfg.warmup_ratio * total_updates)), total_updates
+    )
+
+    start_step = 0
+    parent = cfg.init_adapter
+    if resume is not None:
+        load_training_state(resume, optimizer, scheduler)
+        start_step = int(saved["step"])
+        parent = saved.get("lineage", {}).get("parent", parent)
+    run_lineage = lineage(cfg, rows, parent=parent, reward=rewarder.description)
+    eos_ids = eos_token_ids(tokenizer, model)
+    merger = MergedGeneration(model, "policy") if cfg.merge_for_generation else None
+
+    def checkpoint(step: int, metrics: dict[str, float]) -> Path:
+        state = {
+            "kind": "grpo",
+            "config": config_to_dict(cfg),
+            "metrics": metrics,
+            "lineage": run_lineage,
+            "adapters": ["policy"],
+        }
+        return save_checkpoint(
+            output_dir,
+            step=step,
+            model=model,
+            adapter_names=["policy"],
+            optimizer=optimizer,
+            scheduler=scheduler,
+            state=state,
+        )
+
+    metrics: dict[str, float] = {}
+    last_ckpt: Path | None = None
+    step = start_step
+    hint = "batch_size, num_generations, max_new_tokens or max_seq_len (or raise num_minibatches / grad_accum_steps)"
+    while step < cfg.max_steps:
+        if call_should_stop(should_stop):
+            last_ckpt = checkpoint(step, metrics)
+            return TrainResult(checkpoint_dir=last_ckpt, step=step, metrics=metrics, stopped=True)
+        step += 1
+        with oom_guard(hint):
+            metrics = _grpo_step(
+                cfg=cfg,
+                step=step,
+                model=model,
+                tokenizer=tokenizer,
+                rewarder=rewarder,
+                prompts=prompts,
+                device=device,
+                eos_ids=eos_ids,
+                merger=merger,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                params=params,
+            )
+        metrics["progress/total_steps"] = float(cfg.max_steps)
+        if on_step is not None:
+            on_step(step, dict(metrics))
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+            last_ckpt = checkpoint(step, metrics)
+
+    if step > start_step or last_ckpt is None:
+        last_ckpt = checkpoint(step, metrics)
+    return TrainResult(checkpoint_dir=last_ckpt, step=step, metrics=metrics, stopped=False)
+
+
+def _grpo_step(
+    *,
+    cfg,
+    step,
+    model,
+    tokenizer,
+    rewarder,
+    prompts,
+    device,
+    eos_ids,
+    merger,
+    optimizer,
+    scheduler,
+    params,
+) -> dict[str, float]:
+    G = cfg.num_generations
+    idx = batch_indices(
+        len(prompts), seed=cfg.seed, start=(step - 1) * cfg.batch_size, count=cfg.batch_size
+    )
+    group_prompts = [prompts[i] for i in idx for _ in range(G)]  # [B*G], groups consecutive
+    torch.manual_seed(cfg.seed * 1_000_003 + step)
+    ro = make_rollout(
+        cfg=cfg,
+        step=step,
+        model=model,
+        tokenizer=tokenizer,
+        rewarder=rewarder,
+        prompts=group_prompts,
+        device=device,
+        eos_ids=eos_ids,
+        merger=merger,
+    )
+    N = len(group_prompts)
+    minibatch = N // cfg.num_minibatches
+    micro = minibatch // cfg.grad_accum_steps
+    mask = ro.response_mask  # [N, R]
+
+    t1 = time.perf_counter()
+    advantages = group_advantages(ro.scores, G, scale=cfg.scale_rewards)  # [N]
+    # π_old: needed when the policy moves before a sample is used (several minibatches or
+    # iterations); with one update per batch the ratio is 1 and logπ.detach() stands in.
+    reuse = cfg.num_iterations * cfg.num_minibatches > 1
+    old_logprobs, entropy = rollout_logprobs(
+        model, ro, adapter="policy", temperature=cfg.temperature, chunk=micro, with_entropy=True
+    )
+    ref_logprobs, _ = rollout_logprobs(
+        model, ro, adapter=None, temperature=cfg.temperature, chunk=micro
+    )
+    model.set_adapter("policy")
+    _sync(device)
+    score_s = ro.score_s + time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    losses: list[float] = []
+    clipfracs: list[float] = []
+    kls: list[float] = []
+    order_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    for _ in range(cfg.num_iterations):
+        order = (
+            torch.randperm(N, generator=order_gen).to(device)
+            if reuse
+            else torch.arange(N, device=device)
+        )
+        for mb_start in range(0, N, minibatch):
+            for mi in order[mb_start : mb_start + minibatch].split(micro):
+                ids, am, keep = ro.trimmed(mi)
+                m = mask[mi][:, :keep]
+                logp, _ = response_logprobs(model, ids, am, keep, temperature=cfg.temperature)
+                old = old_logprobs[mi][:, :keep] if reuse else logp.detach()
+                loss, stats = grpo_loss(
+                    logp,
+                    old,
+                    ref_logprobs[mi][:, :keep],
+                    advantages[mi],
+                    m,
+                    cliprange=cfg.cliprange,
+                    beta=cfg.beta,
+                )
+                check_finite(loss, step, name="loss/policy")
+                # each micro-batch's loss is a mean over its completions: weight by its share
+                (loss * (len(mi) / minibatch)).backward()
+                losses.append(float(loss.detach()))
+                clipfracs.append(float(stats["clipfrac"]))
+                kls.append(float(stats["kl_k3"]))
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            if not math.isfinite(float(grad_norm)):
+                raise NonFiniteLossError(
+                    f"gradient norm is {float(grad_norm)} at step {step}; lower learning_rate or "
+                    "max_grad_norm. The last good checkpoint is kept."
+                )
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    _sync(device)
+    train_s = time.perf_counter() - t2
+
+    def mean(xs: list[float]) -> float:
+        return sum(xs) / max(len(xs), 1)
+
+    return {
+        "objective/reward": float(ro.scores.mean()),
+        "objective/reward_std": float(ro.scores.view(-1, G).std(dim=1).mean()),
+        "objective/kl": float((kl_k1(old_logprobs, ref_logprobs) * mask).sum(1).mean()),
+        "objective/entropy": float(masked_mean(entropy, mask)),
+        "loss/policy": mean(losses),
+        "loss/kl": mean(kls),
+        "policy/clipfrac": mean(clipfracs),
+        "response/length": float(mask.sum(1).mean()),
+        "response/ended_with_eos": float(ro.ended.float().mean()),
+        "optim/lr": float(scheduler.get_last_lr()[0]),
+        "perf/rollout_s": ro.rollout_s,
+        "perf/score_s": score_s,
+        "perf/train_s": train_s,
+        "perf/tokens_per_s": float(mask.sum()) / max(ro.rollout_s, 1e-9),
+    }

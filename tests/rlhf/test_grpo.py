@@ -1,0 +1,154 @@
+"""GRPO: group advantages and the loss by hand, then a short run on the tiny model."""
+
+import math
+
+import pytest
+import torch
+
+from rlhf.config import config_from_dict
+from rlhf.errors import ConfigError
+from rlhf.grpo import GRPOConfig, group_advantages, grpo_loss, train_grpo
+from rlhf.ppo import kl_k3
+
+
+def test_group_advantages_normalise_each_group_by_its_own_mean_and_std():
+    # group 1: [1, 2, 3] mean 2, unbiased std 1 -> [-1, 0, 1]; group 2: all equal -> 0
+    rewards = torch.tensor([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])
+    adv = group_advantages(rewards, 3, eps=0.0 + 1e-12)
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 0.0, 1.0, 0.0, 0.0, 0.0]))
+    # group [0, 4]: mean 2, unbiased std sqrt(8) -> ±2/sqrt(8)
+    adv2 = group_advantages(torch.tensor([0.0, 4.0]), 2, eps=0.0 + 1e-12)
+    torch.testing.assert_close(adv2, torch.tensor([-2 / math.sqrt(8), 2 / math.sqrt(8)]))
+
+
+def test_group_advantages_without_scaling_only_subtract_the_group_mean():
+    adv = group_advantages(torch.tensor([1.0, 3.0, 10.0, 20.0]), 2, scale=False)
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 1.0, -5.0, 5.0]))
+
+
+def test_group_advantages_reject_a_batch_that_is_not_whole_groups():
+    with pytest.raises(ValueError, match="groups of 4"):
+        group_advantages(torch.zeros(6), 4)
+
+
+def test_grpo_loss_at_ratio_one_is_minus_the_mean_advantage_plus_beta_k3():
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.5, 0.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5, -2.0, -2.0], [-0.5, -1.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    adv = torch.tensor([2.0, -1.0])
+    loss, stats = grpo_loss(logp, logp.detach(), ref, adv, mask, cliprange=0.2, beta=0.1)
+    k3 = kl_k3(logp.detach(), ref)
+    # completion 0: -2 + 0.1·mean(k3[0, :3]); completion 1: +1 + 0.1·mean(k3[1, :2])
+    expected = 0.5 * ((-2.0 + 0.1 * k3[0].mean()) + (1.0 + 0.1 * k3[1, :2].mean()))
+    assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-6)
+    assert float(stats["clipfrac"]) == 0.0
+    loss.backward()
+    # the padded token gets no gradient; at ratio 1 the surrogate's gradient is -Â/(G·|o|)
+    assert float(logp.grad[1, 2]) == 0.0
+    assert float(logp.grad[0, 1]) == pytest.approx(-2.0 / 6 + 0.1 * (1 - math.exp(0.0)) / 6)
+
+
+def test_grpo_config_needs_a_group_of_at_least_two(tiny_model_dir):
+    with pytest.raises(ConfigError, match="num_generations"):
+        config_from_dict("grpo", {"model": str(tiny_model_dir), "num_generations": 1})
+    cfg = config_from_dict("grpo", {"model": str(tiny_model_dir)})
+    assert isinstance(cfg, GRPOConfig) and cfg.beta == 0.04
+
+
+def text_length(prompt: str, completion: str) -> float:
+    """Characters written / 16 (see tests/rlhf/test_ppo.py: learnable by the tiny model)."""
+    return len(completion) / 16
+
+
+PROMPTS = [{"prompt": f"Question {i}: tell me something."} for i in range(16)]
+
+
+@pytest.mark.slow
+def test_grpo_with_a_rule_based_reward_raises_the_reward(tiny_model_dir, tmp_path):
+    cfg = GRPOConfig(
+        model=str(tiny_model_dir),
+        batch_size=8,
+        num_generations=8,
+        max_new_tokens=4,
+        max_seq_len=48,
+        lora_r=8,
+        lora_alpha=16,
+        learning_rate=1e-2,
+        max_steps=25,
+        beta=0.04,
+        seed=0,
+    )
+    history = []
+    result = train_grpo(
+        cfg,
+        PROMPTS,
+        output_dir=tmp_path,
+        reward_fn=text_length,
+        on_step=lambda s, m: history.append(m),
+    )
+    assert result.step == 25
+    start = sum(m["objective/reward"] for m in history[:3]) / 3
+    end = sum(m["objective/reward"] for m in history[-3:]) / 3
+    assert end > 1.3 * start, (start, end)
+    for key in (
+        "objective/kl",
+        "objective/entropy",
+        "loss/policy",
+        "loss/kl",
+        "policy/clipfrac",
+        "perf/rollout_s",
+        "perf/tokens_per_s",
+    ):
+        assert math.isfinite(history[-1][key]), key
+    assert (result.checkpoint_dir / "policy" / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_grpo_with_several_minibatches_resumes_to_the_same_metrics(tiny_model_dir, tmp_path):
+    cfg = GRPOConfig(
+        model=str(tiny_model_dir),
+        batch_size=2,
+        num_generations=4,
+        num_minibatches=2,
+        num_iterations=2,
+        max_new_tokens=4,
+        max_seq_len=48,
+        lora_r=4,
+        lora_alpha=8,
+        learning_rate=1e-3,
+        max_steps=3,
+        seed=0,
+    )
+    full: dict[int, dict] = {}
+    train_grpo(
+        cfg,
+        PROMPTS,
+        output_dir=tmp_path / "full",
+        reward_fn=text_length,
+        on_step=lambda s, m: full.__setitem__(s, m),
+    )
+    part: dict[int, dict] = {}
+    stopped = train_grpo(
+        cfg,
+        PROMPTS,
+        output_dir=tmp_path / "cut",
+        reward_fn=text_length,
+        on_step=lambda s, m: part.__setitem__(s, m),
+        should_stop=lambda: len(part) >= 1,
+    )
+    assert stopped.stopped and stopped.step == 1
+    train_grpo(
+        cfg,
+        PROMPTS,
+        output_dir=tmp_path / "cut",
+        reward_fn=text_length,
+        on_step=lambda s, m: part.__setitem__(s, m),
+        resume_from=tmp_path / "cut",
+    )
+    for step in (2, 3):
+        for key in ("objective/reward", "objective/kl", "loss/policy", "policy/clipfrac"):
+            assert part[step][key] == pytest.approx(full[step][key], rel=1e-4, abs=1e-6), (
+                step,
+                key,
+            )
+    assert full[3]["policy/clipfrac"] >= 0.0

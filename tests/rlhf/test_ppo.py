@@ -1,0 +1,524 @@
+"""PPO: the pure helpers against hand-computed numbers, then short runs on the tiny model."""
+
+import math
+
+import pytest
+import torch
+
+from rlhf.config import config_from_dict
+from rlhf.errors import ConfigError, NonFiniteLossError
+from rlhf.ppo import (
+    AdaptiveKLController,
+    MergedGeneration,
+    PPOConfig,
+    Rewarder,
+    clipped_policy_loss,
+    clipped_value_loss,
+    compute_gae,
+    encode_prompts,
+    eos_token_ids,
+    generate_responses,
+    kl_k1,
+    kl_k2,
+    kl_k3,
+    load_policy_model,
+    per_token_rewards,
+    response_logprobs,
+    response_mask_after_eos,
+    train_ppo,
+    whiten,
+)
+
+# ------------------------------------------------------------------------------ pure helpers
+
+
+def test_compute_gae_matches_hand_computed_values_on_three_tokens():
+    # row 0: three real tokens, γ = 0.9, λ = 0.5
+    #   t=2: δ = 1 - 0.4 = 0.6                      A2 = 0.6
+    #   t=1: δ = 0 + 0.9·0.4 - 0.2 = 0.16           A1 = 0.16 + 0.45·0.6 = 0.43
+    #   t=0: δ = 0 + 0.9·0.2 - 0.5 = -0.32          A0 = -0.32 + 0.45·0.43 = -0.1265
+    # row 1: the last token is padding (its reward and value must be ignored)
+    #   t=1: δ = 2 - 1 = 1                           A1 = 1
+    #   t=0: δ = 0 + 0.9·1 - 1 = -0.1                A0 = -0.1 + 0.45·1 = 0.35
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.0, 2.0, 9.0]])
+    values = torch.tensor([[0.5, 0.2, 0.4], [1.0, 1.0, 7.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    adv, ret = compute_gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    torch.testing.assert_close(adv, torch.tensor([[-0.1265, 0.43, 0.6], [0.35, 1.0, 0.0]]))
+    torch.testing.assert_close(ret, torch.tensor([[0.3735, 0.63, 1.0], [1.35, 2.0, 0.0]]))
+
+
+def test_compute_gae_with_gamma_and_lambda_one_is_reward_to_go_minus_value():
+    rewards = torch.tensor([[0.1, -0.2, 1.0]])
+    values = torch.tensor([[0.3, 0.1, 0.5]])
+    adv, ret = compute_gae(rewards, values, torch.ones(1, 3), gamma=1.0, lam=1.0)
+    to_go = torch.tensor([[0.9, 0.8, 1.0]])
+    torch.testing.assert_close(adv, to_go - values)
+    torch.testing.assert_close(ret, to_go)
+
+
+def test_whiten_normalises_over_masked_positions_only():
+    # masked values 2, 4, 6: mean 4, unbiased variance (4 + 0 + 4) / 2 = 4, std 2
+    x = torch.tensor([[2.0, 4.0, 6.0, 100.0]])
+    mask = torch.tensor([[1, 1, 1, 0]])
+    torch.testing.assert_close(
+        whiten(x, mask), torch.tensor([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-6, rtol=0
+    )
+    torch.testing.assert_close(
+        whiten(x, mask, shift_mean=False), torch.tensor([[3.0, 4.0, 5.0, 0.0]])
+    )
+
+
+def test_kl_estimators_match_hand_values():
+    logp = torch.log(torch.tensor([0.5]))
+    ref = torch.log(torch.tensor([0.25]))
+    # k1 = log(0.5/0.25) = log 2; k2 = ½ log²2; k3 = r - 1 - log r with r = 0.25/0.5
+    torch.testing.assert_close(kl_k1(logp, ref), torch.tensor([math.log(2)]))
+    torch.testing.assert_close(kl_k2(logp, ref), torch.tensor([0.5 * math.log(2) ** 2]))
+    torch.testing.assert_close(kl_k3(logp, ref), torch.tensor([0.5 - 1 + math.log(2)]))
+
+
+def test_k1_and_k3_average_to_the_true_kl_over_samples_from_the_policy():
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.6, 0.3, 0.1])
+    q = torch.tensor([0.2, 0.5, 0.3])
+    true_kl = float((p * (p / q).log()).sum())
+    samples = torch.multinomial(p, 200_000, replacement=True, generator=g)
+    logp, logq = p.log()[samples], q.log()[samples]
+    assert float(kl_k1(logp, logq).mean()) == pytest.approx(true_kl, abs=0.01)
+    assert float(kl_k3(logp, logq).mean()) == pytest.approx(true_kl, abs=0.01)
+    assert bool((kl_k3(logp, logq) >= 0).all())
+
+
+def test_per_token_rewards_put_the_score_on_the_last_response_token():
+    score = torch.tensor([1.0, 2.0])
+    logp = torch.tensor([[-1.0, -1.0, -1.0], [-2.0, -2.0, -2.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5], [-2.0, -3.0, 0.0]])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    rewards, kl = per_token_rewards(score, logp, ref, mask, kl_coef=0.1)
+    # row 0: k1 = [0.5, 0, -0.5] -> -0.1·k1 = [-0.05, 0, 0.05], + score 1 on token 2
+    # row 1: one token with k1 = 0 -> the score 2 lands on token 0; padding gets nothing
+    torch.testing.assert_close(rewards, torch.tensor([[-0.05, 0.0, 1.05], [2.0, 0.0, 0.0]]))
+    torch.testing.assert_close(kl, torch.tensor([[0.5, 0.0, -0.5], [0.0, 0.0, 0.0]]))
+
+
+def test_clipped_policy_loss_matches_hand_values_and_stops_the_gradient_when_clipped():
+    old = torch.zeros(1, 3)
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.1]])).requires_grad_(True)
+    adv = torch.tensor([[1.0, -1.0, 2.0]])
+    loss, clipfrac, _ = clipped_policy_loss(logp, old, adv, torch.ones(1, 3), cliprange=0.2)
+    # ρ = 1.5, A = 1: max(-1.5, -1.2) = -1.2 (clipped)
+    # ρ = 0.5, A = -1: max(0.5, 0.8) = 0.8 (clipped)
+    # ρ = 1.1, A = 2: max(-2.2, -2.2) = -2.2 (inside the range)
+    assert float(loss.detach()) == pytest.approx((-1.2 + 0.8 - 2.2) / 3)
+    assert float(clipfrac) == pytest.approx(2 / 3)
+    loss.backward()
+    # d/dlogπ of -A·ρ/3 is -A·ρ/3, only on the unclipped token
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, 0.0, -2.2 / 3]]))
+
+
+def test_clipped_policy_loss_ignores_masked_tokens():
+    logp = torch.tensor([[0.0, 5.0]])
+    loss, clipfrac, approx_kl = clipped_policy_loss(
+        logp, torch.zeros(1, 2), torch.tensor([[1.0, 100.0]]), torch.tensor([[1, 0]]), cliprange=0.2
+    )
+    assert float(loss) == pytest.approx(-1.0)
+    assert float(clipfrac) == 0.0
+    assert float(approx_kl) == 0.0
+
+
+def test_clipped_value_loss_matches_hand_values():
+    values = torch.tensor([[1.0, 0.0]])
+    old = torch.tensor([[0.5, 0.0]])
+    returns = torch.tensor([[2.0, 1.0]])
+    loss, clipfrac = clipped_value_loss(values, old, returns, torch.ones(1, 2), cliprange_value=0.2)
+    # token 0: (1-2)² = 1 vs clipped 0.5+0.2=0.7 -> (0.7-2)² = 1.69 -> 1.69 (clipped)
+    # token 1: (0-1)² = 1 both ways -> 1
+    assert float(loss) == pytest.approx(0.5 * (1.69 + 1.0) / 2)
+    assert float(clipfrac) == pytest.approx(0.5)
+
+
+def test_adaptive_kl_controller_moves_beta_towards_the_target():
+    ctl = AdaptiveKLController(0.2, target=6.0, horizon=10000)
+    # KL 12 = 2x the target: error clipped to +0.2 -> β·(1 + 0.2·100/10000)
+    assert ctl.update(12.0, n_steps=100) == pytest.approx(0.2 * 1.002)
+    # KL 3 = half the target: error -0.5 clipped to -0.2
+    assert ctl.update(3.0, n_steps=100) == pytest.approx(0.2 * 1.002 * 0.998)
+    # on target: unchanged
+    assert ctl.update(6.0, n_steps=100) == pytest.approx(0.2 * 1.002 * 0.998)
+
+
+def test_response_mask_keeps_tokens_up_to_and_including_the_first_eos():
+    eos = 2
+    responses = torch.tensor([[5, 6, 2, 7, 2], [5, 6, 7, 8, 9], [2, 0, 0, 0, 0]])
+    mask, ended = response_mask_after_eos(responses, [eos])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
+    assert ended.tolist() == [True, False, True]
+
+
+def test_ppo_config_rejects_a_batch_that_does_not_split_into_minibatches(tiny_model_dir):
+    with pytest.raises(ConfigError, match="num_minibatches"):
+        config_from_dict(
+            "ppo", {"model": str(tiny_model_dir), "batch_size": 6, "num_minibatches": 4}
+        )
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        config_from_dict(
+            "ppo", {"model": str(tiny_model_dir), "max_new_tokens": 600, "max_seq_len": 512}
+        )
+    cfg = config_from_dict(
+        "ppo", {"model": str(tiny_model_dir), "batch_size": 8, "num_minibatches": 2}
+    )
+    assert isinstance(cfg, PPOConfig) and cfg.gamma == 1.0 and cfg.lam == 0.95
+
+
+# ------------------------------------------------------------------------------ model plumbing
+
+
+def _small_cfg(model_dir, **kw) -> PPOConfig:
+    base = dict(
+        model=str(model_dir),
+        batch_size=8,
+        num_minibatches=2,
+        ppo_epochs=1,
+        max_new_tokens=4,
+        max_seq_len=48,
+        lora_r=4,
+        lora_alpha=8,
+        max_steps=2,
+        learning_rate=1e-3,
+        temperature=1.0,
+    )
+    base.update(kw)
+    return PPOConfig(**base)
+
+
+def _randomise_adapter(model, name: str, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if f"lora_B.{name}." in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def test_training_logprobs_match_the_sampling_distribution_with_left_padding(tiny_model_dir):
+    cfg = _small_cfg(tiny_model_dir)
+    model, tok, device, _ = load_policy_model(cfg, resume=None)
+    _randomise_adapter(model, "policy")
+    prompts = ["hi", "What is the capital of France? Please answer in one word.", "Name a fruit."]
+    query, qmask = encode_prompts(tok, prompts, max_len=40, chat_template=False, device=device)
+    assert qmask[0, 0] == 0 and qmask[1].all()  # left padding
+    torch.manual_seed(0)
+    out = model.generate(
+        input_ids=query,
+        attention_mask=qmask,
+        do_sample=True,
+        temperature=0.7,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=6,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=eos_token_ids(tok, model),
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    resp = out.sequences[:, query.shape[1] :]
+    rmask, _ = response_mask_after_eos(resp, eos_token_ids(tok, model))
+    sampled = (
+        torch.log_softmax(torch.stack(out.logits, 1).float() / 0.7, -1)
+        .gather(-1, resp.unsqueeze(-1))
+        .squeeze(-1)
+    )
+    with torch.no_grad():
+        logp, entropy = response_logprobs(
+            model,
+            torch.cat([query, resp], 1),
+            torch.cat([qmask, rmask], 1),
+            resp.shape[1],
+            temperature=0.7,
+            with_entropy=True,
+        )
+    torch.testing.assert_close(logp * rmask, sampled * rmask, atol=1e-4, rtol=0)
+    assert bool((entropy > 0).all())
+
+
+def test_rollouts_sample_from_the_plain_softmax_even_when_the_model_sets_top_k(tiny_model_dir):
+    cfg = _small_cfg(tiny_model_dir)
+    model, tok, device, _ = load_policy_model(cfg, resume=None)
+    defaults = model.get_base_model().generation_config
+    defaults.do_sample, defaults.top_k, defaults.top_p, defaults.repetition_penalty = (
+        True,
+        20,
+        0.8,
+        1.3,
+    )
+    query, qmask = encode_prompts(
+        tok, ["hello", "Say hi."], max_len=40, chat_template=False, device=device
+    )
+    seen = {}
+    plain_generate = model.generate
+
+    def spy(**kw):
+        out = plain_generate(
+            **kw, output_scores=True, output_logits=True, return_dict_in_generate=True
+        )
+        seen["out"] = out
+        return out.sequences
+
+    model.generate = spy
+    generate_responses(
+        model,
+        query,
+        qmask,
+        max_new_tokens=5,
+        temperature=0.7,
+        pad_token_id=tok.pad_token_id,
+        eos_ids=[2],
+    )
+    scores = torch.stack(seen["out"].scores)  # what was sampled from
+    logits = torch.stack(seen["out"].logits)  # the raw model logits
+    torch.testing.assert_close(scores, logits / 0.7)  # nothing filtered, penalised or masked
+
+
+def test_merged_generation_restores_the_exact_base_weights(tiny_model_dir):
+    cfg = _small_cfg(tiny_model_dir)
+    model, tok, device, _ = load_policy_model(cfg, resume=None)
+    _randomise_adapter(model, "policy")
+    merger = MergedGeneration(model, "policy")
+    assert merger.layers
+    before = [m.get_base_layer().weight.clone() for m in merger.layers]
+    query, qmask = encode_prompts(
+        tok, ["Say hello.", "Hi"], max_len=40, chat_template=False, device=device
+    )
+    with torch.no_grad():
+        unmerged = model(input_ids=query, attention_mask=qmask).logits
+        with merger.merged():
+            merged = model(input_ids=query, attention_mask=qmask).logits
+            assert not torch.equal(merger.layers[0].get_base_layer().weight, before[0])
+    torch.testing.assert_close(merged, unmerged, atol=1e-4, rtol=1e-4)  # merging = the same policy
+    for w, m in zip(before, merger.layers, strict=True):
+        assert torch.equal(w, m.get_base_layer().weight)
+
+
+# ------------------------------------------------------------------------------ training runs
+
+
+def text_length(prompt: str, completion: str) -> float:
+    """A rule-based reward a random tiny model learns in a few dozen steps: characters written
+    (/16, four tokens of four characters = 1). Its byte-level BPE vocabulary mixes 1-byte tokens
+    with merges of up to 13 characters, so the reward is a sum of per-token terms of high variance,
+    a clear signal for a policy whose initial distribution is close to uniform."""
+    return len(completion) / 16
+
+
+PROMPTS = [{"prompt": f"Question {i}: tell me something."} for i in range(16)]
+
+
+@pytest.mark.slow
+def test_ppo_with_a_rule_based_reward_raises_the_reward_while_kl_stays_bounded(
+    tiny_model_dir, tmp_path
+):
+    cfg = PPOConfig(
+        model=str(tiny_model_dir),
+        batch_size=32,
+        num_minibatches=2,
+        ppo_epochs=2,
+        max_new_tokens=4,
+        max_seq_len=48,
+        lora_r=8,
+        lora_alpha=16,
+        learning_rate=1e-2,
+        max_steps=30,
+        temperature=1.0,
+        kl_coef=0.05,
+        seed=0,
+    )
+    history = []
+    result = train_ppo(
+        cfg,
+        PROMPTS,
+        output_dir=tmp_path,
+        reward_fn=text_length,
+        on_step=lambda step, m: history.append(m),
+    )
+    assert result.step == 30 and not result.stopped
+    start = sum(m["objective/reward"] for m in history[:3]) / 3
+    end = sum(m["objective/reward"] for m in history[-3:]) / 3
+    assert end > 1.3 * start, (start, end)
+    # the KL penalty keeps the policy near the reference: a few nats over 4 tokens, not 20+
+    assert all(math.isfinite(m["objective/kl"]) and m["objective/kl"] < 15 for m in history)
+    for key in (
+        "objective/entropy",
+        "loss/policy",
+        "loss/value",
+        "policy/clipfrac",
+        "perf/rollout_s",
+        "perf/score_s",
+        "perf/train_s",
+        "perf/tokens_per_s",
+    ):
+        assert math.isfinite(history[-1][key]), key
+    assert history[-1]["progress/total_steps"] == 30
+    ckpt = result.checkpoint_dir
+    assert (ckpt / "policy" / "adapter_model.safetensors").exists()
+    assert (ckpt / "value" / "adapter_model.safetensors").exists()
+    assert (ckpt / "heads" / "value.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_ppo_stop_and_resume_gives_the_same_metrics_as_an_uninterrupted_run(
+    tiny_model_dir, tmp_path
+):
+    cfg = _small_cfg(tiny_model_dir, max_steps=4, adaptive_kl=True, kl_target=0.1, kl_horizon=100)
+    full: dict[int, dict] = {}
+    train_ppo(
+        cfg,
+        PROMPTS,
+        output_dir=tmp_path / "full",
+        reward_fn=text_length,
+        on_step=lambda s, m: full.__setitem__(s, m),
+    )
+
+    first: dict[int, dict] = {}
+    stopped = train_ppo(
+        cfg,
+        PROMPTS,
+        output_dir=tmp_path / "cut",
+        reward_fn=text_length,
+        on_step=lambda s, m: first.__setitem__(s, m),
+        should_stop=lambda: len(first) >= 2,
+    )
+    assert stopped.stopped and stopped.step == 2
+    resumed: dict[int, dict] = {}
+    result = train_ppo(
+        cfg,
+        PROMPTS,
+        output_dir=tmp_path / "cut",
+        reward_fn=text_length,
+        on_step=lambda s, m: resumed.__setitem__(s, m),
+        resume_from=tmp_path / "cut",
+    )
+    assert result.step == 4 and sorted(resumed) == [3, 4]
+    for step in (3, 4):
+        for key in (
+            "objective/reward",
+            "objective/kl",
+            "objective/kl_coef",
+            "loss/policy",
+            "loss/value",
+        ):
+            assert resumed[step][key] == pytest.approx(full[step][key], rel=1e-4, abs=1e-6), (
+                step,
+                key,
+            )
+
+
+@pytest.mark.slow
+def test_ppo_stops_cleanly_on_a_nan_reward_without_writing_a_checkpoint(tiny_model_dir, tmp_path):
+    cfg = _small_cfg(tiny_model_dir, max_steps=2)
+    with pytest.raises(NonFiniteLossError, match="reward is nan at step 1"):
+        train_ppo(cfg, PROMPTS, output_dir=tmp_path, reward_fn=lambda p, c: float("nan"))
+    assert not list(tmp_path.glob("step-*"))
+
+
+@pytest.fixture(scope="module")
+def reward_checkpoint(tiny_model_dir, tmp_path_factory):
+    """A reward model on the tiny base, trained for a few steps (vowel-rich text preferred)."""
+    from rlhf.reward import RewardConfig, train_reward
+
+    rows = [
+        {
+            "prompt": f"Question {i}:",
+            "chosen": " aeiou aia eo" * (1 + i % 2),
+            "rejected": " xkcd brr pst" * (1 + i % 3),
+        }
+        for i in range(8)
+    ]
+    cfg = RewardConfig(
+        model=str(tiny_model_dir),
+        batch_size=4,
+        max_steps=5,
+        lora_r=4,
+        lora_alpha=8,
+        learning_rate=1e-3,
+        max_seq_len=48,
+        eval_fraction=0.0,
+    )
+    return train_reward(cfg, rows, output_dir=tmp_path_factory.mktemp("rm")).checkpoint_dir
+
+
+@pytest.mark.slow
+def test_a_reward_model_on_the_same_base_is_loaded_into_the_policy_model(
+    tiny_model_dir, reward_checkpoint
+):
+    from rlhf.reward import RewardScorer
+
+    cfg = _small_cfg(tiny_model_dir)
+    model, tok, device, _ = load_policy_model(cfg, resume=None)
+    rewarder = Rewarder(
+        cfg=cfg, model=model, tokenizer=tok, device=device, reward_model=reward_checkpoint
+    )
+    assert rewarder.shares_base and "reward" in model.peft_config  # one copy of the base weights
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".reward." in n)
+    prompts, completions = ["Question 1:", "Question 2:"], [" aeiou", " xkcd"]
+    standalone = RewardScorer.from_checkpoint(reward_checkpoint, device="cpu")
+    torch.testing.assert_close(
+        rewarder(prompts, completions), standalone(prompts, completions).cpu(), atol=1e-5, rtol=1e-5
+    )
+
+
+@pytest.mark.slow
+def test_ppo_with_a_trained_reward_model_runs_and_starts_the_value_from_it(
+    tiny_model_dir, reward_checkpoint, tmp_path
+):
+    from safetensors.torch import load_file
+
+    # a learning rate of ~0 leaves the value role where it started: the reward model's
+    cfg = _small_cfg(tiny_model_dir, max_steps=1, learning_rate=1e-12, init_value_from_reward=True)
+    history = []
+    result = train_ppo(
+        cfg,
+        PROMPTS,
+        output_dir=tmp_path,
+        reward_model=reward_checkpoint,
+        on_step=lambda s, m: history.append(m),
+    )
+    assert result.step == 1 and math.isfinite(history[0]["objective/reward"])
+    value_head = load_file(str(result.checkpoint_dir / "heads" / "value.safetensors"))
+    reward_head = load_file(str(reward_checkpoint / "heads" / "reward.safetensors"))
+    torch.testing.assert_close(
+        value_head["linear.weight"], reward_head["linear.weight"], atol=1e-6, rtol=0
+    )
+    value_lora = load_file(str(result.checkpoint_dir / "value" / "adapter_model.safetensors"))
+    reward_lora = load_file(str(reward_checkpoint / "reward" / "adapter_model.safetensors"))
+    assert sorted(value_lora) == sorted(reward_lora)
+    for key in reward_lora:
+        torch.testing.assert_close(value_lora[key], reward_lora[key], atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_ppo_with_a_reward_model_on_another_base_loads_it_on_its_own(tiny_model_dir, tmp_path):
+    from rlhf.modeling import build_tiny_model
+    from rlhf.reward import RewardConfig, train_reward
+
+    other = build_tiny_model(tmp_path / "other-base", hidden_size=32, num_heads=2, seed=1)
+    rows = [{"prompt": f"Q{i}:", "chosen": " aeiou", "rejected": " xkcd"} for i in range(4)]
+    rm_cfg = RewardConfig(
+        model=str(other), batch_size=4, max_steps=2, lora_r=4, lora_alpha=8, max_seq_len=32,
+        eval_fraction=0.0,
+    )  # fmt: skip
+    rm = train_reward(rm_cfg, rows, output_dir=tmp_path / "rm").checkpoint_dir
+
+    cfg = _small_cfg(tiny_model_dir, max_steps=1)
+    model, tok, device, _ = load_policy_model(cfg, resume=None)
+    rewarder = Rewarder(cfg=cfg, model=model, tokenizer=tok, device=device, reward_model=rm)
+    assert not rewarder.shares_base and "reward" not in model.peft_config
+    history = []
+    result = train_ppo(
+        cfg,
+        PROMPTS,
+        output_dir=tmp_path / "ppo",
+        reward_model=rm,
+        on_step=lambda s, m: history.append(m),
+    )
+    assert result.step == 1 and math.isfinite(history[0]["objective/reward"])
+    assert (result.checkpoint_dir / "heads" / "value.safetensors").exists()
