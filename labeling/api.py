@@ -1,3 +1,347 @@
-from ninja import Router
+"""The labeling JSON API (django-ninja), mounted at /api/ with the schema at /api/openapi.json
+and interactive docs at /api/docs.
+
+Authentication (labeling.auth): `Authorization: Bearer <token>` for scripts (no CSRF: no
+cookie is involved), or the browser session, whose unsafe requests must carry the CSRF
+token (X-CSRFToken header). Every lookup is scoped to the caller's projects: anything
+else is a 404, so a labeler cannot learn that another project or item exists.
+
+Errors: {"detail": message, "code": ...} with the status of the labeling rule that refused
+(400 invalid, 404 not found, 409 stale lease), as raised by labeling.services.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from django.http import StreamingHttpResponse
+from ninja import File, Form, Router, Schema
+from ninja.files import UploadedFile
+from ninja.responses import Status
+from ninja.security import django_auth
+
+from labeling import selectors, services
+from labeling.auth import api_token_create, token_hash
+from labeling.importexport import EXPORT_KINDS, FORMATS, ImportFileError, export_jsonl, import_file
+from labeling.models import ApiToken
+from labeling.services import LabelingError
+from labeling.templatetags.labeling_markdown import markdown_to_safe_html
 
 router = Router(tags=["labeling"])
+
+
+# --------------------------------------------------------------------------- schemas
+
+
+class ErrorOut(Schema):
+    detail: str
+    code: str = "invalid"
+    line: int | None = None
+
+
+class ProjectOut(Schema):
+    id: int
+    name: str
+    instructions: str
+    k: int
+    annotations_per_item: int
+    allow_ties: bool
+    role: str | None
+    total_items: int
+    complete_items: int
+    my_done: int
+
+
+class ProgressOut(Schema):
+    total: int
+    complete: int
+    remaining: int
+    imported: int
+    percent: float
+    rankings: int
+    flags: int
+
+
+class ProjectDetailOut(Schema):
+    id: int
+    name: str
+    instructions: str
+    instructions_html: str
+    k: int
+    annotations_per_item: int
+    allow_ties: bool
+    lease_seconds: int
+    role: str
+    is_admin: bool
+    my_done: int
+    progress: ProgressOut
+
+
+class CompletionOut(Schema):
+    id: int
+    text: str
+    html: str | None = None
+
+
+class PromptOut(Schema):
+    id: int
+    text: str
+    messages: list[dict] | None
+    html: str | None = None
+
+
+class ItemOut(Schema):
+    id: int
+    project_id: int
+    prompt: PromptOut
+    completions: list[CompletionOut]
+    display_order: list[int]
+    lease_expires_at: datetime
+
+
+class NextIn(Schema):
+    exclude_item_id: int | None = None
+    html: bool = False
+
+
+class NextOut(Schema):
+    item: ItemOut | None
+
+
+class RankingIn(Schema):
+    groups: list[list[int]]
+    rationale: str = ""
+    seconds_spent: float | None = None
+    display_order: list[int] | None = None
+
+
+class RankingOut(Schema):
+    id: int
+    item_id: int
+    groups: list[list[int]]
+    rationale: str
+    seconds_spent: float | None
+    display_order: list[int]
+    created_at: datetime
+
+
+class SkipOut(Schema):
+    item_id: int
+    status: str
+
+
+class FlagIn(Schema):
+    reason: str
+
+
+class FlagOut(Schema):
+    id: int
+    item_id: int
+    reason: str
+
+
+class ImportOut(Schema):
+    format: str
+    records: int
+    prompts: int
+    completions: int
+    items: int
+    rankings: int
+
+
+class TokenIn(Schema):
+    name: str = ""
+
+
+class TokenOut(Schema):
+    id: int
+    name: str
+    token: str
+
+
+ERRORS = {400: ErrorOut, 404: ErrorOut, 409: ErrorOut}
+
+
+def _refused(e: LabelingError) -> Status:
+    return Status(e.status_code, {"detail": e.message, "code": e.code})
+
+
+# --------------------------------------------------------------------------- projects
+
+
+@router.get("/projects", response=list[ProjectOut], summary="The projects you belong to")
+def project_list(request):
+    return list(selectors.project_list_for_user(user=request.auth))
+
+
+@router.get("/projects/{project_id}", response={200: ProjectDetailOut, 404: ErrorOut})
+def project_detail(request, project_id: int):
+    user = request.auth
+    project = selectors.project_get_for_user(user=user, project_id=project_id)
+    return {
+        "id": project.pk,
+        "name": project.name,
+        "instructions": project.instructions,
+        "instructions_html": markdown_to_safe_html(project.instructions),
+        "k": project.k,
+        "annotations_per_item": project.annotations_per_item,
+        "allow_ties": project.allow_ties,
+        "lease_seconds": project.lease_seconds,
+        "role": project.role,
+        "is_admin": project.is_admin,
+        "my_done": selectors.labeler_done_count(project=project, user=user),
+        "progress": selectors.project_progress(project=project),
+    }
+
+
+@router.post(
+    "/projects/{project_id}/next",
+    response={200: NextOut, **ERRORS},
+    summary="Lease the next item to rank ({item: null} when none is left)",
+)
+def item_next(request, project_id: int, payload: NextIn | None = None):
+    payload = payload or NextIn()
+    project = selectors.project_get_for_user(user=request.auth, project_id=project_id)
+    try:
+        lease = services.assignment_next(
+            project=project, user=request.auth, exclude_item_id=payload.exclude_item_id
+        )
+    except LabelingError as e:
+        return _refused(e)
+    if lease is None:
+        return {"item": None}
+    view = selectors.assignment_view(assignment=lease)
+    prompt = view["prompt"]
+    return {
+        "item": {
+            "id": view["item"].pk,
+            "project_id": project.pk,
+            "prompt": {
+                "id": prompt.pk,
+                "text": prompt.text,
+                "messages": prompt.messages,
+                "html": markdown_to_safe_html(prompt.text) if payload.html else None,
+            },
+            "completions": [
+                {
+                    "id": c.pk,
+                    "text": c.text,
+                    "html": markdown_to_safe_html(c.text) if payload.html else None,
+                }
+                for c in view["completions"]
+            ],
+            "display_order": view["display_order"],
+            "lease_expires_at": lease.expires_at,
+        }
+    }
+
+
+# --------------------------------------------------------------------------- items
+
+
+@router.post(
+    "/items/{item_id}/ranking",
+    response={200: RankingOut, **ERRORS},
+    summary="Submit your ranking: groups of completion ids, best first (a group is a tie)",
+)
+def ranking_submit(request, item_id: int, payload: RankingIn):
+    try:
+        return services.ranking_submit(
+            user=request.auth,
+            item_id=item_id,
+            groups=payload.groups,
+            rationale=payload.rationale,
+            seconds_spent=payload.seconds_spent,
+            display_order=payload.display_order,
+        )
+    except LabelingError as e:
+        return _refused(e)
+
+
+@router.post("/items/{item_id}/skip", response={200: SkipOut, **ERRORS})
+def item_skip(request, item_id: int):
+    try:
+        assignment = services.item_skip(user=request.auth, item_id=item_id)
+    except LabelingError as e:
+        return _refused(e)
+    return {"item_id": assignment.item_id, "status": assignment.status}
+
+
+@router.post("/items/{item_id}/flag", response={200: FlagOut, **ERRORS})
+def item_flag(request, item_id: int, payload: FlagIn):
+    try:
+        flag = services.item_flag(user=request.auth, item_id=item_id, reason=payload.reason)
+    except LabelingError as e:
+        return _refused(e)
+    return {"id": flag.pk, "item_id": flag.item_id, "reason": flag.reason}
+
+
+# --------------------------------------------------------------------------- import / export
+
+
+@router.post(
+    "/projects/{project_id}/import",
+    response={200: ImportOut, 400: ErrorOut, 404: ErrorOut},
+    summary="Import a JSONL or CSV file (project admins); a bad line stores nothing",
+)
+def project_import(
+    request, project_id: int, file: File[UploadedFile], fmt: Form[str | None] = None
+):
+    project = selectors.project_get_for_user(user=request.auth, project_id=project_id, admin=True)
+    if fmt in ("", "auto"):
+        fmt = None
+    if fmt is not None and fmt not in FORMATS:
+        return Status(
+            400, {"detail": f"fmt must be one of {', '.join(FORMATS)} (or empty to detect it)"}
+        )
+    try:
+        report = import_file(project=project, fileobj=file, fmt=fmt, user=request.auth)
+    except ImportFileError as e:
+        return Status(
+            400,
+            {
+                "detail": f"{file.name}, {e}. Nothing from this file was stored.",
+                "code": "bad_line",
+                "line": e.line,
+            },
+        )
+    return report.as_dict()
+
+
+@router.get(
+    "/projects/{project_id}/export",
+    response={200: None, 400: ErrorOut, 404: ErrorOut},
+    summary="Download rankings, pairs or HH pairs as JSONL (project admins); streamed",
+    openapi_extra={
+        "responses": {
+            200: {"description": "JSONL, one object per line", "content": {"application/jsonl": {}}}
+        }
+    },
+)
+def project_export(request, project_id: int, kind: str = "rankings", consensus: bool = False):
+    project = selectors.project_get_for_user(user=request.auth, project_id=project_id, admin=True)
+    if kind not in EXPORT_KINDS:
+        return Status(400, {"detail": f"kind must be one of {', '.join(EXPORT_KINDS)}"})
+    response = StreamingHttpResponse(
+        export_jsonl(project=project, kind=kind, consensus=consensus),
+        content_type="application/jsonl; charset=utf-8",
+    )
+    filename = f"project-{project.pk}-{kind}{'-consensus' if consensus else ''}.jsonl"
+    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return response
+
+
+# --------------------------------------------------------------------------- tokens
+
+
+@router.post(
+    "/tokens",
+    response={201: TokenOut},
+    auth=django_auth,  # a token cannot mint more tokens: only a logged-in session can
+    summary="Create an API token for yourself; the raw token is shown only in this response",
+)
+def token_create(request, payload: TokenIn | None = None):
+    name = (payload.name if payload else "")[:100]
+    raw = api_token_create(user=request.auth, name=name)
+    row = ApiToken.objects.get(key_hash=token_hash(raw))
+    return Status(201, {"id": row.pk, "name": row.name, "token": raw})

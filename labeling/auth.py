@@ -2,11 +2,14 @@
 
 import hashlib
 import secrets
+from datetime import timedelta
 
 from django.utils import timezone
 from ninja.security import HttpBearer, django_auth
 
 from labeling.models import ApiToken
+
+LAST_USED_RESOLUTION = timedelta(seconds=60)
 
 
 def token_hash(raw: str) -> str:
@@ -25,7 +28,11 @@ class TokenAuth(HttpBearer):
         row = ApiToken.objects.select_related("user").filter(key_hash=token_hash(token)).first()
         if row is None or not row.user.is_active:
             return None
-        ApiToken.objects.filter(pk=row.pk).update(last_used_at=timezone.now())
+        now = timezone.now()
+        if row.last_used_at is None or now - row.last_used_at > LAST_USED_RESOLUTION:
+            # At most one write a minute per token: a busy script must not add a write (and, on
+            # SQLite, a wait for the database's single write lock) to every request.
+            ApiToken.objects.filter(pk=row.pk).update(last_used_at=now)
         request.user = row.user
         return row.user
 

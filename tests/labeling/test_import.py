@@ -1,0 +1,431 @@
+"""Import of prompts, completions and preferences from JSONL and CSV (labeling.importexport)."""
+
+import io
+import json
+import time
+import tracemalloc
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from labeling import services
+from labeling.importexport import ImportFileError, detect_format, import_file
+from labeling.models import Completion, Item, ItemCompletion, Prompt, Ranking
+
+pytestmark = pytest.mark.django_db
+
+# Text that any stripping, newline translation or unicode normalisation would change.
+TRICKY = [
+    "  leading and trailing spaces  ",
+    "windows\r\nline\r\nendings\r\n",
+    "a lone \r carriage return and a tab\t",
+    "e\u0301 (combining) vs \u00e9 (precomposed), \ufb01 ligature",
+    "emoji \U0001f600, RTL \u05e9\u05dc\u05d5\u05dd, NBSP\u00a0, line separator\u2028!",
+    "\n\nstarts and ends with blank lines\n\n",
+]
+
+
+def jsonl(*rows, ensure_ascii=False) -> io.BytesIO:
+    return io.BytesIO(
+        b"".join((json.dumps(r, ensure_ascii=ensure_ascii) + "\n").encode() for r in rows)
+    )
+
+
+def nothing_stored(project) -> bool:
+    return not (
+        Prompt.objects.filter(project=project).exists()
+        or Completion.objects.filter(prompt__project=project).exists()
+        or Item.objects.filter(project=project).exists()
+        or Ranking.objects.filter(item__project=project).exists()
+    )
+
+
+def item_texts(item) -> list[str]:
+    return [
+        ic.completion.text
+        for ic in ItemCompletion.objects.filter(item=item).select_related("completion")
+    ]
+
+
+# --------------------------------------------------------------------------- formats
+
+
+def test_it_imports_plain_and_chat_prompts_with_their_metadata(project, admin_user):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
+    report = import_file(
+        project=project,
+        fileobj=jsonl(
+            {"prompt": "What is 2+2?", "metadata": {"topic": "math"}, "origin": "sheet-3"},
+            {"messages": messages},
+        ),
+        fmt="jsonl",
+        user=admin_user,
+    )
+    assert (report.prompts, report.completions, report.items, report.rankings) == (2, 0, 0, 0)
+    plain, chat = Prompt.objects.filter(project=project).order_by("id")
+    assert plain.text == "What is 2+2?"
+    assert plain.metadata == {"topic": "math", "origin": "sheet-3"}
+    assert chat.messages == messages
+    assert chat.text == "system: Be brief.\n\nuser: Hi?"
+
+
+def test_it_turns_unranked_completions_into_queue_items_of_k(project, admin_user, labeler):
+    six = [f"answer {i}" for i in range(6)]
+    report = import_file(
+        project=project,  # K = 4
+        fileobj=jsonl(
+            {"prompt": "p1", "completions": six},
+            {
+                "prompt": "p2",
+                "completions": [
+                    {"text": "x", "model_name": "m-1", "generation": {"t": 1}},
+                    "y",
+                    "z",
+                    "w",
+                ],
+            },
+        ),
+        fmt=None,
+        user=admin_user,
+    )
+    # p1: one item of 4 (the 2 left over wait for more completions, as items_create_for_prompt does)
+    assert (report.prompts, report.completions, report.items, report.rankings) == (2, 10, 2, 0)
+    items = list(Item.objects.filter(project=project).order_by("id"))
+    assert [i.source for i in items] == [Item.Source.QUEUE, Item.Source.QUEUE]
+    assert item_texts(items[0]) == six[:4]
+    first = Completion.objects.get(prompt__project=project, text="x")
+    assert (first.model_name, first.generation, first.source) == (
+        "m-1",
+        {"t": 1},
+        Completion.Source.IMPORT,
+    )
+    # The leftovers are picked up by the service once there are K of them.
+    p1 = Prompt.objects.get(project=project, text="p1")
+    for text in ("answer 6", "answer 7"):
+        services.completion_create(prompt=p1, text=text)
+    assert len(services.items_create_for_prompt(project=project, prompt=p1)) == 1
+    # Queue items are handed out to labelers.
+    assert services.assignment_next(project=project, user=labeler).item_id == items[0].pk
+
+
+def test_it_imports_completions_with_a_ranking_as_an_imported_ranking(project, admin_user):
+    import_file(
+        project=project,
+        fileobj=jsonl({"prompt": "p", "completions": ["a", "b", "c"], "ranking": [[2], [0, 1]]}),
+        user=admin_user,
+    )
+    ranking = Ranking.objects.get(item__project=project)
+    ids = {c.text: c.pk for c in Completion.objects.filter(prompt__project=project)}
+    assert ranking.groups == [[ids["c"]], [ids["a"], ids["b"]]]
+    assert (ranking.source, ranking.user_id, ranking.item.source) == ("import", None, "import")
+
+
+def test_it_imports_pairwise_preferences_as_items_with_an_import_ranking(
+    project, admin_user, labeler
+):
+    report = import_file(
+        project=project,
+        fileobj=jsonl(
+            {
+                "prompt": "Capital of France?",
+                "chosen": "Paris.",
+                "rejected": "Lyon.",
+                "metadata": {"id": 7},
+            },
+            {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+        ),
+        user=admin_user,
+    )
+    assert (report.prompts, report.completions, report.items, report.rankings) == (2, 4, 2, 2)
+    ranking = Ranking.objects.filter(item__project=project).order_by("id").first()
+    chosen = Completion.objects.get(prompt=ranking.item.prompt, text="Paris.")
+    rejected = Completion.objects.get(prompt=ranking.item.prompt, text="Lyon.")
+    assert ranking.groups == [[chosen.pk], [rejected.pk]]
+    assert ranking.source == Ranking.Source.IMPORT and ranking.user is None
+    assert ranking.item.source == Item.Source.IMPORT
+    assert ranking.item.prompt.metadata == {"id": 7}
+    assert item_texts(ranking.item) == ["Paris.", "Lyon."]
+    # Imported preferences are data, not work: no labeler is handed them.
+    assert services.assignment_next(project=project, user=labeler) is None
+
+
+def test_it_splits_anthropic_hh_dialogues_at_the_last_assistant_turn_of_the_common_prefix(
+    project, admin_user
+):
+    prefix = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Name a colour.\n\nAssistant:"
+    row = {"chosen": prefix + " Blue.", "rejected": prefix + " Blue-ish, I guess."}
+    import_file(project=project, fileobj=jsonl(row), user=admin_user)
+    ranking = Ranking.objects.select_related("item__prompt").get(item__project=project)
+    assert ranking.item.prompt.text == prefix
+    assert item_texts(ranking.item) == [" Blue.", " Blue-ish, I guess."]
+
+
+def test_it_rejects_hh_pairs_without_a_shared_assistant_prefix(project, admin_user):
+    rows = [
+        {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"},
+        {"chosen": "\n\nHuman: x\n\nAssistant: y", "rejected": "\n\nHuman: other\n\nAssistant: z"},
+    ]
+    with pytest.raises(ImportFileError) as err:
+        import_file(project=project, fileobj=jsonl(*rows), user=admin_user)
+    assert err.value.line == 2
+    assert "Assistant:" in err.value.message
+    assert nothing_stored(project)
+
+
+def test_it_imports_csv_of_each_kind(project, admin_user):
+    cases = {
+        "prompt,topic\r\nHello?,greeting\r\n": (1, 0, 0, 0),
+        'prompt,completion_1,completion_2,completion_3,completion_4\r\nq,a,b,c,"d, with comma"\r\n': (
+            1,
+            4,
+            1,
+            0,
+        ),
+        'prompt,completions,ranking\r\nq,"[""a"",""b""]","[[1],[0]]"\r\n': (1, 2, 1, 1),
+        "prompt,chosen,rejected\r\nq,good,bad\r\n": (1, 2, 1, 1),
+        'chosen,rejected\r\n"\n\nHuman: q\n\nAssistant: yes","\n\nHuman: q\n\nAssistant: no"\r\n': (
+            1,
+            2,
+            1,
+            1,
+        ),
+        'messages,metadata\r\n"[{""role"": ""user"", ""content"": ""hi""}]","{""k"": 1}"\r\n': (
+            1,
+            0,
+            0,
+            0,
+        ),
+    }
+    for text, expected in cases.items():
+        report = import_file(
+            project=project, fileobj=io.BytesIO(text.encode()), fmt=None, user=admin_user
+        )
+        assert report.fmt == "csv"
+        assert (report.prompts, report.completions, report.items, report.rankings) == expected, text
+    assert Prompt.objects.get(project=project, text="Hello?").metadata == {"topic": "greeting"}
+    assert Prompt.objects.get(project=project, text="user: hi").metadata == {"k": 1}
+    assert Completion.objects.filter(prompt__project=project, text="d, with comma").exists()
+    hh = Prompt.objects.get(project=project, text="\n\nHuman: q\n\nAssistant:")
+    assert sorted(hh.completions.values_list("text", flat=True)) == [" no", " yes"]
+
+
+def test_it_detects_the_format_from_the_content():
+    assert detect_format(io.BytesIO(b'\xef\xbb\xbf\n  {"prompt": "x"}\n')) == "jsonl"
+    assert detect_format(io.BytesIO(b"prompt\nx\n")) == "csv"
+
+
+# --------------------------------------------------------------------------- byte-for-byte
+
+
+@pytest.mark.parametrize("ensure_ascii", [False, True])
+def test_it_preserves_jsonl_text_byte_for_byte(project, admin_user, ensure_ascii):
+    rows = [{"prompt": t, "chosen": t + "A", "rejected": "B" + t} for t in TRICKY]
+    # CRLF line endings between records must not leak into the text either.
+    data = jsonl(*rows, ensure_ascii=ensure_ascii).getvalue().replace(b"\n", b"\r\n")
+    import_file(project=project, fileobj=io.BytesIO(data), user=admin_user)
+    stored = list(
+        Ranking.objects.filter(item__project=project).select_related("item__prompt").order_by("id")
+    )
+    assert [r.item.prompt.text for r in stored] == TRICKY
+    assert [item_texts(r.item) for r in stored] == [[t + "A", "B" + t] for t in TRICKY]
+
+
+def test_it_preserves_csv_text_byte_for_byte_including_line_breaks_in_quoted_cells(
+    project, admin_user
+):
+    buf = io.StringIO(newline="")
+    import csv
+
+    writer = csv.writer(buf)  # quotes cells with \r, \n, commas; rows end in \r\n
+    writer.writerow(["prompt", "chosen", "rejected"])
+    for t in TRICKY:
+        writer.writerow([t, t + "A", "B" + t])
+    import_file(
+        project=project, fileobj=io.BytesIO(buf.getvalue().encode()), fmt="csv", user=admin_user
+    )
+    stored = list(
+        Ranking.objects.filter(item__project=project).select_related("item__prompt").order_by("id")
+    )
+    assert [r.item.prompt.text for r in stored] == TRICKY
+    assert [item_texts(r.item) for r in stored] == [[t + "A", "B" + t] for t in TRICKY]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    ("lines", "line", "words"),
+    [
+        (['{"prompt": "ok"}', '{"prompt": "fine"}', '{"prompt": "broken"'], 3, "invalid JSON"),
+        (['{"prompt": "ok"}', "", "", '{"completions": ["a", "b"]}'], 4, "missing field 'prompt'"),
+        (['{"prompt": "ok", "chosen": "a"}'], 1, "missing field 'rejected'"),
+        (['{"prompt": 3}'], 1, "must be a string"),
+        (['["prompt"]'], 1, "expected a JSON object"),
+        (['{"prompt": "p", "completions": ["a", "b"], "ranking": [[0], [0]]}'], 1, "exactly once"),
+        (['{"prompt": "p", "completions": ["a", "b"], "ranking": [[0], [5]]}'], 1, "not an index"),
+        (['{"prompt": "p", "metadata": [1]}'], 1, "'metadata' must be an object"),
+        (['{"prompt": "p"}', '{"prompt": "nul \\u0000 byte"}'], 2, "NUL"),
+        (['{"prompt": "p"}', '{"prompt": "half \\ud800 pair"}'], 2, "surrogate"),
+        (['{"messages": [{"role": "user"}]}'], 1, "missing 'content'"),
+    ],
+)
+def test_it_reports_a_bad_jsonl_line_by_number_and_stores_nothing(
+    project, admin_user, lines, line, words
+):
+    data = ("\n".join(lines) + "\n").encode()
+    with pytest.raises(ImportFileError) as err:
+        import_file(project=project, fileobj=io.BytesIO(data), fmt="jsonl", user=admin_user)
+    assert err.value.line == line
+    assert words in err.value.message
+    assert str(err.value).startswith(f"line {line}: ")
+    assert nothing_stored(project)
+
+
+def test_it_reports_invalid_utf8_with_its_line(project, admin_user):
+    data = b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n'
+    with pytest.raises(ImportFileError) as err:
+        import_file(project=project, fileobj=io.BytesIO(data), user=admin_user)
+    assert err.value.line == 2 and "UTF-8" in err.value.message
+    assert nothing_stored(project)
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "words"),
+    [
+        # the second record spans lines 2-3, so the short row is on line 4
+        ('prompt,chosen,rejected\nq,"two\nlines",b\nq2,only-two\n', 4, "expected 3 fields"),
+        ('prompt,chosen,rejected\nq,a,b\nq,"never closed,b\nmore\n', 3, "bad CSV"),
+        ("prompt,completions\nq,not json\n", 2, "not valid JSON"),
+        ("prompt,chosen,rejected\nq,a,b\n,a,b\n", 3, "'prompt' is empty"),
+        ("title,body\nx,y\n", 1, "header needs"),
+    ],
+)
+def test_it_reports_a_bad_csv_record_by_line_and_stores_nothing(
+    project, admin_user, text, line, words
+):
+    with pytest.raises(ImportFileError) as err:
+        import_file(project=project, fileobj=io.BytesIO(text.encode()), fmt="csv", user=admin_user)
+    assert err.value.line == line, err.value
+    assert words in err.value.message
+    assert nothing_stored(project)
+
+
+def test_a_bad_last_line_after_many_batches_stores_nothing(project, admin_user):
+    good = "".join(
+        json.dumps({"prompt": f"p{i}", "chosen": "a", "rejected": "b"}) + "\n" for i in range(2500)
+    )
+    data = (good + '{"prompt": "p", "chosen": "a"}\n').encode()
+    with pytest.raises(ImportFileError) as err:
+        import_file(project=project, fileobj=io.BytesIO(data), user=admin_user)
+    assert err.value.line == 2501
+    assert nothing_stored(project)
+
+
+def test_an_empty_file_is_an_error(project, admin_user):
+    with pytest.raises(ImportFileError, match="no records"):
+        import_file(project=project, fileobj=io.BytesIO(b"\n\n"), user=admin_user)
+
+
+# --------------------------------------------------------------------------- scale
+
+
+def test_a_100k_line_import_streams_in_bounded_memory(project, admin_user, tmp_path):
+    path = tmp_path / "big.jsonl"
+    filler = "x" * 200
+    with path.open("wb") as f:
+        for i in range(100_000):
+            f.write(b'{"prompt": "prompt %d %s"}\n' % (i, filler.encode()))
+    size_mb = path.stat().st_size / 2**20  # about 22 MB
+    started = time.perf_counter()
+    tracemalloc.start()
+    try:
+        with path.open("rb") as f:
+            report = import_file(project=project, fileobj=f, fmt="jsonl", user=admin_user)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    seconds = time.perf_counter() - started
+    peak_mb = peak / 2**20
+    print(
+        f"100k-line import: {seconds:.1f} s, peak traced memory {peak_mb:.1f} MB for a {size_mb:.0f} MB file"
+    )
+    assert report.prompts == 100_000
+    assert Prompt.objects.filter(project=project).count() == 100_000
+    assert (
+        Prompt.objects.filter(project=project).order_by("-id").first().text
+        == f"prompt 99999 {filler}"
+    )
+    assert peak_mb < 10 < size_mb  # a fraction of the file: no list of all rows, no whole-file read
+
+
+# --------------------------------------------------------------------------- command
+
+
+def test_import_data_command_imports_and_reports_bad_lines(project, tmp_path, capsys):
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "p", "chosen": "a", "rejected": "b"}\n')
+    call_command("import_data", str(project.pk), str(good))
+    assert "1 prompts, 2 completions, 1 items, 1 rankings" in capsys.readouterr().out
+    bad = tmp_path / "bad.csv"
+    bad.write_text("prompt,chosen,rejected\nq,a,b\nq\n")
+    with pytest.raises(CommandError, match=r"bad.csv:3: expected 3 fields"):
+        call_command("import_data", str(project.pk), str(bad), "--format", "csv")
+    assert Prompt.objects.filter(project=project).count() == 1
+
+
+def test_a_large_import_refreshes_the_planner_statistics_after_commit(
+    project, admin_user, django_capture_on_commit_callbacks
+):
+    small = b'{"prompt": "p"}\n' * 10
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        import_file(project=project, fileobj=io.BytesIO(small), user=admin_user)
+    assert callbacks == []
+    big = b"".join(b'{"prompt": "p%d"}\n' % i for i in range(5000))
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        import_file(project=project, fileobj=io.BytesIO(big), user=admin_user)
+    assert len(callbacks) == 1  # ANALYZE ran (execute=True) without error
+
+
+def test_a_text_mode_file_is_refused(project, admin_user):
+    with pytest.raises(TypeError, match="binary mode"):
+        import_file(project=project, fileobj=io.StringIO('{"prompt": "p"}\n'), user=admin_user)
+
+
+def test_the_orm_fallback_writer_stores_the_same_rows(project, admin_user, monkeypatch):
+    from labeling import importexport
+
+    monkeypatch.setattr(importexport, "_writer", importexport._OrmWriter)
+    import_file(
+        project=project,
+        fileobj=jsonl(
+            {"prompt": TRICKY[1], "chosen": TRICKY[3], "rejected": TRICKY[4], "metadata": {"m": 1}},
+            {"messages": [{"role": "user", "content": "hi"}], "completions": ["a", "b", "c", "d"]},
+        ),
+        user=admin_user,
+    )
+    ranking = Ranking.objects.select_related("item__prompt").get(item__project=project)
+    assert ranking.item.prompt.text == TRICKY[1] and ranking.item.prompt.metadata == {"m": 1}
+    assert item_texts(ranking.item) == [TRICKY[3], TRICKY[4]]
+    queued = Item.objects.get(project=project, source=Item.Source.QUEUE)
+    assert (
+        item_texts(queued) == ["a", "b", "c", "d"] and queued.prompt.messages[0]["content"] == "hi"
+    )
+
+
+def test_imported_ids_are_never_reused_after_a_delete(project, admin_user):
+    import_file(
+        project=project,
+        fileobj=jsonl({"prompt": "p", "chosen": "a", "rejected": "b"}),
+        user=admin_user,
+    )
+    first = Prompt.objects.get(project=project).pk
+    top_completion = Completion.objects.order_by("-id").first().pk
+    Prompt.objects.filter(pk=first).delete()
+    import_file(
+        project=project,
+        fileobj=jsonl({"prompt": "q", "chosen": "c", "rejected": "d"}),
+        user=admin_user,
+    )
+    second = Prompt.objects.get(project=project)
+    assert second.pk > first
+    assert min(second.completions.values_list("id", flat=True)) > top_completion
