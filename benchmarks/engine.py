@@ -160,12 +160,14 @@ def peak_gb():
 
 
 def bench_ours_sft(A, ctx):
+    from rlhf.checkpoint import read_state
     from rlhf.sft import SFTConfig, train_sft
 
     S, P, W, T = ctx["seq"], ctx["sft_prompt"], ctx["warmup"], ctx["steps"]
-    B = ctx["sft_batch"]
+    B = ctx["sft_batch"]  # an int, or "auto" (picked from free GPU memory by the engine)
+    n_rows = (64 if B == "auto" else B) * (W + T)
     # prompt + completion + EOS > S tokens, so every example is truncated to exactly S: no padding
-    rows = [{"prompt": A.text(P), "completion": A.text(S - P + 8)} for _ in range(B * (W + T))]
+    rows = [{"prompt": A.text(P), "completion": A.text(S - P + 8)} for _ in range(n_rows)]
     cfg = make_config(
         SFTConfig,
         base_config(
@@ -179,7 +181,11 @@ def bench_ours_sft(A, ctx):
     )
     clock = StepClock()
     clock.start()
-    train_sft(cfg, rows, output_dir=os.path.join(ctx["workdir"], "ours_sft"), on_step=clock)
+    result = train_sft(
+        cfg, rows, output_dir=os.path.join(ctx["workdir"], "ours_sft"), on_step=clock
+    )
+    ran = read_state(result.checkpoint_dir)["config"]  # the resolved batch and checkpointing
+    B = ran["batch_size"]
     step_s, _ = clock.timed(W)
     med = statistics.median(step_s)
     rec = dict(
@@ -193,7 +199,8 @@ def bench_ours_sft(A, ctx):
         tokens_per_s=B * S / med,
         samples_per_s=B / med,
         peak_mem_gb=peak_gb(),
-        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing=ran["gradient_checkpointing"],
+        batch_picked="auto" if ctx["sft_batch"] == "auto" else "given",
     )
     peer.add_mfu(rec, rec["tokens_per_s"], A.n_matmul_lm, ctx)
     return rec
@@ -618,7 +625,12 @@ def main() -> int:
     )
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps for SFT / reward")
     ap.add_argument("--rl-steps", type=int, default=None, help="timed PPO / GRPO steps")
-    ap.add_argument("--sft-batch", type=int, default=BATCH, help="our SFT micro-batch (TRL: 8)")
+    ap.add_argument(
+        "--sft-batch",
+        type=lambda v: v if v == "auto" else int(v),
+        default=BATCH,
+        help='our SFT micro-batch (TRL: 8), or "auto" (from free GPU memory)',
+    )
     ap.add_argument(
         "--grad-ckpt",
         choices=["trl-default", "on", "off"],

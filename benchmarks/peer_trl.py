@@ -71,27 +71,80 @@ warnings.filterwarnings("ignore", category=DeprecationWarning)
 SIZES = {
     # CPU smoke test: whole script < 3 min on 2 cores.
     "tiny": dict(
-        model=dict(hidden_size=128, intermediate_size=352, num_hidden_layers=4, num_attention_heads=4,
-                   num_key_value_heads=2, vocab_size=4096, max_position_embeddings=2048),
-        seq=64, sft_prompt=16, rm_prompt=16, grpo_prompt=16, grpo_completion=16,
-        warmup=2, steps=20, grpo_warmup=1, grpo_steps=5, roof_warmup=2, roof_steps=10, max_bench_s=None,
+        model=dict(
+            hidden_size=128,
+            intermediate_size=352,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=4096,
+            max_position_embeddings=2048,
+        ),
+        seq=64,
+        sft_prompt=16,
+        rm_prompt=16,
+        grpo_prompt=16,
+        grpo_completion=16,
+        warmup=2,
+        steps=20,
+        grpo_warmup=1,
+        grpo_steps=5,
+        roof_warmup=2,
+        roof_steps=10,
+        max_bench_s=None,
     ),
     # In between: ~40M params.
     "small": dict(
-        model=dict(hidden_size=512, intermediate_size=1792, num_hidden_layers=8, num_attention_heads=8,
-                   num_key_value_heads=2, vocab_size=32000, max_position_embeddings=32768),
-        seq=512, sft_prompt=64, rm_prompt=64, grpo_prompt=64, grpo_completion=128,
-        warmup=3, steps=20, grpo_warmup=2, grpo_steps=5, roof_warmup=3, roof_steps=20, max_bench_s=90,
+        model=dict(
+            hidden_size=512,
+            intermediate_size=1792,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            vocab_size=32000,
+            max_position_embeddings=32768,
+        ),
+        seq=512,
+        sft_prompt=64,
+        rm_prompt=64,
+        grpo_prompt=64,
+        grpo_completion=128,
+        warmup=3,
+        steps=20,
+        grpo_warmup=2,
+        grpo_steps=5,
+        roof_warmup=3,
+        roof_steps=20,
+        max_bench_s=90,
     ),
     # Qwen2.5-0.5B shape with a 32k vocab.
     "base": dict(
-        model=dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-                   num_key_value_heads=2, vocab_size=32000, max_position_embeddings=32768),
-        seq=512, sft_prompt=64, rm_prompt=64, grpo_prompt=64, grpo_completion=128,
-        warmup=3, steps=20, grpo_warmup=2, grpo_steps=5, roof_warmup=3, roof_steps=20, max_bench_s=90,
+        model=dict(
+            hidden_size=896,
+            intermediate_size=4864,
+            num_hidden_layers=24,
+            num_attention_heads=14,
+            num_key_value_heads=2,
+            vocab_size=32000,
+            max_position_embeddings=32768,
+        ),
+        seq=512,
+        sft_prompt=64,
+        rm_prompt=64,
+        grpo_prompt=64,
+        grpo_completion=128,
+        warmup=3,
+        steps=20,
+        grpo_warmup=2,
+        grpo_steps=5,
+        roof_warmup=3,
+        roof_steps=20,
+        max_bench_s=90,
     ),
 }
-BATCH = 8  # per-device batch: SFT sequences, RM pairs, GRPO completions (= 1 prompt x 8 generations)
+BATCH = (
+    8  # per-device batch: SFT sequences, RM pairs, GRPO completions (= 1 prompt x 8 generations)
+)
 NUM_GENERATIONS = 8
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2: pad, bos-of-turn, eos
@@ -101,9 +154,20 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 # Datasheet dense bf16 peaks (TFLOP/s); matched against torch.cuda.get_device_name().
-PEAK_BF16_TFLOPS = [("H200", 989.4), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H800", 989.4),
-                    ("A100", 312.0), ("A800", 312.0), ("L40S", 362.1), ("L40", 181.0), ("L4", 121.0),
-                    ("A10G", 125.0), ("B200", 2250.0)]
+PEAK_BF16_TFLOPS = [
+    ("H200", 989.4),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.4),
+    ("H800", 989.4),
+    ("A100", 312.0),
+    ("A800", 312.0),
+    ("L40S", 362.1),
+    ("L40", 181.0),
+    ("L4", 121.0),
+    ("A10G", 125.0),
+    ("B200", 2250.0),
+]
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -134,6 +198,7 @@ def peak_mem_gb():
 def pkg_version(name):
     try:
         import importlib.metadata as md
+
         return md.version(name)
     except Exception:
         return None
@@ -186,21 +251,28 @@ class Assets:
             order = list(range(len(lex)))
             rng.shuffle(order)
             for i in range(0, len(order), 64):
-                yield "".join(" " + lex[j] for j in order[i:i + 64])
+                yield "".join(" " + lex[j] for j in order[i : i + 64])
             n_extra = 8 * len(lex)
             sample = self.np_rng.choice(len(lex), size=n_extra, p=self.p)
             for i in range(0, n_extra, 64):
-                yield "".join(" " + lex[j] for j in sample[i:i + 64])
+                yield "".join(" " + lex[j] for j in sample[i : i + 64])
 
         tok = Tokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIALS, show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab,
+            special_tokens=SPECIALS,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        )
         tok.train_from_iterator(corpus(), trainer=trainer)
         self.tokenizer_train_s = round(time.time() - t0, 2)
         self.tokenizer = PreTrainedTokenizerFast(
-            tokenizer_object=tok, eos_token=EOS, pad_token=PAD, model_max_length=mcfg["max_position_embeddings"],
+            tokenizer_object=tok,
+            eos_token=EOS,
+            pad_token=PAD,
+            model_max_length=mcfg["max_position_embeddings"],
         )
         self.tokenizer.chat_template = CHAT_TEMPLATE
         self.tokenizer.padding_side = "right"
@@ -215,10 +287,16 @@ class Assets:
 
         # Model config (Qwen2 architecture) and a saved random-weight checkpoint + tokenizer.
         self.config = Qwen2Config(
-            **mcfg, tie_word_embeddings=True, rms_norm_eps=1e-6, hidden_act="silu",
+            **mcfg,
+            tie_word_embeddings=True,
+            rms_norm_eps=1e-6,
+            hidden_act="silu",
             rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
-            use_sliding_window=False, attention_dropout=0.0,
-            pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id, bos_token_id=None,
+            use_sliding_window=False,
+            attention_dropout=0.0,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            bos_token_id=None,
         )
         self.path = os.path.join(workdir, "model")
         torch.manual_seed(seed)
@@ -260,11 +338,13 @@ class Assets:
 
     def load_lm(self):
         from transformers import AutoModelForCausalLM
+
         model = AutoModelForCausalLM.from_pretrained(self.path, dtype=DTYPE)
         return model.to(DEVICE)
 
     def load_rm(self):
         from transformers import AutoModelForSequenceClassification
+
         cfg = self.config.__class__.from_dict(self.config.to_dict())
         cfg.num_labels = 1
         cfg.pad_token_id = self.tokenizer.pad_token_id
@@ -275,8 +355,15 @@ class Assets:
 
 def lora_config(task_type):
     from peft import LoraConfig
-    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, bias="none", target_modules=list(LORA_TARGETS),
-                      task_type=task_type)
+
+    return LoraConfig(
+        r=16,
+        lora_alpha=32,
+        lora_dropout=0.05,
+        bias="none",
+        target_modules=list(LORA_TARGETS),
+        task_type=task_type,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -319,8 +406,12 @@ def summarize_steps(step_s, warmup):
     if not timed:
         raise RuntimeError(f"no timed steps (ran {len(step_s)} steps, warmup {warmup})")
     return dict(
-        steps_timed=len(timed), warmup_steps=warmup, median_s_per_step=statistics.median(timed),
-        mean_s_per_step=statistics.fmean(timed), min_s_per_step=min(timed), max_s_per_step=max(timed),
+        steps_timed=len(timed),
+        warmup_steps=warmup,
+        median_s_per_step=statistics.median(timed),
+        mean_s_per_step=statistics.fmean(timed),
+        min_s_per_step=min(timed),
+        max_s_per_step=max(timed),
         warmup_s=[round(x, 4) for x in step_s[:warmup]],
     )
 
@@ -341,9 +432,18 @@ def add_mfu(rec, tokens_per_s, n_matmul, ctx, factor=6, key="mfu_6N"):
 
 def common_train_kwargs(ctx, name, max_steps):
     kw = dict(
-        output_dir=os.path.join(ctx["workdir"], name), per_device_train_batch_size=BATCH, max_steps=max_steps,
-        gradient_accumulation_steps=1, logging_steps=max_steps, save_strategy="no", report_to="none",
-        disable_tqdm=True, bf16=CUDA, fp16=False, seed=0, dataloader_pin_memory=CUDA,
+        output_dir=os.path.join(ctx["workdir"], name),
+        per_device_train_batch_size=BATCH,
+        max_steps=max_steps,
+        gradient_accumulation_steps=1,
+        logging_steps=max_steps,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        bf16=CUDA,
+        fp16=False,
+        seed=0,
+        dataloader_pin_memory=CUDA,
         learning_rate=1e-4,
     )
     if ctx["grad_ckpt"] is not None:
@@ -370,14 +470,24 @@ def bench_sft(A, ctx):
     S, P, W, T = ctx["seq"], ctx["sft_prompt"], ctx["warmup"], ctx["steps"]
     n_rows = BATCH * (W + T) + BATCH
     # prompt + completion + EOS > S tokens, so TRL truncates every example to exactly S: no padding.
-    ds = Dataset.from_dict({"prompt": [A.text(P) for _ in range(n_rows)],
-                            "completion": [A.text(S - P + 8) for _ in range(n_rows)]})
+    ds = Dataset.from_dict(
+        {
+            "prompt": [A.text(P) for _ in range(n_rows)],
+            "completion": [A.text(S - P + 8) for _ in range(n_rows)],
+        }
+    )
     t0 = time.time()
     model = A.load_lm()
     args = SFTConfig(**common_train_kwargs(ctx, "sft", W + T), max_length=S, packing=False)
     timer = make_step_timer(ctx["max_bench_s"], W + 2)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=A.tokenizer,
-                         peft_config=lora_config("CAUSAL_LM"), callbacks=[timer])
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=ds,
+        processing_class=A.tokenizer,
+        peft_config=lora_config("CAUSAL_LM"),
+        callbacks=[timer],
+    )
     timer.trainer = trainer
     setup_s = time.time() - t0
     if CUDA:
@@ -388,7 +498,9 @@ def bench_sft(A, ctx):
     tok = counter_delta(timer.tokens, W)
     tok_per_step = tok / rec["steps_timed"] if tok is not None else BATCH * S
     rec["tokens_per_step"] = tok_per_step
-    rec["tokens_counted_by"] = "trainer._total_train_tokens" if tok is not None else "nominal batch*seq"
+    rec["tokens_counted_by"] = (
+        "trainer._total_train_tokens" if tok is not None else "nominal batch*seq"
+    )
     rec["tokens_per_s"] = tok_per_step / rec["median_s_per_step"]
     rec["samples_per_s"] = BATCH / rec["median_s_per_step"]
     add_mfu(rec, rec["tokens_per_s"], A.n_matmul_lm, ctx)
@@ -407,15 +519,25 @@ def bench_reward(A, ctx):
     n_rows = BATCH * (W + T) + BATCH
     # Explicit-prompt preference format; TRL concatenates prompt+chosen, appends EOS, and DROPS (does not truncate)
     # pairs longer than max_length, so prompt + response + EOS is built to be exactly S tokens.
-    ds = Dataset.from_dict({"prompt": [A.text(P) for _ in range(n_rows)],
-                            "chosen": [A.text(S - P - 1) for _ in range(n_rows)],
-                            "rejected": [A.text(S - P - 1) for _ in range(n_rows)]})
+    ds = Dataset.from_dict(
+        {
+            "prompt": [A.text(P) for _ in range(n_rows)],
+            "chosen": [A.text(S - P - 1) for _ in range(n_rows)],
+            "rejected": [A.text(S - P - 1) for _ in range(n_rows)],
+        }
+    )
     t0 = time.time()
     model = A.load_rm()
     args = RewardConfig(**common_train_kwargs(ctx, "reward", W + T), max_length=S)
     timer = make_step_timer(ctx["max_bench_s"], W + 2)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=A.tokenizer,
-                            peft_config=lora_config("SEQ_CLS"), callbacks=[timer])
+    trainer = RewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=ds,
+        processing_class=A.tokenizer,
+        peft_config=lora_config("SEQ_CLS"),
+        callbacks=[timer],
+    )
     timer.trainer = trainer
     n_kept = len(trainer.train_dataset)
     if n_kept < BATCH * (W + T):
@@ -424,12 +546,16 @@ def bench_reward(A, ctx):
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    rec = dict(bench="trl_reward", seq_len=S, batch_pairs=BATCH, prompt_tokens=P, setup_s=round(setup_s, 2))
+    rec = dict(
+        bench="trl_reward", seq_len=S, batch_pairs=BATCH, prompt_tokens=P, setup_s=round(setup_s, 2)
+    )
     trainer_record(rec, trainer, timer, W)
     tok = counter_delta(timer.tokens, W)
     tok_per_step = tok / rec["steps_timed"] if tok is not None else 2 * BATCH * S
     rec["tokens_per_step"] = tok_per_step
-    rec["tokens_counted_by"] = "trainer._total_train_tokens" if tok is not None else "nominal 2*batch*seq"
+    rec["tokens_counted_by"] = (
+        "trainer._total_train_tokens" if tok is not None else "nominal 2*batch*seq"
+    )
     rec["tokens_per_s"] = tok_per_step / rec["median_s_per_step"]
     rec["pairs_per_s"] = BATCH / rec["median_s_per_step"]
     add_mfu(rec, rec["tokens_per_s"], A.n_matmul_rm, ctx)
@@ -457,16 +583,30 @@ def bench_grpo(A, ctx):
     ds = Dataset.from_dict({"prompt": [A.text(P) for _ in range(n_prompts)]})
     t0 = time.time()
     model = A.load_lm()
-    args = GRPOConfig(**common_train_kwargs(ctx, "grpo", W + T), num_generations=NUM_GENERATIONS,
-                      max_completion_length=C, use_vllm=False, log_completions=False, temperature=1.0)
+    args = GRPOConfig(
+        **common_train_kwargs(ctx, "grpo", W + T),
+        num_generations=NUM_GENERATIONS,
+        max_completion_length=C,
+        use_vllm=False,
+        log_completions=False,
+        temperature=1.0,
+    )
     timer = make_step_timer(ctx["max_bench_s"], W + 2)
-    trainer = GRPOTrainer(model=model, reward_funcs=reward_len, args=args, train_dataset=ds,
-                          processing_class=A.tokenizer, peft_config=lora_config("CAUSAL_LM"), callbacks=[timer])
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=reward_len,
+        args=args,
+        train_dataset=ds,
+        processing_class=A.tokenizer,
+        peft_config=lora_config("CAUSAL_LM"),
+        callbacks=[timer],
+    )
     timer.trainer = trainer
     timer.counter = lambda: (stats["completion_tokens"], stats["completions"], stats["gen_s"])
     # Time the transformers.generate part (method exists in TRL 1.16; skipped silently if renamed).
     gen_fn = getattr(trainer, "_generate_single_turn", None)
     if gen_fn is not None:
+
         def timed_gen(*a, **k):
             sync()
             t = time.perf_counter()
@@ -475,14 +615,22 @@ def bench_grpo(A, ctx):
             stats["gen_s"] += time.perf_counter() - t
             stats["gen_calls"] += 1
             return out
+
         trainer._generate_single_turn = timed_gen
     setup_s = time.time() - t0
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
     trainer.train()
-    rec = dict(bench="trl_grpo", prompt_tokens=P, max_completion_length=C, num_generations=NUM_GENERATIONS,
-               completions_per_step=BATCH, prompts_per_step=BATCH // NUM_GENERATIONS, generation="transformers",
-               setup_s=round(setup_s, 2))
+    rec = dict(
+        bench="trl_grpo",
+        prompt_tokens=P,
+        max_completion_length=C,
+        num_generations=NUM_GENERATIONS,
+        completions_per_step=BATCH,
+        prompts_per_step=BATCH // NUM_GENERATIONS,
+        generation="transformers",
+        setup_s=round(setup_s, 2),
+    )
     trainer_record(rec, trainer, timer, W)
     ex = timer.extra
     start = ex[W - 1] if W > 0 else (0, 0, 0.0)
@@ -509,18 +657,30 @@ def bench_roofline(A, ctx):
 
     S, W, T = ctx["seq"], ctx["roof_warmup"], ctx["roof_steps"]
     V = A.config.vocab_size
-    rec = dict(bench="torch_roofline", seq_len=S, batch=BATCH, tokens_per_step=BATCH * S, dtype=str(DTYPE),
-               note="LoRA(r16) fwd+bwd+AdamW on random ids, bf16 autocast on GPU, no Trainer; "
-                    "fwd_only = eval+no_grad")
+    rec = dict(
+        bench="torch_roofline",
+        seq_len=S,
+        batch=BATCH,
+        tokens_per_step=BATCH * S,
+        dtype=str(DTYPE),
+        note="LoRA(r16) fwd+bwd+AdamW on random ids, bf16 autocast on GPU, no Trainer; "
+        "fwd_only = eval+no_grad",
+    )
     g = torch.Generator(device="cpu").manual_seed(0)
     ids = torch.randint(3, V, (BATCH, S), generator=g).to(DEVICE)
-    amp = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if CUDA else (lambda: torch.autocast("cpu", enabled=False))
+    amp = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+        if CUDA
+        else (lambda: torch.autocast("cpu", enabled=False))
+    )
 
     for ckpt in (False, True):
         cleanup()
         model = get_peft_model(A.load_lm(), lora_config("CAUSAL_LM"))
         if ckpt:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
             model.enable_input_require_grads()
         model.config.use_cache = False
         model.train()
@@ -542,8 +702,11 @@ def bench_roofline(A, ctx):
         rec[f"{tag}_median_s_per_step"] = med
         rec[f"{tag}_tokens_per_s"] = BATCH * S / med
         rec[f"{tag}_peak_mem_gb"] = peak_mem_gb()
-        rec[f"{tag}_mfu_6N"] = (6 * A.n_matmul_lm * BATCH * S / med / (ctx["peak_tflops"] * 1e12)
-                                if ctx["peak_tflops"] else None)
+        rec[f"{tag}_mfu_6N"] = (
+            6 * A.n_matmul_lm * BATCH * S / med / (ctx["peak_tflops"] * 1e12)
+            if ctx["peak_tflops"]
+            else None
+        )
         if not ckpt:
             # forward only (inference, no grad) on the same LoRA model
             model.eval()
@@ -559,11 +722,19 @@ def bench_roofline(A, ctx):
             fmed = statistics.median(ftimes[W:])
             rec["fwd_only_median_s_per_step"] = fmed
             rec["fwd_only_tokens_per_s"] = BATCH * S / fmed
-            rec["fwd_only_mfu_2N"] = (2 * A.n_matmul_lm * BATCH * S / fmed / (ctx["peak_tflops"] * 1e12)
-                                      if ctx["peak_tflops"] else None)
+            rec["fwd_only_mfu_2N"] = (
+                2 * A.n_matmul_lm * BATCH * S / fmed / (ctx["peak_tflops"] * 1e12)
+                if ctx["peak_tflops"]
+                else None
+            )
         del model, opt, params
-    rec.update(steps_timed=T, warmup_steps=W, median_s_per_step=rec["fwd_bwd_median_s_per_step"],
-               tokens_per_s=rec["fwd_bwd_tokens_per_s"], peak_mem_gb=rec["fwd_bwd_peak_mem_gb"])
+    rec.update(
+        steps_timed=T,
+        warmup_steps=W,
+        median_s_per_step=rec["fwd_bwd_median_s_per_step"],
+        tokens_per_s=rec["fwd_bwd_tokens_per_s"],
+        peak_mem_gb=rec["fwd_bwd_peak_mem_gb"],
+    )
     add_mfu(rec, rec["tokens_per_s"], A.n_matmul_lm, ctx)
     add_mfu(rec, rec["tokens_per_s"], A.n_matmul_lm, ctx, factor=4, key="mfu_4N")
     return rec
@@ -592,30 +763,66 @@ def bench_matmul(A, ctx):
         for _ in range(iters):
             a @ b
         secs = time.perf_counter() - t
-    tflops = 2 * n ** 3 * iters / secs / 1e12
+    tflops = 2 * n**3 * iters / secs / 1e12
     pk = ctx["peak_tflops"]
-    return dict(bench="gpu_matmul" if CUDA else "cpu_matmul", n=n, dtype=str(dt), iters=iters,
-                median_s_per_step=secs / iters, tflops=round(tflops, 2),
-                fraction_of_datasheet_peak=round(tflops / pk, 4) if pk else None, peak_mem_gb=peak_mem_gb())
+    return dict(
+        bench="gpu_matmul" if CUDA else "cpu_matmul",
+        n=n,
+        dtype=str(dt),
+        iters=iters,
+        median_s_per_step=secs / iters,
+        tflops=round(tflops, 2),
+        fraction_of_datasheet_peak=round(tflops / pk, 4) if pk else None,
+        peak_mem_gb=peak_mem_gb(),
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------------------------------
-BENCHES = [("sft", "trl_sft", bench_sft), ("reward", "trl_reward", bench_reward), ("grpo", "trl_grpo", bench_grpo),
-           ("roofline", "torch_roofline", bench_roofline), ("matmul", "gpu_matmul", bench_matmul)]
+BENCHES = [
+    ("sft", "trl_sft", bench_sft),
+    ("reward", "trl_reward", bench_reward),
+    ("grpo", "trl_grpo", bench_grpo),
+    ("roofline", "torch_roofline", bench_roofline),
+    ("matmul", "gpu_matmul", bench_matmul),
+]
 
 
 def env_info(args):
     info = dict(
-        bench="env", size=args.size, python=platform.python_version(), platform=platform.platform(),
-        torch=torch.__version__, cuda_available=CUDA, device=str(DEVICE), dtype=str(DTYPE),
-        torch_cuda=torch.version.cuda, cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
+        bench="env",
+        size=args.size,
+        python=platform.python_version(),
+        platform=platform.platform(),
+        torch=torch.__version__,
+        cuda_available=CUDA,
+        device=str(DEVICE),
+        dtype=str(DTYPE),
+        torch_cuda=torch.version.cuda,
+        cpu_count=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
         gpu=torch.cuda.get_device_name(0) if CUDA else None,
-        gpu_mem_gb=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if CUDA else None,
+        gpu_mem_gb=round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+        if CUDA
+        else None,
     )
-    for pkg in ("transformers", "trl", "peft", "accelerate", "datasets", "tokenizers", "huggingface_hub", "numpy",
-                "pyarrow", "safetensors", "dill", "multiprocess", "xxhash", "fsspec"):
+    for pkg in (
+        "transformers",
+        "trl",
+        "peft",
+        "accelerate",
+        "datasets",
+        "tokenizers",
+        "huggingface_hub",
+        "numpy",
+        "pyarrow",
+        "safetensors",
+        "dill",
+        "multiprocess",
+        "xxhash",
+        "fsspec",
+    ):
         info[pkg] = pkg_version(pkg)
     return info
 
@@ -631,13 +838,27 @@ def fmt(x, nd=3):
 
 
 def summary_table(results):
-    rows = [("bench", "status", "steps", "med s/step", "throughput", "unit", "peak GB", "MFU(6N)", "MFU/matmul")]
+    rows = [
+        (
+            "bench",
+            "status",
+            "steps",
+            "med s/step",
+            "throughput",
+            "unit",
+            "peak GB",
+            "MFU(6N)",
+            "MFU/matmul",
+        )
+    ]
     for r in results:
         if r.get("bench") == "env":
             continue
         b = r["bench"]
         if r.get("status") != "ok":
-            rows.append((b, r.get("status", "?"), "-", "-", "-", r.get("error", "")[:60], "-", "-", "-"))
+            rows.append(
+                (b, r.get("status", "?"), "-", "-", "-", r.get("error", "")[:60], "-", "-", "-")
+            )
             continue
         if b == "trl_grpo":
             thr, unit = r.get("completion_tokens_per_s"), "compl tok/s"
@@ -645,20 +866,64 @@ def summary_table(results):
             thr, unit = r.get("tflops"), "TFLOP/s"
         else:
             thr, unit = r.get("tokens_per_s"), "tok/s"
-        rows.append((b, "ok", fmt(r.get("steps_timed", r.get("iters"))), fmt(r.get("median_s_per_step"), 4),
-                     fmt(thr, 1), unit, fmt(r.get("peak_mem_gb"), 2), fmt(r.get("mfu_6N"), 3),
-                     fmt(r.get("mfu_6N_vs_matmul"), 3)))
+        rows.append(
+            (
+                b,
+                "ok",
+                fmt(r.get("steps_timed", r.get("iters"))),
+                fmt(r.get("median_s_per_step"), 4),
+                fmt(thr, 1),
+                unit,
+                fmt(r.get("peak_mem_gb"), 2),
+                fmt(r.get("mfu_6N"), 3),
+                fmt(r.get("mfu_6N_vs_matmul"), 3),
+            )
+        )
         if b == "trl_reward":
-            rows.append(("  (pairs)", "", "", "", fmt(r.get("pairs_per_s"), 2), "pairs/s", "", "", ""))
+            rows.append(
+                ("  (pairs)", "", "", "", fmt(r.get("pairs_per_s"), 2), "pairs/s", "", "", "")
+            )
         if b == "trl_grpo":
-            rows.append(("  (gen only)", "", "", fmt(r.get("generate_s_per_step"), 4),
-                         fmt(r.get("gen_only_tokens_per_s"), 1), "gen tok/s", "", "", ""))
+            rows.append(
+                (
+                    "  (gen only)",
+                    "",
+                    "",
+                    fmt(r.get("generate_s_per_step"), 4),
+                    fmt(r.get("gen_only_tokens_per_s"), 1),
+                    "gen tok/s",
+                    "",
+                    "",
+                    "",
+                )
+            )
         if b == "torch_roofline":
-            rows.append(("  (ckpt on)", "", "", fmt(r.get("fwd_bwd_ckpt_median_s_per_step"), 4),
-                         fmt(r.get("fwd_bwd_ckpt_tokens_per_s"), 1), "tok/s", fmt(r.get("fwd_bwd_ckpt_peak_mem_gb"), 2),
-                         fmt(r.get("fwd_bwd_ckpt_mfu_6N"), 3), ""))
-            rows.append(("  (fwd only)", "", "", fmt(r.get("fwd_only_median_s_per_step"), 4),
-                         fmt(r.get("fwd_only_tokens_per_s"), 1), "tok/s", "", "2N:" + fmt(r.get("fwd_only_mfu_2N"), 3), ""))
+            rows.append(
+                (
+                    "  (ckpt on)",
+                    "",
+                    "",
+                    fmt(r.get("fwd_bwd_ckpt_median_s_per_step"), 4),
+                    fmt(r.get("fwd_bwd_ckpt_tokens_per_s"), 1),
+                    "tok/s",
+                    fmt(r.get("fwd_bwd_ckpt_peak_mem_gb"), 2),
+                    fmt(r.get("fwd_bwd_ckpt_mfu_6N"), 3),
+                    "",
+                )
+            )
+            rows.append(
+                (
+                    "  (fwd only)",
+                    "",
+                    "",
+                    fmt(r.get("fwd_only_median_s_per_step"), 4),
+                    fmt(r.get("fwd_only_tokens_per_s"), 1),
+                    "tok/s",
+                    "",
+                    "2N:" + fmt(r.get("fwd_only_mfu_2N"), 3),
+                    "",
+                )
+            )
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)) for row in rows]
     lines.insert(1, "-" * len(lines[0]))
@@ -666,11 +931,17 @@ def summary_table(results):
 
 
 def write_results(path, env, results, args, extra):
-    payload = dict(env=env, size=args.size, args=vars(args), results=results, **extra,
-                   mfu_convention="flops/token = 6*N_matmul (2N fwd + 4N bwd, full-FT count): an upper-bound "
-                                  "convention for LoRA (true ~4N without grad checkpointing, ~6N with it); "
-                                  "attention-score FLOPs ignored; peak = datasheet dense bf16",
-                   total_wall_s=round(time.time() - T_START, 2))
+    payload = dict(
+        env=env,
+        size=args.size,
+        args=vars(args),
+        results=results,
+        **extra,
+        mfu_convention="flops/token = 6*N_matmul (2N fwd + 4N bwd, full-FT count): an upper-bound "
+        "convention for LoRA (true ~4N without grad checkpointing, ~6N with it); "
+        "attention-score FLOPs ignored; peak = datasheet dense bf16",
+        total_wall_s=round(time.time() - T_START, 2),
+    )
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(payload, f, indent=2, default=str)
@@ -678,22 +949,55 @@ def write_results(path, env, results, args, extra):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
-    ap.add_argument("--only", default="sft,reward,grpo,roofline,matmul",
-                    help="comma list of: sft,reward,grpo,roofline,matmul")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps for sft/reward/roofline (default per size)")
-    ap.add_argument("--warmup", type=int, default=None, help="warm-up steps for sft/reward/roofline (default per size)")
-    ap.add_argument("--grpo-steps", type=int, default=None, help="timed GRPO steps (default per size)")
-    ap.add_argument("--grpo-warmup", type=int, default=None, help="GRPO warm-up steps (default per size)")
-    ap.add_argument("--grad-ckpt", choices=["trl-default", "on", "off"], default="trl-default",
-                    help="gradient checkpointing in the TRL trainers (TRL 1.16 default: on)")
-    ap.add_argument("--max-bench-s", type=float, default=None,
-                    help="per-trainer wall guard: stop a TRL run after this many seconds of training (keeps >= "
-                         "warmup+2 steps; default 90 for small/base, off for tiny; 0 = off)")
-    ap.add_argument("--peak-tflops", type=float, default=None, help="override datasheet bf16 peak for MFU")
-    ap.add_argument("--workdir", default=None, help="scratch dir (default: a new temp dir, removed at exit)")
-    ap.add_argument("--out", default=None, help="result file (default: $OUT/anchor.json or ./anchor.json)")
+    ap.add_argument(
+        "--only",
+        default="sft,reward,grpo,roofline,matmul",
+        help="comma list of: sft,reward,grpo,roofline,matmul",
+    )
+    ap.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="timed steps for sft/reward/roofline (default per size)",
+    )
+    ap.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="warm-up steps for sft/reward/roofline (default per size)",
+    )
+    ap.add_argument(
+        "--grpo-steps", type=int, default=None, help="timed GRPO steps (default per size)"
+    )
+    ap.add_argument(
+        "--grpo-warmup", type=int, default=None, help="GRPO warm-up steps (default per size)"
+    )
+    ap.add_argument(
+        "--grad-ckpt",
+        choices=["trl-default", "on", "off"],
+        default="trl-default",
+        help="gradient checkpointing in the TRL trainers (TRL 1.16 default: on)",
+    )
+    ap.add_argument(
+        "--max-bench-s",
+        type=float,
+        default=None,
+        help="per-trainer wall guard: stop a TRL run after this many seconds of training (keeps >= "
+        "warmup+2 steps; default 90 for small/base, off for tiny; 0 = off)",
+    )
+    ap.add_argument(
+        "--peak-tflops", type=float, default=None, help="override datasheet bf16 peak for MFU"
+    )
+    ap.add_argument(
+        "--workdir", default=None, help="scratch dir (default: a new temp dir, removed at exit)"
+    )
+    ap.add_argument(
+        "--out", default=None, help="result file (default: $OUT/anchor.json or ./anchor.json)"
+    )
     args = ap.parse_args()
 
     sz = SIZES[args.size]
@@ -716,8 +1020,11 @@ def main():
         ctx["grpo_warmup"] = args.grpo_warmup
     if args.max_bench_s is not None:
         ctx["max_bench_s"] = args.max_bench_s or None
-    ctx.update(workdir=workdir, peak_tflops=peak_tflops(args.peak_tflops),
-               grad_ckpt={"trl-default": None, "on": True, "off": False}[args.grad_ckpt])
+    ctx.update(
+        workdir=workdir,
+        peak_tflops=peak_tflops(args.peak_tflops),
+        grad_ckpt={"trl-default": None, "on": True, "off": False}[args.grad_ckpt],
+    )
 
     env = env_info(args)
     env["peak_bf16_tflops_datasheet"] = ctx["peak_tflops"]
@@ -728,21 +1035,34 @@ def main():
     try:
         A = Assets(sz, workdir)
     except Exception as e:  # nothing can run without the assets
-        rec = dict(bench="setup", status="error", error=f"{type(e).__name__}: {e}",
-                   traceback=traceback.format_exc()[-4000:])
+        rec = dict(
+            bench="setup",
+            status="error",
+            error=f"{type(e).__name__}: {e}",
+            traceback=traceback.format_exc()[-4000:],
+        )
         print(json.dumps(rec), flush=True)
         write_results(out_path, env, [rec], args, extra)
         sys.exit(1)
     extra["model"] = dict(
-        arch="Qwen2ForCausalLM (random init)", **sz["model"], tie_word_embeddings=True,
-        n_params_total=A.n_total, n_params_non_embedding=A.n_nonemb, n_matmul_params_lm=A.n_matmul_lm,
-        n_matmul_params_rm=A.n_matmul_rm, tokenizer_vocab=A.tok_vocab, tokenizer_train_s=A.tokenizer_train_s,
-        assets_setup_s=A.setup_s, lora=dict(r=16, alpha=32, dropout=0.05, target_modules=LORA_TARGETS),
+        arch="Qwen2ForCausalLM (random init)",
+        **sz["model"],
+        tie_word_embeddings=True,
+        n_params_total=A.n_total,
+        n_params_non_embedding=A.n_nonemb,
+        n_matmul_params_lm=A.n_matmul_lm,
+        n_matmul_params_rm=A.n_matmul_rm,
+        tokenizer_vocab=A.tok_vocab,
+        tokenizer_train_s=A.tokenizer_train_s,
+        assets_setup_s=A.setup_s,
+        lora=dict(r=16, alpha=32, dropout=0.05, target_modules=LORA_TARGETS),
     )
     setup_rec = dict(bench="setup", status="ok", **extra["model"])
     print(json.dumps(setup_rec), flush=True)
-    log(f"assets ready: params={A.n_total/1e6:.1f}M (matmul N={A.n_matmul_lm/1e6:.1f}M), "
-        f"tokenizer vocab={A.tok_vocab} trained in {A.tokenizer_train_s}s")
+    log(
+        f"assets ready: params={A.n_total / 1e6:.1f}M (matmul N={A.n_matmul_lm / 1e6:.1f}M), "
+        f"tokenizer vocab={A.tok_vocab} trained in {A.tokenizer_train_s}s"
+    )
 
     wanted = [x.strip() for x in args.only.split(",") if x.strip()]
     for key, name, fn in BENCHES:
@@ -755,8 +1075,12 @@ def main():
             rec = fn(A, ctx)
             rec["status"] = "ok"
         except Exception as e:
-            rec = dict(bench=name, status="error", error=f"{type(e).__name__}: {e}"[:2000],
-                       traceback=traceback.format_exc()[-4000:])
+            rec = dict(
+                bench=name,
+                status="error",
+                error=f"{type(e).__name__}: {e}"[:2000],
+                traceback=traceback.format_exc()[-4000:],
+            )
             log(f"{name} FAILED: {type(e).__name__}: {e}")
         rec["wall_s"] = round(time.time() - t0, 2)
         cleanup()
@@ -774,14 +1098,20 @@ def main():
                 r["mfu_6N_vs_matmul"] = round(r["achieved_tflops_6N"] / mm["tflops"], 4)
     write_results(out_path, env, results, args, extra)
 
-    print("\n=== TRL anchor summary: size=%s device=%s (%s) dtype=%s, LoRA r=16, batch=%d ===" % (
-        args.size, DEVICE, env.get("gpu") or platform.processor() or "cpu", DTYPE, BATCH))
+    print(
+        "\n=== TRL anchor summary: size=%s device=%s (%s) dtype=%s, LoRA r=16, batch=%d ==="
+        % (args.size, DEVICE, env.get("gpu") or platform.processor() or "cpu", DTYPE, BATCH)
+    )
     print(summary_table(results))
-    print("MFU(6N): 6*N_matmul*tokens/s / datasheet bf16 peak; upper-bound convention for LoRA (see docstring). "
-          "N_matmul=%.1fM (LM), %.1fM (RM)." % (A.n_matmul_lm / 1e6, A.n_matmul_rm / 1e6))
+    print(
+        "MFU(6N): 6*N_matmul*tokens/s / datasheet bf16 peak; upper-bound convention for LoRA (see docstring). "
+        "N_matmul=%.1fM (LM), %.1fM (RM)." % (A.n_matmul_lm / 1e6, A.n_matmul_rm / 1e6)
+    )
     n_ok = sum(r.get("status") == "ok" for r in results)
-    print(f"{n_ok}/{len(results)} benchmarks ok; total wall {time.time() - T_START:.1f}s; results -> {out_path}",
-          flush=True)
+    print(
+        f"{n_ok}/{len(results)} benchmarks ok; total wall {time.time() - T_START:.1f}s; results -> {out_path}",
+        flush=True,
+    )
     if own_workdir:
         shutil.rmtree(workdir, ignore_errors=True)
     sys.exit(0 if n_ok == len(results) else 2)

@@ -203,7 +203,11 @@ def load_training_state(
 
 
 def load_adapter_weights(model, ckpt_dir: str | os.PathLike, adapter_name: str) -> None:
-    """Copy adapter ``adapter_name``'s saved weights into the same-named adapter of ``model``."""
+    """Copy saved adapter weights into adapter ``adapter_name`` of ``model``.
+
+    ``ckpt_dir`` is a checkpoint (its ``adapter_name/`` folder is read) or an adapter folder
+    itself, whatever name it was saved under (e.g. an SFT "policy" adapter starting a reward
+    model's "reward" adapter)."""
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
@@ -215,7 +219,8 @@ def load_adapter_weights(model, ckpt_dir: str | os.PathLike, adapter_name: str) 
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ConfigError(
-            f"adapter {adapter_name!r} in {folder} does not fit this model: {unexpected[:3]}"
+            f"adapter {adapter_name!r} in {folder} does not fit this model: {unexpected[:3]}; "
+            "same base model and lora_r?"
         )
 
 

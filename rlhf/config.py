@@ -129,9 +129,41 @@ class BaseConfig:
             raise ConfigError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
 
 
+@dataclass
+class OfflineConfig(BaseConfig):
+    """Fields of the runs that learn from a fixed data set (SFT, reward model, DPO): a
+    held-out split, the chat template and gradient checkpointing."""
+
+    eval_fraction: float = 0.1
+    """Fraction of rows (prompts) held out for the eval/* metrics (at least one row when there
+    are 2+ rows; 0 = none; ignored when ``eval_data`` is passed to the trainer)."""
+
+    eval_every: int = 0
+    """Compute held-out metrics every N steps (0 = at checkpoints and at the end only)."""
+
+    eval_batch_size: int = 0
+    """Rows per eval forward pass (0 = batch_size; DPO: sequences, 0 = 2 * batch_size)."""
+
+    chat_template: bool = False
+    """Wrap prompts with the tokenizer's chat template (user turn + assistant header); the
+    policy's SFT run, its reward model and its RL runs must agree on it."""
+
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory (Chen et al. 2016, arXiv:1604.06174)."""
+
+    def validate(self) -> None:
+        super().validate()
+        _in_range(self, "eval_fraction", 0.0, 1.0, hi_open=True)
+        for name in ("eval_every", "eval_batch_size"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+
+
 def _positive(cfg: Any, *names: str) -> None:
     for name in names:
         value = getattr(cfg, name)
+        if value == "auto":  # resolved at run time where a config allows it (SFT batch_size)
+            continue
         if value <= 0:
             raise ConfigError(f"{name} must be > 0, got {value}")
 
@@ -230,6 +262,8 @@ def _match(value: Any, tp: Any) -> tuple[bool, Any]:
         return False, value
     if tp is type(None):
         return value is None, value
+    if origin is typing.Literal:
+        return any(value == a and type(value) is type(a) for a in typing.get_args(tp)), value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             return False, value
@@ -271,6 +305,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if tp is type(None):
         return "null"
+    if origin is typing.Literal:
+        return " or ".join(f'"{a}"' if isinstance(a, str) else repr(a) for a in typing.get_args(tp))
     if origin is list:
         args = typing.get_args(tp)
         return f"a list of {_type_name(args[0])}" if args else "a list"
@@ -281,6 +317,7 @@ def _type_name(tp: Any) -> str:
 
 __all__ = [
     "BaseConfig",
+    "OfflineConfig",
     "CONFIG_CLASSES",
     "config_class",
     "config_from_dict",

@@ -306,15 +306,24 @@ class PromptCollator:
         self.chat_template = chat_template
 
     def __call__(self, rows: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        seqs = [
-            encode_prompt(
-                self.tokenizer,
-                r["prompt"],
-                max_len=self.max_prompt_len,
-                chat_template=self.chat_template,
-            )
-            for r in rows
-        ]
-        pad_id = self.tokenizer.pad_token_id
-        input_ids, attention_mask = pad_sequences(seqs, pad_id, side="left")
+        input_ids, attention_mask = encode_prompts(
+            self.tokenizer,
+            [r["prompt"] for r in rows],
+            max_len=self.max_prompt_len,
+            chat_template=self.chat_template,
+        )
         return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def encode_prompts(
+    tokenizer, prompts: Sequence[str], *, max_len: int, chat_template: bool = False, device=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts tokenized as :func:`encode_prompt` does (their last ``max_len`` tokens) and
+    LEFT-padded, so generated tokens line up on the right: ``(ids [B,P], mask [B,P])``."""
+    seqs = [
+        encode_prompt(tokenizer, p, max_len=max_len, chat_template=chat_template) for p in prompts
+    ]
+    ids, mask = pad_sequences(seqs, tokenizer.pad_token_id, side="left")
+    if device is not None:
+        ids, mask = ids.to(device), mask.to(device)
+    return ids, mask

@@ -19,7 +19,6 @@ adapters disabled (``DPOConfig.reference``).
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -29,32 +28,39 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rlhf.checkpoint import (
-    load_adapter_weights,
-    load_training_state,
-    read_state,
-    resolve_checkpoint,
-    save_checkpoint,
-)
-from rlhf.config import BaseConfig, config_to_dict
+from rlhf.checkpoint import load_adapter_weights, load_training_state
+from rlhf.config import OfflineConfig
 from rlhf.data import completion_mask, encode_prompt_completion, pad_sequences
-from rlhf.errors import ConfigError, DataError, NonFiniteLossError
+from rlhf.errors import ConfigError, DataError
 from rlhf.loop import (
     OnStep,
     ShouldStop,
     TrainResult,
     batch_indices,
-    call_should_stop,
     check_finite,
     lineage,
-    make_optimizer,
     oom_guard,
+    optimizer_and_schedule,
+    optimizer_step,
+    resume_point,
+    run_steps,
+    save_run_checkpoint,
     seed_everything,
-    warmup_cosine,
-    warmup_steps_for,
+    sync_device,
 )
-from rlhf.modeling import adapter_dir, load_policy, trainable_parameters
-from rlhf.reward import PreferenceRow, active_adapter, backbone_of, preference_rows
+from rlhf.modeling import (
+    active_adapter,
+    enable_gradient_checkpointing,
+    eval_mode,
+    kept_trainable_state,
+    load_frozen_adapter,
+    load_policy,
+    next_token_logits,
+    source_adapter_dir,
+    token_logprobs,
+    trainable_parameters,
+)
+from rlhf.reward import PreferenceRow, preference_rows
 from rlhf.sft import split_eval
 
 ADAPTER = "policy"
@@ -92,7 +98,7 @@ def dpo_loss(
 
 
 @dataclass
-class DPOConfig(BaseConfig):
+class DPOConfig(OfflineConfig):
     """DPO with a LoRA policy. ``batch_size`` counts preference PAIRS per micro-batch."""
 
     beta: float = 0.1
@@ -115,21 +121,6 @@ class DPOConfig(BaseConfig):
     when init_adapter is set, else "base" (they are the same model then: a fresh LoRA adapter
     starts at zero). Its log-probs are computed ONCE, before training."""
 
-    eval_fraction: float = 0.1
-    """Fraction of rows (prompts) held out for eval/* (0 = none; ignored with eval_data)."""
-
-    eval_every: int = 0
-    """Compute held-out metrics every N steps (0 = at checkpoints and at the end only)."""
-
-    eval_batch_size: int = 0
-    """Sequences per eval / reference forward pass (0 = 2 * batch_size)."""
-
-    chat_template: bool = False
-    """Wrap prompts with the tokenizer's chat template (as the policy's SFT run did)."""
-
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory (Chen et al. 2016, arXiv:1604.06174)."""
-
     def validate(self) -> None:
         super().validate()
         if not self.beta > 0:
@@ -140,11 +131,6 @@ class DPOConfig(BaseConfig):
             raise ConfigError(f"reference must be auto, base or init, got {self.reference!r}")
         if self.reference == "init" and not self.init_adapter:
             raise ConfigError("reference='init' needs init_adapter (the SFT checkpoint)")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        for name in ("eval_every", "eval_batch_size"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,30 +143,15 @@ def sequence_logps(
 ) -> torch.Tensor:
     """Summed log π(completion tokens | prompt) per row: [B,T] ids (right padded), [B] -> [B].
 
-    Only the completion positions go through the LM head (hidden [N,H] -> logits [N,V]), so a
-    32k vocabulary does not cost B·T·V memory. Models that post-process logits (soft-capping,
-    logit scale) take the ordinary full forward instead.
+    Only the completion positions go through the LM head
+    (:func:`rlhf.modeling.next_token_logits`), so a 32k vocabulary does not cost B·T·V memory.
     """
     B, T = input_ids.shape
     seq_lens = attention_mask.sum(-1)
-    target = completion_mask(prompt_lens, seq_lens, T)[
-        :, 1:
-    ]  # [B,T-1]: token t+1 is a completion token
+    target = completion_mask(prompt_lens, seq_lens, T)[:, 1:]  # [B,T-1]: t+1 is a completion token
     rows = torch.arange(B, device=input_ids.device).unsqueeze(1).expand(B, T - 1)[target]  # [N]
-    tokens = input_ids[:, 1:][target]  # [N]
-    lm = model.get_base_model()
-    cfg = lm.config
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[
-            :, :-1
-        ][target]
-    else:
-        hidden = backbone_of(model)(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-        ).last_hidden_state
-        logits = lm.get_output_embeddings()(hidden[:, :-1][target])  # [N,V]
-    logits = logits.float()
-    token_logps = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)  # [N]
+    logits = next_token_logits(model, input_ids, attention_mask, target)  # [N,V]
+    token_logps, _ = token_logprobs(logits, input_ids[:, 1:][target])  # [N]
     return torch.zeros(B, device=logits.device, dtype=torch.float32).index_add_(
         0, rows, token_logps
     )
@@ -219,13 +190,11 @@ def all_logps(
     model, seqs: _Sequences, index: Sequence[int], *, pad_id: int, batch_size: int, device
 ) -> torch.Tensor:
     """log π of sequences ``index`` in eval mode (no dropout) -> [len(index)] float32 on CPU."""
-    was_training = model.training
-    model.eval()
     out = []
-    for i in range(0, len(index), batch_size):
-        ids, mask, plens = seqs.batch(index[i : i + batch_size], pad_id, device)
-        out.append(sequence_logps(model, ids, mask, plens).cpu())
-    model.train(was_training)
+    with eval_mode(model):
+        for i in range(0, len(index), batch_size):
+            ids, mask, plens = seqs.batch(index[i : i + batch_size], pad_id, device)
+            out.append(sequence_logps(model, ids, mask, plens).cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -265,10 +234,10 @@ def train_dpo(
     output_dir = Path(output_dir)
     seed_everything(cfg.seed)
 
+    resume = resume_point(resume_from, "dpo")
     model, tokenizer, device, _dtype = load_policy(cfg, adapter_name=ADAPTER)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        enable_gradient_checkpointing(model)
     pad_id = tokenizer.pad_token_id
 
     # tokenize every completion once: train rows first, then eval rows
@@ -292,20 +261,13 @@ def train_dpo(
     eval_bs = cfg.eval_batch_size or 2 * cfg.batch_size
 
     params = trainable_parameters(model)
-    optimizer = make_optimizer(params, cfg)
-    scheduler = warmup_cosine(optimizer, warmup_steps_for(cfg), cfg.max_steps)
+    optimizer, scheduler = optimizer_and_schedule(params, cfg)
 
-    start_step, parent, ref_logps = 0, cfg.init_adapter, None
-    if resume_from is not None:
-        ckpt = resolve_checkpoint(resume_from)
-        saved = read_state(ckpt)
-        if saved.get("kind") != "dpo":
-            raise ConfigError(f"{ckpt} is a {saved.get('kind')!r} checkpoint, not a DPO one")
-        load_adapter_weights(model, ckpt, ADAPTER)
-        training_state = load_training_state(ckpt, optimizer, scheduler)
+    ref_logps = None
+    if resume.checkpoint is not None:
+        load_adapter_weights(model, resume.checkpoint, ADAPTER)
+        training_state = load_training_state(resume.checkpoint, optimizer, scheduler)
         ref_logps = training_state.get("extra", {}).get("ref_logps")
-        start_step = int(saved["step"])
-        parent = saved.get("lineage", {}).get("parent", parent)
     reference = (
         cfg.reference if cfg.reference != "auto" else ("init" if cfg.init_adapter else "base")
     )
@@ -323,26 +285,22 @@ def train_dpo(
                     model, seqs, every, pad_id=pad_id, batch_size=eval_bs, device=device
                 )
             else:
-                flags = [(p, p.requires_grad) for p in model.parameters()]
-                model.load_adapter(
-                    str(adapter_dir(cfg.init_adapter, ADAPTER)),
-                    adapter_name="reference",
-                    is_trainable=False,
-                )
-                with active_adapter(model, "reference"):
-                    ref_logps = all_logps(
-                        model, seqs, every, pad_id=pad_id, batch_size=eval_bs, device=device
+                with kept_trainable_state(model):
+                    load_frozen_adapter(
+                        model, source_adapter_dir(cfg.init_adapter, ADAPTER), "reference"
                     )
-                model.delete_adapter("reference")
-                model.set_adapter(ADAPTER)
-                for p, flag in flags:
-                    p.requires_grad_(flag)
+                    with active_adapter(model, "reference"):
+                        ref_logps = all_logps(
+                            model, seqs, every, pad_id=pad_id, batch_size=eval_bs, device=device
+                        )
+                    model.delete_adapter("reference")
+                    model.set_adapter(ADAPTER)
     ref_logps = ref_logps.float()
 
     run_lineage = lineage(
         cfg,
         [{"prompt": r.prompt, "completions": r.completions, "ranking": r.groups} for r in rows],
-        parent=parent,
+        parent=resume.parent(cfg),
         reference=reference,
     )
     pairs_per_step = cfg.batch_size * cfg.grad_accum_steps
@@ -367,37 +325,24 @@ def train_dpo(
         }
 
     def checkpoint(step: int, metrics: dict[str, float]) -> Path:
-        state = {
-            "kind": "dpo",
-            "config": config_to_dict(cfg),
-            "metrics": metrics,
-            "lineage": run_lineage,
-            "adapters": [ADAPTER],
-        }
-        return save_checkpoint(
+        return save_run_checkpoint(
             output_dir,
+            kind="dpo",
+            cfg=cfg,
             step=step,
+            metrics=metrics,
+            lineage=run_lineage,
             model=model,
-            adapter_names=[ADAPTER],
+            adapters=[ADAPTER],
             optimizer=optimizer,
             scheduler=scheduler,
-            state=state,
             extra={"ref_logps": ref_logps},
         )
 
-    model.train()
-    metrics: dict[str, float] = {}
-    last_ckpt: Path | None = None
-    step = start_step
-    while step < cfg.max_steps:
-        if call_should_stop(should_stop):
-            metrics = {**metrics, **eval_metrics()}
-            last_ckpt = checkpoint(step, metrics)
-            return TrainResult(checkpoint_dir=last_ckpt, step=step, metrics=metrics, stopped=True)
-
+    def train_step(step: int) -> dict[str, float]:
         t_start = time.perf_counter()
         idx = batch_indices(
-            len(train_pairs), seed=cfg.seed, start=step * pairs_per_step, count=pairs_per_step
+            len(train_pairs), seed=cfg.seed, start=(step - 1) * pairs_per_step, count=pairs_per_step
         )
         sums = dict.fromkeys(("loss", "chosen", "rejected", "acc", "lp_c", "lp_r"), 0.0)
         n_tokens = 0
@@ -417,7 +362,7 @@ def train_dpo(
                     lp[c], lp[r], ref_c, ref_r, cfg.beta, label_smoothing=cfg.label_smoothing
                 )
                 loss = loss / cfg.grad_accum_steps
-                check_finite(loss, step + 1, name="DPO loss")
+                check_finite(loss, step, name="DPO loss")
                 loss.backward()
                 sums["loss"] += float(loss.detach())
                 sums["chosen"] += float(chosen.sum())
@@ -426,22 +371,13 @@ def train_dpo(
                 sums["lp_c"] += float(lp[c].detach().sum())
                 sums["lp_r"] += float(lp[r].detach().sum())
                 n_tokens += sum(len(seqs.ids[i]) for i in used)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            if not math.isfinite(float(grad_norm)):
-                raise NonFiniteLossError(
-                    f"gradient norm is {float(grad_norm)} at step {step + 1}; lower learning_rate or "
-                    "max_grad_norm. The last good checkpoint is kept."
-                )
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+            grad_norm, lr = optimizer_step(
+                optimizer, scheduler, params, max_grad_norm=cfg.max_grad_norm, step=step
+            )
+        sync_device(device)
         dt = max(time.perf_counter() - t_start, 1e-9)
-        step += 1
         n = len(idx)
-        metrics = {
+        return {
             "loss/dpo": sums["loss"],
             "rewards/chosen": sums["chosen"] / n,
             "rewards/rejected": sums["rejected"] / n,
@@ -452,18 +388,17 @@ def train_dpo(
             "perf/pairs_per_s": n / dt,
             "perf/tokens_per_s": n_tokens / dt,
             "optim/lr": lr,
-            "optim/grad_norm": float(grad_norm),
-            "progress/total_steps": float(cfg.max_steps),
+            "optim/grad_norm": grad_norm,
             "progress/epoch": step * pairs_per_step / len(train_pairs),
         }
-        will_save = bool(cfg.save_every) and step % cfg.save_every == 0 and step < cfg.max_steps
-        if (cfg.eval_every and step % cfg.eval_every == 0) or will_save or step == cfg.max_steps:
-            metrics.update(eval_metrics())
-        if on_step is not None:
-            on_step(step, dict(metrics))
-        if will_save:
-            last_ckpt = checkpoint(step, metrics)
 
-    if step > start_step or last_ckpt is None:
-        last_ckpt = checkpoint(step, metrics)
-    return TrainResult(checkpoint_dir=last_ckpt, step=step, metrics=metrics, stopped=False)
+    model.train()
+    return run_steps(
+        cfg,
+        start_step=resume.step,
+        train_step=train_step,
+        checkpoint=checkpoint,
+        on_step=on_step,
+        should_stop=should_stop,
+        eval_metrics=eval_metrics,
+    )

@@ -19,49 +19,45 @@ shared with :mod:`rlhf.ppo`.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from rlhf.checkpoint import load_training_state, read_state, resolve_checkpoint, save_checkpoint
-from rlhf.config import BaseConfig, config_to_dict
-from rlhf.data import validate_rows
-from rlhf.errors import ConfigError, NonFiniteLossError
+from rlhf.checkpoint import load_training_state
+from rlhf.errors import ConfigError
 from rlhf.loop import (
     OnStep,
     ShouldStop,
     TrainResult,
-    batch_indices,
-    call_should_stop,
     check_finite,
-    lineage,
-    make_optimizer,
     oom_guard,
-    seed_everything,
-    warmup_cosine,
+    optimizer_and_schedule,
+    optimizer_step,
+    run_steps,
+    save_run_checkpoint,
+    sync_device,
 )
+from rlhf.modeling import adapter_parameters
 from rlhf.ppo import (
-    MergedGeneration,
-    Rewarder,
     RewardFn,
-    _sync,
-    adapter_parameters,
-    eos_token_ids,
+    RLConfig,
+    RLRun,
     kl_k1,
     kl_k3,
-    load_policy_model,
+    list_mean,
     make_rollout,
     masked_mean,
     response_logprobs,
     rollout_logprobs,
+    rollout_metrics,
+    start_rl_run,
 )
 
 
 @dataclass
-class GRPOConfig(BaseConfig):
+class GRPOConfig(RLConfig):
     """GRPO hyper-parameters. ``batch_size`` counts PROMPTS per step; each gets
     ``num_generations`` completions, so a step samples batch_size * num_generations."""
 
@@ -78,42 +74,21 @@ class GRPOConfig(BaseConfig):
     num_iterations: int = 1
     """μ, policy updates per batch of samples (DeepSeekMath: 1, so the ratio starts at 1)."""
 
-    num_minibatches: int = 1
-    """Minibatches per batch of samples, one optimizer step each (DeepSeekMath: 1)."""
-
     max_steps: int = 100
     """Steps (sampling + num_iterations * num_minibatches optimizer steps each)."""
 
     max_seq_len: int = 512
     """Prompt + completion tokens; prompts are cut from the left to max_seq_len - max_new_tokens."""
 
-    max_new_tokens: int = 128
-    """Completion length cap (TRL GRPOConfig default max_completion_length = 256; 128 here)."""
-
-    temperature: float = 1.0
-    """Sampling temperature, also applied to the logits of the loss (TRL's default: 1.0)."""
-
     beta: float = 0.04
     """KL coefficient β against the reference (DeepSeekMath sec. 4.2: 0.04). 0 drops the term."""
-
-    cliprange: float = 0.2
-    """Ratio clip ε (PPO's 0.2, Schulman et al. 2017; DeepSeekMath's objective eq. 3)."""
 
     scale_rewards: bool = True
     """Divide by the group's std (DeepSeekMath eq. under sec. 4.1.2). False keeps only the mean
     baseline (Liu et al. 2025, "Understanding R1-Zero-Like Training", Dr. GRPO)."""
 
-    chat_template: bool = False
-    """Wrap prompts with the tokenizer's chat template (use the same setting as the SFT run)."""
-
-    merge_for_generation: bool = True
-    """Merge the policy adapter into the base weights while generating (see rlhf.ppo)."""
-
-    lora_dropout: float = 0.0
-    """No dropout in RL, so log-probs at sampling and update time agree (Huang et al. 2024)."""
-
-    warmup_ratio: float = 0.0
-    """No warm-up (DeepSeekMath trains GRPO at a constant rate)."""
+    def rollout_rows(self) -> tuple[str, int]:
+        return "batch_size * num_generations", self.batch_size * self.num_generations
 
     def validate(self) -> None:
         super().validate()
@@ -121,29 +96,10 @@ class GRPOConfig(BaseConfig):
             raise ConfigError(
                 f"num_generations must be >= 2 (a group needs a baseline), got {self.num_generations}"
             )
-        for name in ("num_iterations", "num_minibatches", "max_new_tokens"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        rows = self.batch_size * self.num_generations
-        if rows % self.num_minibatches:
-            raise ConfigError(
-                f"batch_size * num_generations ({rows}) must be divisible by num_minibatches ({self.num_minibatches})"
-            )
-        if (rows // self.num_minibatches) % self.grad_accum_steps:
-            raise ConfigError(
-                f"the minibatch size ({rows // self.num_minibatches}) must be divisible by grad_accum_steps "
-                f"({self.grad_accum_steps})"
-            )
-        if self.max_new_tokens >= self.max_seq_len:
-            raise ConfigError(
-                f"max_new_tokens ({self.max_new_tokens}) must be < max_seq_len ({self.max_seq_len})"
-            )
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if self.num_iterations <= 0:
+            raise ConfigError(f"num_iterations must be > 0, got {self.num_iterations}")
         if self.beta < 0:
             raise ConfigError(f"beta must be >= 0, got {self.beta}")
-        if not self.cliprange > 0:
-            raise ConfigError(f"cliprange must be > 0, got {self.cliprange}")
 
 
 def group_advantages(
@@ -220,131 +176,69 @@ def train_grpo(
     perf/tokens_per_s and progress/total_steps. Checkpoints hold the adapter "policy".
     """
     cfg = config
-    cfg.validate()
-    rows = validate_rows("grpo", data)
-    prompts = [r["prompt"] for r in rows]
     output_dir = Path(output_dir)
-    seed_everything(cfg.seed)
-
-    resume = resolve_checkpoint(resume_from) if resume_from is not None else None
-    saved = read_state(resume) if resume is not None else None
-    if saved is not None and saved.get("kind") != "grpo":
-        raise ConfigError(f"{resume} is a {saved.get('kind')!r} checkpoint, not a GRPO one")
-    model, tokenizer, device, _dtype = load_policy_model(cfg, resume=resume)
-    rewarder = Rewarder(
-        cfg=cfg,
-        model=model,
-        tokenizer=tokenizer,
-        device=device,
-        reward_model=reward_model,
-        reward_fn=reward_fn,
+    run = start_rl_run(
+        "grpo", cfg, data, resume_from=resume_from, reward_model=reward_model, reward_fn=reward_fn
     )
-    model.set_adapter("policy")
-    model.eval()
+    model, resume = run.model, run.resume
     params = adapter_parameters(model, "policy")
-    optimizer = make_optimizer(params, cfg)
-    updates_per_step = cfg.num_iterations * cfg.num_minibatches
-    total_updates = cfg.max_steps * updates_per_step
-    scheduler = warmup_cosine(
-        optimizer, int(round(cfg.warmup_ratio * total_updates)), total_updates
+    optimizer, scheduler = optimizer_and_schedule(
+        params, cfg, updates_per_step=cfg.num_iterations * cfg.num_minibatches
     )
-
-    start_step = 0
-    parent = cfg.init_adapter
-    if resume is not None:
-        load_training_state(resume, optimizer, scheduler)
-        start_step = int(saved["step"])
-        parent = saved.get("lineage", {}).get("parent", parent)
-    run_lineage = lineage(cfg, rows, parent=parent, reward=rewarder.description)
-    eos_ids = eos_token_ids(tokenizer, model)
-    merger = MergedGeneration(model, "policy") if cfg.merge_for_generation else None
+    if resume.checkpoint is not None:
+        load_training_state(resume.checkpoint, optimizer, scheduler)
 
     def checkpoint(step: int, metrics: dict[str, float]) -> Path:
-        state = {
-            "kind": "grpo",
-            "config": config_to_dict(cfg),
-            "metrics": metrics,
-            "lineage": run_lineage,
-            "adapters": ["policy"],
-        }
-        return save_checkpoint(
+        return save_run_checkpoint(
             output_dir,
+            kind="grpo",
+            cfg=cfg,
             step=step,
+            metrics=metrics,
+            lineage=run.lineage,
             model=model,
-            adapter_names=["policy"],
+            adapters=["policy"],
             optimizer=optimizer,
             scheduler=scheduler,
-            state=state,
         )
 
-    metrics: dict[str, float] = {}
-    last_ckpt: Path | None = None
-    step = start_step
-    hint = "batch_size, num_generations, max_new_tokens or max_seq_len (or raise num_minibatches / grad_accum_steps)"
-    while step < cfg.max_steps:
-        if call_should_stop(should_stop):
-            last_ckpt = checkpoint(step, metrics)
-            return TrainResult(checkpoint_dir=last_ckpt, step=step, metrics=metrics, stopped=True)
-        step += 1
-        with oom_guard(hint):
-            metrics = _grpo_step(
+    def train_step(step: int) -> dict[str, float]:
+        with oom_guard(
+            "batch_size, num_generations, max_new_tokens or max_seq_len "
+            "(or raise num_minibatches / grad_accum_steps)"
+        ):
+            return _grpo_step(
                 cfg=cfg,
                 step=step,
-                model=model,
-                tokenizer=tokenizer,
-                rewarder=rewarder,
-                prompts=prompts,
-                device=device,
-                eos_ids=eos_ids,
-                merger=merger,
+                run=run,
                 optimizer=optimizer,
                 scheduler=scheduler,
                 params=params,
             )
-        metrics["progress/total_steps"] = float(cfg.max_steps)
-        if on_step is not None:
-            on_step(step, dict(metrics))
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            last_ckpt = checkpoint(step, metrics)
 
-    if step > start_step or last_ckpt is None:
-        last_ckpt = checkpoint(step, metrics)
-    return TrainResult(checkpoint_dir=last_ckpt, step=step, metrics=metrics, stopped=False)
+    return run_steps(
+        cfg,
+        start_step=resume.step,
+        train_step=train_step,
+        checkpoint=checkpoint,
+        on_step=on_step,
+        should_stop=should_stop,
+    )
 
 
 def _grpo_step(
     *,
     cfg,
     step,
-    model,
-    tokenizer,
-    rewarder,
-    prompts,
-    device,
-    eos_ids,
-    merger,
+    run: RLRun,
     optimizer,
     scheduler,
     params,
 ) -> dict[str, float]:
     G = cfg.num_generations
-    idx = batch_indices(
-        len(prompts), seed=cfg.seed, start=(step - 1) * cfg.batch_size, count=cfg.batch_size
-    )
-    group_prompts = [prompts[i] for i in idx for _ in range(G)]  # [B*G], groups consecutive
-    torch.manual_seed(cfg.seed * 1_000_003 + step)
-    ro = make_rollout(
-        cfg=cfg,
-        step=step,
-        model=model,
-        tokenizer=tokenizer,
-        rewarder=rewarder,
-        prompts=group_prompts,
-        device=device,
-        eos_ids=eos_ids,
-        merger=merger,
-    )
-    N = len(group_prompts)
+    model, device = run.model, run.device
+    ro = make_rollout(cfg=cfg, step=step, run=run, repeats=G)  # [B*G], groups consecutive
+    N = len(ro.prompts)
     minibatch = N // cfg.num_minibatches
     micro = minibatch // cfg.grad_accum_steps
     mask = ro.response_mask  # [N, R]
@@ -361,7 +255,7 @@ def _grpo_step(
         model, ro, adapter=None, temperature=cfg.temperature, chunk=micro
     )
     model.set_adapter("policy")
-    _sync(device)
+    sync_device(device)
     score_s = ro.score_s + time.perf_counter() - t1
 
     t2 = time.perf_counter()
@@ -396,34 +290,16 @@ def _grpo_step(
                 losses.append(float(loss.detach()))
                 clipfracs.append(float(stats["clipfrac"]))
                 kls.append(float(stats["kl_k3"]))
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            if not math.isfinite(float(grad_norm)):
-                raise NonFiniteLossError(
-                    f"gradient norm is {float(grad_norm)} at step {step}; lower learning_rate or "
-                    "max_grad_norm. The last good checkpoint is kept."
-                )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-    _sync(device)
+            optimizer_step(optimizer, scheduler, params, max_grad_norm=cfg.max_grad_norm, step=step)
+    sync_device(device)
     train_s = time.perf_counter() - t2
 
-    def mean(xs: list[float]) -> float:
-        return sum(xs) / max(len(xs), 1)
-
     return {
-        "objective/reward": float(ro.scores.mean()),
+        **rollout_metrics(ro, scheduler=scheduler, score_s=score_s, train_s=train_s),
         "objective/reward_std": float(ro.scores.view(-1, G).std(dim=1).mean()),
         "objective/kl": float((kl_k1(old_logprobs, ref_logprobs) * mask).sum(1).mean()),
         "objective/entropy": float(masked_mean(entropy, mask)),
-        "loss/policy": mean(losses),
-        "loss/kl": mean(kls),
-        "policy/clipfrac": mean(clipfracs),
-        "response/length": float(mask.sum(1).mean()),
-        "response/ended_with_eos": float(ro.ended.float().mean()),
-        "optim/lr": float(scheduler.get_last_lr()[0]),
-        "perf/rollout_s": ro.rollout_s,
-        "perf/score_s": score_s,
-        "perf/train_s": train_s,
-        "perf/tokens_per_s": float(mask.sum()) / max(ro.rollout_s, 1e-9),
+        "loss/policy": list_mean(losses),
+        "loss/kl": list_mean(kls),
+        "policy/clipfrac": list_mean(clipfracs),
     }

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from rlhf.errors import NonFiniteLossError, OutOfMemoryError
+from rlhf.errors import ConfigError, NonFiniteLossError, OutOfMemoryError
 
 OnStep = Callable[[int, dict[str, float]], None]
 ShouldStop = Callable[[], bool]
@@ -79,6 +79,16 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
 def warmup_steps_for(cfg) -> int:
     """round(warmup_ratio * max_steps)."""
     return int(round(cfg.warmup_ratio * cfg.max_steps))
+
+
+def optimizer_and_schedule(params: list, cfg, *, updates_per_step: int = 1):
+    """AdamW (:func:`make_optimizer`) and its warm-up + cosine schedule over every optimizer
+    update of the run (``max_steps * updates_per_step``; PPO and GRPO update several times per
+    step), warming up for ``warmup_ratio`` of them."""
+    optimizer = make_optimizer(params, cfg)
+    total = cfg.max_steps * updates_per_step
+    scheduler = warmup_cosine(optimizer, int(round(cfg.warmup_ratio * total)), total)
+    return optimizer, scheduler
 
 
 def check_finite(loss: torch.Tensor | float, step: int, *, name: str = "loss") -> float:
@@ -163,5 +173,166 @@ def lineage(cfg, rows, *, parent: str | None = None, **extra: Any) -> dict[str, 
     return out
 
 
+def sync_device(device) -> None:
+    """Wait for the device's queued work (CUDA), so wall-clock timings are true."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def call_should_stop(should_stop: ShouldStop | None) -> bool:
     return bool(should_stop()) if should_stop is not None else False
+
+
+# ---------------------------------------------------------------------------- the shared loop
+
+
+@dataclass
+class Resume:
+    """Where a run starts: the checkpoint being resumed (None = a fresh run) and its state."""
+
+    checkpoint: Path | None = None
+    state: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def step(self) -> int:
+        return int(self.state.get("step", 0))
+
+    def parent(self, cfg) -> str | None:
+        """The run's parent checkpoint: kept from the resumed run, else cfg.init_adapter."""
+        return self.state.get("lineage", {}).get("parent", getattr(cfg, "init_adapter", None))
+
+
+_KIND_NAMES = {
+    "sft": "an SFT",
+    "reward": "a reward",
+    "dpo": "a DPO",
+    "ppo": "a PPO",
+    "grpo": "a GRPO",
+}
+
+
+def resume_point(resume_from: str | Path | None, kind: str) -> Resume:
+    """The checkpoint to resume (a checkpoint folder or a run folder = its latest) and its
+    state.json; ConfigError when it was written by another kind of run."""
+    if resume_from is None:
+        return Resume()
+    from rlhf.checkpoint import read_state, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(resume_from)
+    state = read_state(ckpt)
+    if state.get("kind") != kind:
+        raise ConfigError(
+            f"{ckpt} is a {state.get('kind')!r} checkpoint, not {_KIND_NAMES.get(kind, kind)} one"
+        )
+    return Resume(ckpt, state)
+
+
+def optimizer_step(
+    optimizer: torch.optim.Optimizer, scheduler, params: list, *, max_grad_norm: float, step: int
+) -> tuple[float, float]:
+    """Clip the gradients, step the optimizer and the schedule, zero the gradients.
+
+    A NaN/inf gradient norm raises NonFiniteLossError BEFORE the optimizer step, so the
+    weights (and the last good checkpoint) stay intact. Returns (grad_norm, lr of this step).
+    """
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    if not math.isfinite(grad_norm):
+        raise NonFiniteLossError(
+            f"gradient norm is {grad_norm} at step {step}; lower learning_rate or max_grad_norm. "
+            "The last good checkpoint is kept."
+        )
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, lr
+
+
+def save_run_checkpoint(
+    output_dir: str | Path,
+    *,
+    kind: str,
+    cfg,
+    step: int,
+    metrics: dict[str, float],
+    lineage: dict[str, Any],
+    model,
+    adapters: list[str],
+    heads: dict | None = None,
+    optimizer=None,
+    scheduler=None,
+    extra: dict[str, Any] | None = None,
+    info: dict[str, Any] | None = None,
+) -> Path:
+    """save_checkpoint with the state.json every run writes: kind, config, metrics, lineage,
+    adapters (and heads), plus ``info`` (e.g. the reward model's pooling)."""
+    from rlhf.checkpoint import save_checkpoint
+    from rlhf.config import config_to_dict
+
+    state: dict[str, Any] = {
+        "kind": kind,
+        "config": config_to_dict(cfg),
+        "metrics": metrics,
+        "lineage": lineage,
+        "adapters": list(adapters),
+    }
+    if heads:
+        state["heads"] = list(heads)
+    state.update(info or {})
+    return save_checkpoint(
+        output_dir,
+        step=step,
+        model=model,
+        adapter_names=list(adapters),
+        heads=heads,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        state=state,
+        extra=extra,
+    )
+
+
+def run_steps(
+    cfg,
+    *,
+    start_step: int,
+    train_step: Callable[[int], dict[str, float]],
+    checkpoint: Callable[[int, dict[str, float]], Path],
+    on_step: OnStep | None = None,
+    should_stop: ShouldStop | None = None,
+    eval_metrics: Callable[[], dict[str, float]] | None = None,
+    metrics: dict[str, float] | None = None,
+    last_checkpoint: Path | None = None,
+) -> TrainResult:
+    """The loop every trainer shares, from ``start_step`` to ``cfg.max_steps``.
+
+    Before each step ``should_stop()`` is checked: when true, eval metrics are added, a
+    checkpoint is written and the result has stopped=True. ``train_step(step)`` does optimizer
+    step ``step`` (1-based) and returns its metrics; ``progress/total_steps`` is added, eval
+    metrics every ``cfg.eval_every`` steps (if the config has it), at checkpoints and at the
+    end; then ``on_step(step, metrics)``, and a checkpoint every ``cfg.save_every`` steps.
+    The last step is always saved (also when a resumed run had nothing left to do and no
+    ``last_checkpoint`` is given).
+    """
+    evaluate = eval_metrics or dict
+    eval_every = getattr(cfg, "eval_every", 0)
+    metrics = dict(metrics or {})
+    step = start_step
+    while step < cfg.max_steps:
+        if call_should_stop(should_stop):
+            metrics = {**metrics, **evaluate()}
+            last_checkpoint = checkpoint(step, metrics)
+            return TrainResult(last_checkpoint, step, metrics, stopped=True)
+        step += 1
+        metrics = train_step(step)
+        metrics["progress/total_steps"] = float(cfg.max_steps)
+        will_save = bool(cfg.save_every) and step % cfg.save_every == 0 and step < cfg.max_steps
+        if (eval_every and step % eval_every == 0) or will_save or step == cfg.max_steps:
+            metrics.update(evaluate())
+        if on_step is not None:
+            on_step(step, dict(metrics))
+        if will_save:
+            last_checkpoint = checkpoint(step, metrics)
+    if step > start_step or last_checkpoint is None:
+        last_checkpoint = checkpoint(step, metrics)
+    return TrainResult(last_checkpoint, step, metrics, stopped=False)

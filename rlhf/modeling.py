@@ -114,20 +114,38 @@ def load_causal_lm(
     return model.to(device)
 
 
-def load_policy(cfg: BaseConfig, *, adapter_name: str = "policy", trainable: bool = True):
-    """Tokenizer + base model + LoRA adapter for ``cfg`` (started from cfg.init_adapter if set).
+def load_policy(
+    cfg: BaseConfig,
+    *,
+    adapter_name: str = "policy",
+    trainable: bool = True,
+    init_from: str | os.PathLike | None = None,
+):
+    """Tokenizer + base model + LoRA adapter for ``cfg``.
 
-    Returns (model: PeftModel, tokenizer, device, dtype).
+    The adapter starts from ``init_from`` (e.g. the checkpoint being resumed), else from
+    cfg.init_adapter, else fresh. Returns (model: PeftModel, tokenizer, device, dtype).
     """
     device, dtype = resolve_device_dtype(cfg)
     tokenizer = load_tokenizer(cfg.model)
     base = load_causal_lm(cfg.model, device=device, dtype=dtype)
-    if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
-        base.resize_token_embeddings(len(tokenizer))
-    if base.config.pad_token_id is None:
-        base.config.pad_token_id = tokenizer.pad_token_id
-    model = add_lora(base, cfg, adapter_name=adapter_name, trainable=trainable)
+    fit_tokenizer(base, tokenizer)
+    model = add_lora(base, cfg, adapter_name=adapter_name, trainable=trainable, init_from=init_from)
     return model, tokenizer, device, dtype
+
+
+def fit_tokenizer(model, tokenizer) -> None:
+    """Grow the embeddings to the tokenizer (an added pad token) and set the model's pad id."""
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute activations in the backward pass (Chen et al. 2016, arXiv:1604.06174)."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.enable_input_require_grads()
 
 
 # ---------------------------------------------------------------------------- LoRA
@@ -158,7 +176,7 @@ def adapter_dir(ckpt_dir: str | os.PathLike, name: str) -> Path:
     )
 
 
-def _init_adapter_dir(init: str | os.PathLike, adapter_name: str) -> Path:
+def source_adapter_dir(init: str | os.PathLike, adapter_name: str) -> Path:
     """The adapter folder to start from: a checkpoint, a run folder (its latest checkpoint) or
     a bare PEFT adapter folder; adapter ``adapter_name`` if present, else "policy"."""
     from rlhf.checkpoint import resolve_checkpoint
@@ -189,7 +207,7 @@ def add_lora(
         else (cfg.init_adapter if adapter_name == "policy" else None)
     )
     if init:
-        path = _init_adapter_dir(init, adapter_name)
+        path = source_adapter_dir(init, adapter_name)
         if isinstance(model, PeftModel):
             model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=trainable)
         else:
@@ -212,6 +230,174 @@ def add_lora(
 
 def trainable_parameters(model) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def adapter_parameters(model, name: str) -> list[nn.Parameter]:
+    """The LoRA parameters of adapter ``name`` (made trainable), in a stable order."""
+    params = [p for n, p in model.named_parameters() if f".{name}." in n]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def freeze_adapter(model, name: str) -> None:
+    """Make every parameter of adapter ``name`` frozen."""
+    for n, p in model.named_parameters():
+        if f".{name}." in n:
+            p.requires_grad_(False)
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """Run a block in eval mode (no dropout), then put the train/eval mode back."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def kept_trainable_state(model):
+    """Run a block that may switch adapters (peft's ``set_adapter`` and ``load_adapter`` flip
+    ``requires_grad`` and the train/eval mode), then put back every parameter's
+    ``requires_grad`` flag and the train/eval mode."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    was_training = model.training
+    try:
+        yield model
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+@contextlib.contextmanager
+def active_adapter(model, name: str):
+    """Run a block with adapter ``name`` active, in eval mode, then restore everything.
+
+    The previous active adapter, every parameter's ``requires_grad`` flag and the train/eval
+    mode are put back on exit, so e.g. a PPO policy model comes back exactly as it was: same
+    active adapter ("policy"), same trainable parameters.
+    """
+    previous = model.active_adapter
+    switch = previous != name
+    with kept_trainable_state(model):
+        if switch:
+            model.set_adapter(name)
+        model.eval()
+        try:
+            yield model
+        finally:
+            if switch:
+                if isinstance(previous, str):
+                    model.set_adapter(previous)
+                else:  # several active adapters
+                    model.base_model.set_adapter(list(previous))
+
+
+def load_frozen_adapter(model, folder: str | os.PathLike, adapter_name: str) -> None:
+    """Load a saved adapter into PeftModel ``model`` under ``adapter_name``, frozen, leaving
+    the active adapter, the other parameters' ``requires_grad`` and the train/eval mode as
+    they were."""
+    previous = model.active_adapter
+    with kept_trainable_state(model):
+        model.load_adapter(str(folder), adapter_name=adapter_name, is_trainable=False)
+        if model.active_adapter != previous:
+            model.set_adapter(previous)
+    freeze_adapter(model, adapter_name)
+
+
+# ---------------------------------------------------------------------------- log-probs
+
+
+def backbone_of(model):
+    """The transformer body under a (Peft-wrapped) model: a causal LM's decoder without its LM
+    head; an encoder itself. LoRA layers are injected in place, so calling the body uses the
+    active adapter."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    prefix = getattr(base, "base_model_prefix", "")
+    inner = getattr(base, prefix, None) if prefix else None
+    if isinstance(inner, nn.Module) and inner is not base:
+        return inner
+    return base
+
+
+def _backbone_and_lm_head(model):
+    """(decoder, lm_head) of a (Peft-wrapped) causal LM, or None when logits need the full
+    forward (models that soft-cap or rescale logits after the head)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if (
+        config is None
+        or getattr(config, "final_logit_softcapping", None)
+        or getattr(config, "logit_scale", None)
+    ):
+        return None
+    backbone = backbone_of(model)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if head is None or backbone is base:
+        return None
+    return backbone, head
+
+
+def next_token_logits(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    select: torch.Tensor,
+    *,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Logits [N, V] at the positions ``select`` [B, T-1] marks (position t predicts token
+    t+1), in row-major order, under the active adapter.
+
+    The LM head runs only on those N positions ([N,H] -> [N,V] instead of [B,T,V]), which
+    saves the head's time and the logits' memory on prompts. Models that post-process their
+    logits take the ordinary forward (with ``logits_to_keep`` from the first selected column).
+    """
+    kwargs: dict[str, Any] = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "use_cache": False,
+    }
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    parts = _backbone_and_lm_head(model)
+    if parts is None:
+        T = input_ids.shape[1]
+        used = select.any(0).nonzero()
+        first = int(used[0]) if used.numel() else T - 1
+        try:
+            logits = model(**kwargs, logits_to_keep=T - first).logits  # positions first..T-1
+        except TypeError:  # an architecture without logits_to_keep: all positions
+            logits = model(**kwargs).logits[:, first:]
+        return logits[:, :-1][select[:, first:]]
+    backbone, head = parts
+    hidden = backbone(**kwargs).last_hidden_state  # [B,T,H]
+    return head(hidden[:, :-1][select])  # [N,V]
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log softmax(logits / temperature)[target] per row ([..., V], [...] -> [...]), in fp32,
+    and optionally the entropy of each row's distribution (no gradient)."""
+    logits = logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    lse = torch.logsumexp(logits, dim=-1)
+    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    return logp, entropy
 
 
 # ---------------------------------------------------------------------------- heads

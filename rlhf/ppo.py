@@ -37,7 +37,7 @@ Speed and memory:
 - all prompts of a step are generated in ONE ``generate`` call under ``torch.no_grad`` with
   the KV cache; with ``merge_for_generation`` the policy adapter is merged into the base
   weights (no LoRA matmuls per decoded token) and the base weights are then restored exactly
-  from a saved CPU copy (:class:`MergedGeneration`), so the reference never drifts;
+  from a saved CPU copy (:class:`rlhf.sampling.MergedAdapter`), so the reference never drifts;
 - sampling is plain softmax sampling at ``temperature`` (no top-k/top-p), and the training
   log-probs use the same temperature, so π_old is the sampling distribution;
 - log-probs take logits of the response positions only (``logits_to_keep``) and values read
@@ -50,47 +50,47 @@ Speed and memory:
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import nn
 
-from rlhf.checkpoint import (
-    load_head,
-    load_training_state,
-    read_state,
-    resolve_checkpoint,
-    save_checkpoint,
-)
-from rlhf.config import BaseConfig, config_to_dict
-from rlhf.data import encode_prompt, pad_sequences, validate_rows
+from rlhf.checkpoint import load_head, load_training_state, read_state, resolve_checkpoint
+from rlhf.config import BaseConfig
+from rlhf.data import encode_prompts, validate_rows
 from rlhf.errors import ConfigError, NonFiniteLossError
 from rlhf.loop import (
     OnStep,
+    Resume,
     ShouldStop,
     TrainResult,
     batch_indices,
-    call_should_stop,
     check_finite,
     lineage,
-    make_optimizer,
     oom_guard,
+    optimizer_and_schedule,
+    optimizer_step,
+    resume_point,
+    run_steps,
+    save_run_checkpoint,
     seed_everything,
-    warmup_cosine,
+    sync_device,
 )
 from rlhf.modeling import (
     ScalarHead,
     adapter_dir,
+    adapter_parameters,
     add_lora,
+    backbone_of,
     hidden_size_of,
-    load_causal_lm,
-    load_tokenizer,
-    resolve_device_dtype,
+    load_policy,
+    next_token_logits,
+    token_logprobs,
 )
+from rlhf.sampling import MergedAdapter, ended_with_eos, eos_token_ids, generate
 
 # --------------------------------------------------------------------------------------------
 # Config
@@ -98,7 +98,72 @@ from rlhf.modeling import (
 
 
 @dataclass
-class PPOConfig(BaseConfig):
+class RLConfig(BaseConfig):
+    """Fields PPO and GRPO share: rollouts by sampling, minibatches, ratio clipping, no
+    dropout and no warm-up. ``batch_size`` counts PROMPTS per step."""
+
+    num_minibatches: int = 1
+    """Minibatches per batch of samples, one optimizer step each (GRPO: DeepSeekMath uses 1)."""
+
+    max_new_tokens: int = 128
+    """Response length cap; generation also stops at EOS (GRPO: TRL's GRPOConfig default
+    max_completion_length is 256; 128 here)."""
+
+    temperature: float = 1.0
+    """Sampling temperature of the rollouts, also applied to the logits when log-probs are
+    computed for training, so π_old is the sampling distribution (Huang et al. 2024; GRPO:
+    TRL's default 1.0)."""
+
+    cliprange: float = 0.2
+    """Policy ratio clip ε (Schulman et al. 2017, Ziegler et al. 2019, DeepSeekMath: 0.2)."""
+
+    chat_template: bool = False
+    """Wrap prompts with the tokenizer's chat template (use the same setting as the SFT run)."""
+
+    merge_for_generation: bool = True
+    """Merge the policy adapter into the base weights while generating (no LoRA matmuls per
+    token), then restore the exact base weights from a saved copy
+    (:class:`rlhf.sampling.MergedAdapter`)."""
+
+    lora_dropout: float = 0.0
+    """No dropout in RL, so log-probs at sampling and update time agree (Huang et al. 2024)."""
+
+    warmup_ratio: float = 0.0
+    """No warm-up: Huang et al. 2024 anneal the rate linearly from its peak; DeepSeekMath
+    trains GRPO at a constant rate."""
+
+    def rollout_rows(self) -> tuple[str, int]:
+        """(how it is computed, number of sampled responses per step)."""
+        return "batch_size", self.batch_size
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("num_minibatches", "max_new_tokens"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        label, rows = self.rollout_rows()
+        if rows % self.num_minibatches:
+            raise ConfigError(
+                f"{label} ({rows}) must be divisible by num_minibatches ({self.num_minibatches})"
+            )
+        mini = rows // self.num_minibatches
+        if mini % self.grad_accum_steps:
+            raise ConfigError(
+                f"the minibatch size {label}/num_minibatches = {mini} must be divisible by "
+                f"grad_accum_steps ({self.grad_accum_steps})"
+            )
+        if self.max_new_tokens >= self.max_seq_len:
+            raise ConfigError(
+                f"max_new_tokens ({self.max_new_tokens}) must be < max_seq_len ({self.max_seq_len})"
+            )
+        if not self.temperature > 0:
+            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if not self.cliprange > 0:
+            raise ConfigError(f"cliprange must be > 0, got {self.cliprange}")
+
+
+@dataclass
+class PPOConfig(RLConfig):
     """PPO hyper-parameters. ``batch_size`` is the ROLLOUT batch: prompts per PPO step."""
 
     learning_rate: float = 5e-5
@@ -148,9 +213,6 @@ class PPOConfig(BaseConfig):
     lam: float = 0.95
     """GAE λ (Ziegler et al. 2019 and Huang et al. 2024: 0.95)."""
 
-    cliprange: float = 0.2
-    """Policy ratio clip ε (Schulman et al. 2017 and Ziegler et al. 2019: 0.2)."""
-
     cliprange_value: float = 0.2
     """Value clip around the rollout values (Ziegler et al. 2019 and Huang et al. 2024: 0.2)."""
 
@@ -171,49 +233,19 @@ class PPOConfig(BaseConfig):
     """Start the value adapter and head from the reward model when it shares the base model
     (InstructGPT sec. 3.5: "we initialize the value function from the RM")."""
 
-    chat_template: bool = False
-    """Wrap prompts with the tokenizer's chat template (use the same setting as the SFT run)."""
-
-    merge_for_generation: bool = True
-    """Merge the policy adapter into the base weights while generating (no LoRA matmuls per
-    token), then restore the exact base weights from a saved copy."""
-
-    lora_dropout: float = 0.0
-    """LoRA dropout; 0 because PPO runs without dropout (Huang et al. 2024)."""
-
-    warmup_ratio: float = 0.0
-    """No warm-up: Huang et al. 2024 anneal the rate linearly from its peak."""
-
     def validate(self) -> None:
         super().validate()
-        for name in ("num_minibatches", "ppo_epochs", "max_new_tokens", "kl_horizon"):
+        for name in ("ppo_epochs", "kl_horizon"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.batch_size % self.num_minibatches:
-            raise ConfigError(
-                f"batch_size ({self.batch_size}) must be divisible by num_minibatches "
-                f"({self.num_minibatches})"
-            )
-        mini = self.batch_size // self.num_minibatches
-        if mini % self.grad_accum_steps:
-            raise ConfigError(
-                f"the minibatch size batch_size/num_minibatches = {mini} must be divisible by "
-                f"grad_accum_steps ({self.grad_accum_steps})"
-            )
-        if self.max_new_tokens >= self.max_seq_len:
-            raise ConfigError(
-                f"max_new_tokens ({self.max_new_tokens}) must be < max_seq_len ({self.max_seq_len})"
-            )
-        if not self.temperature > 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         if self.kl_coef < 0:
             raise ConfigError(f"kl_coef must be >= 0, got {self.kl_coef}")
         if not self.kl_target > 0:
             raise ConfigError(f"kl_target must be > 0, got {self.kl_target}")
         if not 0 <= self.gamma <= 1 or not 0 <= self.lam <= 1:
             raise ConfigError(f"gamma and lam must be in [0, 1], got {self.gamma}, {self.lam}")
-        if not self.cliprange > 0 or not self.cliprange_value > 0:
-            raise ConfigError("cliprange and cliprange_value must be > 0")
+        if not self.cliprange_value > 0:
+            raise ConfigError(f"cliprange_value must be > 0, got {self.cliprange_value}")
         if self.vf_coef < 0:
             raise ConfigError(f"vf_coef must be >= 0, got {self.vf_coef}")
 
@@ -406,45 +438,8 @@ class FixedKLController:
 
 
 # --------------------------------------------------------------------------------------------
-# Model plumbing shared with GRPO: prompts, generation, log-probs, values
+# Model plumbing shared with GRPO: log-probs and values (generation: rlhf.sampling)
 # --------------------------------------------------------------------------------------------
-
-
-def encode_prompts(
-    tokenizer, prompts: Sequence[str], *, max_len: int, chat_template: bool, device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokenise prompts as SFT does (:func:`rlhf.data.encode_prompt`), keep their last
-    ``max_len`` tokens and LEFT-pad them so generated tokens line up on the right.
-    Returns ``(ids [B, P], mask [B, P])``."""
-    seqs = [
-        encode_prompt(tokenizer, p, max_len=max_len, chat_template=chat_template) for p in prompts
-    ]
-    ids, mask = pad_sequences(seqs, tokenizer.pad_token_id, side="left")
-    return ids.to(device), mask.to(device)
-
-
-def eos_token_ids(tokenizer, model) -> list[int]:
-    """Every token id that ends a response (tokenizer EOS + the model's generation config)."""
-    ids: set[int] = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if isinstance(gen_eos, int):
-        ids.add(gen_eos)
-    elif isinstance(gen_eos, (list, tuple)):
-        ids.update(int(i) for i in gen_eos)
-    return sorted(ids)
-
-
-def response_mask_after_eos(
-    responses: torch.Tensor, eos_ids: Sequence[int]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask [B, R] that is 1 up to and including the first EOS, and a [B] bool "ended with EOS"."""
-    is_eos = torch.zeros_like(responses, dtype=torch.bool)
-    for e in eos_ids:
-        is_eos |= responses == e
-    seen_before = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # an EOS strictly before t
-    return (~seen_before).long(), is_eos.any(1)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -463,34 +458,33 @@ def response_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs [B, R] of the last ``response_len`` tokens of ``input_ids`` [B, L] under the
     active adapter, at ``temperature`` (Huang et al. 2024), and optionally the
-    per-token entropy [B, R]. Only the R + 1 last positions get logits (``logits_to_keep``),
-    which saves a [B, L, V] tensor."""
-    kwargs = dict(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
+    per-token entropy [B, R]. Only the R response positions go through the LM head
+    (:func:`rlhf.modeling.next_token_logits`), which saves a [B, L, V] tensor."""
+    B, L = input_ids.shape
+    select = torch.zeros(B, L - 1, dtype=torch.bool, device=input_ids.device)
+    select[:, -response_len:] = True  # position t predicts token t+1: the response tokens
+    logits = next_token_logits(
+        model,
+        input_ids,
+        attention_mask,
+        select,
         position_ids=position_ids_from_mask(attention_mask),
-        use_cache=False,
+    )  # [B*R, V]
+    logp, entropy = token_logprobs(
+        logits,
+        input_ids[:, -response_len:].reshape(-1),
+        temperature=temperature,
+        with_entropy=with_entropy,
     )
-    try:
-        out = model(**kwargs, logits_to_keep=response_len + 1)
-    except TypeError:  # an architecture without logits_to_keep: all positions get logits
-        out = model(**kwargs)
-    logits = out.logits[:, -response_len - 1 : -1].float() / temperature  # [B, R, V]
-    targets = input_ids[:, -response_len:]  # [B, R]
-    lse = torch.logsumexp(logits, dim=-1)  # [B, R]
-    logp = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
-    return logp, entropy
+    return logp.view(B, response_len), (
+        entropy.view(B, response_len) if entropy is not None else None
+    )
 
 
 def response_values(model, head, input_ids, attention_mask, response_len: int) -> torch.Tensor:
     """Values [B, R] of the states before each response token, from the active adapter's last
     hidden state and ``head`` (no LM-head logits are computed)."""
-    backbone = model.get_base_model().base_model  # the decoder without its LM head
-    hidden = backbone(
+    hidden = backbone_of(model)(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
@@ -499,115 +493,11 @@ def response_values(model, head, input_ids, attention_mask, response_len: int) -
     return head(hidden[:, -response_len - 1 : -1]).float()  # [B, R]
 
 
-class MergedGeneration:
-    """Generate with adapter ``name`` MERGED into the base weights (no LoRA matmuls per token).
-
-    peft's unmerge subtracts the delta again, which in bf16 does not give back the same bits and
-    would drift the frozen base (the reference policy) over many steps; so the base weights of
-    the adapted layers are saved once (on the CPU, pinned on CUDA) and copied back after every
-    merge, which restores them exactly.
-    """
-
-    def __init__(self, model, name: str):
-        from peft.tuners.lora import LoraLayer
-
-        self.name = name
-        self.layers = [m for m in model.modules() if isinstance(m, LoraLayer) and name in m.lora_A]
-        self.backup: list[torch.Tensor] | None = None
-
-    @contextlib.contextmanager
-    def merged(self):
-        if self.backup is None:
-            self.backup = []
-            for m in self.layers:
-                w = m.get_base_layer().weight.detach().to("cpu", copy=True)
-                self.backup.append(
-                    w.pin_memory() if w.device.type == "cpu" and torch.cuda.is_available() else w
-                )
-        for m in self.layers:
-            m.merge(adapter_names=[self.name])
-        try:
-            yield
-        finally:
-            for m, w in zip(self.layers, self.backup, strict=True):
-                m.unmerge()
-                m.get_base_layer().weight.data.copy_(w, non_blocking=True)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-
-
-@torch.no_grad()
-def generate_responses(
-    model,
-    query_ids: torch.Tensor,
-    query_mask: torch.Tensor,
-    *,
-    max_new_tokens: int,
-    temperature: float,
-    pad_token_id: int,
-    eos_ids: Sequence[int],
-    merger: MergedGeneration | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Sample responses for left-padded prompts with the KV cache, pure sampling at
-    ``temperature``: top-k, top-p, min-p and repetition penalties that a model's own
-    generation_config may set are switched off, so the sampling distribution is the one the
-    log-probs are computed from (Huang et al. 2024). An immediate EOS is allowed.
-
-    Returns ``(response_ids [B, R], response_mask [B, R], ended [B])``; tokens after the first
-    EOS are set to pad and masked out.
-    """
-    ctx = merger.merged() if merger is not None else contextlib.nullcontext()
-    with ctx:
-        out = model.generate(
-            input_ids=query_ids,
-            attention_mask=query_mask,
-            do_sample=True,
-            temperature=temperature,
-            top_k=0,
-            top_p=1.0,
-            min_p=None,
-            typical_p=1.0,
-            repetition_penalty=1.0,
-            no_repeat_ngram_size=0,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=pad_token_id,
-            eos_token_id=list(eos_ids),
-            use_cache=True,
-        )
-    responses = out[:, query_ids.shape[1] :]
-    mask, ended = response_mask_after_eos(responses, eos_ids)
-    responses = responses.masked_fill(mask == 0, pad_token_id)
-    return responses, mask, ended
-
-
 # --------------------------------------------------------------------------------------------
-# Policy model, value role and reward, shared with GRPO
+# Reward inputs, shared with GRPO
 # --------------------------------------------------------------------------------------------
 
 RewardFn = Callable[[str, str], float]
-
-
-def load_policy_model(cfg: BaseConfig, *, resume: Path | None):
-    """Tokenizer + base model + adapter "policy" (from the checkpoint being resumed, else from
-    ``cfg.init_adapter``, else fresh). The model is put in eval mode: no dropout in RL."""
-    device, dtype = resolve_device_dtype(cfg)
-    tokenizer = load_tokenizer(cfg.model)
-    base = load_causal_lm(cfg.model, device=device, dtype=dtype)
-    if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
-        base.resize_token_embeddings(len(tokenizer))
-    if base.config.pad_token_id is None:
-        base.config.pad_token_id = tokenizer.pad_token_id
-    model = add_lora(base, cfg, "policy", init_from=resume)
-    model.eval()
-    return model, tokenizer, device, dtype
-
-
-def adapter_parameters(model, name: str) -> list[nn.Parameter]:
-    """The LoRA parameters of adapter ``name`` (made trainable), in a stable order."""
-    params = [p for n, p in model.named_parameters() if f".{name}." in n]
-    for p in params:
-        p.requires_grad_(True)
-    return params
 
 
 def _same_model(a: str, b: str) -> bool:
@@ -649,13 +539,10 @@ class Rewarder:
                     "model", ""
                 )
                 self.shares_base = bool(rm_base) and _same_model(str(rm_base), cfg.model)
-                if self.shares_base:
+                if self.shares_base:  # loaded as the frozen adapter "reward" of this model
                     self.scorer = RewardScorer.from_checkpoint(
                         self.checkpoint, model=model, tokenizer=tokenizer, device=device
                     )
-                    for n, p in model.named_parameters():  # the reward adapter stays frozen
-                        if ".reward." in n:
-                            p.requires_grad_(False)
                 else:
                     self.scorer = RewardScorer.from_checkpoint(self.checkpoint, device=device)
                 self.description = str(self.checkpoint)
@@ -670,6 +557,55 @@ class Rewarder:
                 [float(self.reward_fn(p, c)) for p, c in zip(prompts, completions, strict=True)]
             )
         return torch.as_tensor(self.scorer(list(prompts), list(completions))).detach().float().cpu()
+
+
+@dataclass
+class RLRun:
+    """What PPO and GRPO set up alike: prompts, the resume point, ONE policy model (adapter
+    "policy", eval mode: no dropout in RL, Huang et al. 2024), the reward, the lineage and the
+    generation helpers."""
+
+    prompts: list[str]
+    resume: Resume
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    rewarder: Rewarder
+    lineage: dict[str, Any]
+    eos_ids: list[int]
+    merger: MergedAdapter | None
+
+
+def start_rl_run(
+    kind: str, cfg, data: list[dict], *, resume_from, reward_model, reward_fn
+) -> RLRun:
+    """Validate, seed, find the resume point, load the policy and the reward (see
+    :class:`Rewarder`) for a PPO or GRPO run."""
+    cfg.validate()
+    rows = validate_rows(kind, data)
+    seed_everything(cfg.seed)
+    resume = resume_point(resume_from, kind)
+    model, tokenizer, device, _dtype = load_policy(cfg, init_from=resume.checkpoint)
+    model.eval()
+    rewarder = Rewarder(
+        cfg=cfg,
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        reward_model=reward_model,
+        reward_fn=reward_fn,
+    )
+    return RLRun(
+        prompts=[r["prompt"] for r in rows],
+        resume=resume,
+        model=model,
+        tokenizer=tokenizer,
+        device=device,
+        rewarder=rewarder,
+        lineage=lineage(cfg, rows, parent=resume.parent(cfg), reward=rewarder.description),
+        eos_ids=eos_token_ids(tokenizer, model),
+        merger=MergedAdapter(model, "policy") if cfg.merge_for_generation else None,
+    )
 
 
 def check_scores(scores: torch.Tensor, step: int, completions: Sequence[str]) -> None:
@@ -718,31 +654,16 @@ def train_ppo(
     "value"; the KL coefficient of the adaptive controller is restored on resume.
     """
     cfg = config
-    cfg.validate()
-    rows = validate_rows("ppo", data)
-    prompts = [r["prompt"] for r in rows]
     output_dir = Path(output_dir)
-    seed_everything(cfg.seed)
-
-    resume = resolve_checkpoint(resume_from) if resume_from is not None else None
-    saved = read_state(resume) if resume is not None else None
-    if saved is not None and saved.get("kind") != "ppo":
-        raise ConfigError(f"{resume} is a {saved.get('kind')!r} checkpoint, not a PPO one")
-
-    model, tokenizer, device, _dtype = load_policy_model(cfg, resume=resume)
-    rewarder = Rewarder(
-        cfg=cfg,
-        model=model,
-        tokenizer=tokenizer,
-        device=device,
-        reward_model=reward_model,
-        reward_fn=reward_fn,
+    run = start_rl_run(
+        "ppo", cfg, data, resume_from=resume_from, reward_model=reward_model, reward_fn=reward_fn
     )
+    model, device, resume, rewarder = run.model, run.device, run.resume, run.rewarder
 
     # value role: adapter "value" + head, from the checkpoint / the reward model / fresh
-    if resume is not None:
-        model = add_lora(model, cfg, "value", init_from=resume)
-        value_head = load_head(resume, "value")
+    if resume.checkpoint is not None:
+        model = add_lora(model, cfg, "value", init_from=resume.checkpoint)
+        value_head = load_head(resume.checkpoint, "value")
     elif rewarder.shares_base and cfg.init_value_from_reward:
         model.load_adapter(
             str(adapter_dir(rewarder.checkpoint, "reward")), adapter_name="value", is_trainable=True
@@ -757,74 +678,45 @@ def train_ppo(
     policy_params = adapter_parameters(model, "policy")
     value_params = adapter_parameters(model, "value") + list(value_head.parameters())
     params = policy_params + value_params
-    optimizer = make_optimizer(params, cfg)
-    updates_per_step = cfg.ppo_epochs * cfg.num_minibatches
-    total_updates = cfg.max_steps * updates_per_step
-    scheduler = warmup_cosine(
-        optimizer, int(round(cfg.warmup_ratio * total_updates)), total_updates
+    optimizer, scheduler = optimizer_and_schedule(
+        params, cfg, updates_per_step=cfg.ppo_epochs * cfg.num_minibatches
     )
     kl_ctl = (
         AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
         if cfg.adaptive_kl
         else FixedKLController(cfg.kl_coef)
     )
-
-    start_step = 0
-    parent = cfg.init_adapter
-    if resume is not None:
-        training_state = load_training_state(resume, optimizer, scheduler)
+    if resume.checkpoint is not None:
+        training_state = load_training_state(resume.checkpoint, optimizer, scheduler)
         kl_ctl.value = float(training_state.get("extra", {}).get("kl_coef", kl_ctl.value))
-        start_step = int(saved["step"])
-        parent = saved.get("lineage", {}).get("parent", parent)
-    run_lineage = lineage(cfg, rows, parent=parent, reward=rewarder.description)
-
-    eos_ids = eos_token_ids(tokenizer, model)
-    merger = MergedGeneration(model, "policy") if cfg.merge_for_generation else None
     minibatch = cfg.batch_size // cfg.num_minibatches
     micro = minibatch // cfg.grad_accum_steps
 
     def checkpoint(step: int, metrics: dict[str, float]) -> Path:
-        state = {
-            "kind": "ppo",
-            "config": config_to_dict(cfg),
-            "metrics": metrics,
-            "lineage": run_lineage,
-            "adapters": ["policy", "value"],
-            "heads": ["value"],
-        }
-        return save_checkpoint(
+        return save_run_checkpoint(
             output_dir,
+            kind="ppo",
+            cfg=cfg,
             step=step,
+            metrics=metrics,
+            lineage=run.lineage,
             model=model,
-            adapter_names=["policy", "value"],
+            adapters=["policy", "value"],
             heads={"value": value_head},
             optimizer=optimizer,
             scheduler=scheduler,
-            state=state,
             extra={"kl_coef": kl_ctl.value},
         )
 
-    metrics: dict[str, float] = {}
-    last_ckpt: Path | None = None
-    step = start_step
-    hint = "batch_size, max_new_tokens or max_seq_len (or raise num_minibatches / grad_accum_steps)"
-    while step < cfg.max_steps:
-        if call_should_stop(should_stop):
-            last_ckpt = checkpoint(step, metrics)
-            return TrainResult(checkpoint_dir=last_ckpt, step=step, metrics=metrics, stopped=True)
-        step += 1
-        with oom_guard(hint):
-            metrics = _ppo_step(
+    def train_step(step: int) -> dict[str, float]:
+        with oom_guard(
+            "batch_size, max_new_tokens or max_seq_len (or raise num_minibatches / grad_accum_steps)"
+        ):
+            return _ppo_step(
                 cfg=cfg,
                 step=step,
-                model=model,
-                tokenizer=tokenizer,
+                run=run,
                 value_head=value_head,
-                rewarder=rewarder,
-                prompts=prompts,
-                device=device,
-                eos_ids=eos_ids,
-                merger=merger,
                 minibatch=minibatch,
                 micro=micro,
                 kl_ctl=kl_ctl,
@@ -832,15 +724,15 @@ def train_ppo(
                 scheduler=scheduler,
                 params=params,
             )
-        metrics["progress/total_steps"] = float(cfg.max_steps)
-        if on_step is not None:
-            on_step(step, dict(metrics))
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
-            last_ckpt = checkpoint(step, metrics)
 
-    if step > start_step or last_ckpt is None:
-        last_ckpt = checkpoint(step, metrics)
-    return TrainResult(checkpoint_dir=last_ckpt, step=step, metrics=metrics, stopped=False)
+    return run_steps(
+        cfg,
+        start_step=resume.step,
+        train_step=train_step,
+        checkpoint=checkpoint,
+        on_step=on_step,
+        should_stop=should_stop,
+    )
 
 
 @dataclass
@@ -873,19 +765,17 @@ class Rollout:
         return self.input_ids[rows][:, cols], self.attention_mask[rows][:, cols], keep
 
 
-def make_rollout(
-    *,
-    cfg,
-    step: int,
-    model,
-    tokenizer,
-    rewarder: Rewarder,
-    prompts: list[str],
-    device,
-    eos_ids,
-    merger,
-) -> Rollout:
-    """Generate one response per prompt with the policy adapter and score it."""
+def make_rollout(*, cfg, step: int, run: RLRun, repeats: int) -> Rollout:
+    """Step ``step``'s rollout: ``cfg.batch_size`` prompts of the seeded data order, each
+    ``repeats`` times in a row (GRPO's groups), one response each with the policy adapter,
+    scored. Data order and sampling depend only on (seed, step), so a resumed run repeats
+    them exactly."""
+    model, tokenizer, device, eos_ids = run.model, run.tokenizer, run.device, run.eos_ids
+    idx = batch_indices(
+        len(run.prompts), seed=cfg.seed, start=(step - 1) * cfg.batch_size, count=cfg.batch_size
+    )
+    prompts = [run.prompts[i] for i in idx for _ in range(repeats)]
+    torch.manual_seed(cfg.seed * 1_000_003 + step)
     t0 = time.perf_counter()
     query, query_mask = encode_prompts(
         tokenizer,
@@ -895,24 +785,25 @@ def make_rollout(
         device=device,
     )
     model.set_adapter("policy")
-    responses, resp_mask, ended = generate_responses(
-        model,
-        query,
-        query_mask,
-        max_new_tokens=cfg.max_new_tokens,
-        temperature=cfg.temperature,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_ids=eos_ids,
-        merger=merger,
-    )  # [B, R]
-    _sync(device)
+    with run.merger.merged() if run.merger is not None else contextlib.nullcontext():
+        responses, resp_mask = generate(
+            model,
+            tokenizer,
+            query,
+            query_mask,
+            temperature=cfg.temperature,
+            max_new_tokens=cfg.max_new_tokens,
+            eos_ids=eos_ids,
+        )  # [B, R]; pad after the first EOS
+    ended = ended_with_eos(responses, eos_ids)
+    sync_device(device)
     rollout_s = time.perf_counter() - t0
 
     t1 = time.perf_counter()
     completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    scores = rewarder(prompts, completions).to(device)  # [B]
+    scores = run.rewarder(prompts, completions).to(device)  # [B]
     check_scores(scores, step, completions)
-    _sync(device)
+    sync_device(device)
     return Rollout(
         prompts=list(prompts),
         completions=completions,
@@ -925,6 +816,27 @@ def make_rollout(
         rollout_s=rollout_s,
         score_s=time.perf_counter() - t1,
     )
+
+
+def rollout_metrics(ro: Rollout, *, scheduler, score_s: float, train_s: float) -> dict:
+    """The metrics PPO and GRPO share: mean score, response lengths, learning rate, timings
+    and generated tokens per second of rollout."""
+    mask = ro.response_mask
+    return {
+        "objective/reward": float(ro.scores.mean()),
+        "response/length": float(mask.sum(1).mean()),
+        "response/ended_with_eos": float(ro.ended.float().mean()),
+        "optim/lr": float(scheduler.get_last_lr()[0]),
+        "perf/rollout_s": ro.rollout_s,
+        "perf/score_s": score_s,
+        "perf/train_s": train_s,
+        "perf/tokens_per_s": float(mask.sum()) / max(ro.rollout_s, 1e-9),
+    }
+
+
+def list_mean(xs: list[float]) -> float:
+    """The mean of a list of per-minibatch statistics (0 for none)."""
+    return sum(xs) / max(len(xs), 1)
 
 
 @torch.no_grad()
@@ -965,14 +877,8 @@ def _ppo_step(
     *,
     cfg,
     step,
-    model,
-    tokenizer,
+    run: RLRun,
     value_head,
-    rewarder,
-    prompts,
-    device,
-    eos_ids,
-    merger,
     minibatch,
     micro,
     kl_ctl,
@@ -981,22 +887,9 @@ def _ppo_step(
     params,
 ) -> dict[str, float]:
     B = cfg.batch_size
-    # data order and sampling depend only on (seed, step): a resumed run repeats them exactly
-    idx = batch_indices(len(prompts), seed=cfg.seed, start=(step - 1) * B, count=B)
-    torch.manual_seed(cfg.seed * 1_000_003 + step)
-
+    model, device = run.model, run.device
     # 1-2. rollout and score ------------------------------------------------------------------
-    ro = make_rollout(
-        cfg=cfg,
-        step=step,
-        model=model,
-        tokenizer=tokenizer,
-        rewarder=rewarder,
-        prompts=[prompts[i] for i in idx],
-        device=device,
-        eos_ids=eos_ids,
-        merger=merger,
-    )
+    ro = make_rollout(cfg=cfg, step=step, run=run, repeats=1)
     t1 = time.perf_counter()
     scores = ro.scores
     if cfg.missing_eos_penalty is not None:
@@ -1022,7 +915,7 @@ def _ppo_step(
         advantages, returns = compute_gae(rewards, values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
             advantages = whiten(advantages, mask)
-    _sync(device)
+    sync_device(device)
     score_s = ro.score_s + time.perf_counter() - t1
 
     # 3. PPO epochs over minibatches -----------------------------------------------------------
@@ -1058,17 +951,9 @@ def _ppo_step(
                 stats["clip"].append(float(clipfrac))
                 stats["vclip"].append(float(vclip))
                 stats["approxkl"].append(float(approxkl))
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            if not math.isfinite(float(grad_norm)):
-                raise NonFiniteLossError(
-                    f"gradient norm is {float(grad_norm)} at step {step}; lower learning_rate or "
-                    "max_grad_norm. The last good checkpoint is kept."
-                )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(optimizer, scheduler, params, max_grad_norm=cfg.max_grad_norm, step=step)
     model.set_adapter("policy")
-    _sync(device)
+    sync_device(device)
     train_s = time.perf_counter() - t2
 
     seq_kl = kl.sum(1)  # [B] k1 summed over the response
@@ -1076,30 +961,15 @@ def _ppo_step(
     kl_coef = kl_ctl.value
     kl_ctl.update(mean_kl, B)
 
-    def mean(xs: list[float]) -> float:
-        return sum(xs) / max(len(xs), 1)
-
     return {
-        "objective/reward": float(ro.scores.mean()),
+        **rollout_metrics(ro, scheduler=scheduler, score_s=score_s, train_s=train_s),
         "objective/rlhf_reward": float((scores - kl_coef * seq_kl).mean()),
         "objective/kl": mean_kl,
         "objective/entropy": float(masked_mean(entropy, mask)),
         "objective/kl_coef": kl_coef,
-        "loss/policy": mean(stats["pg"]),
-        "loss/value": mean(stats["vf"]),
-        "policy/clipfrac": mean(stats["clip"]),
-        "policy/approxkl": mean(stats["approxkl"]),
-        "value/clipfrac": mean(stats["vclip"]),
-        "response/length": float(mask.sum(1).mean()),
-        "response/ended_with_eos": float(ro.ended.float().mean()),
-        "optim/lr": float(scheduler.get_last_lr()[0]),
-        "perf/rollout_s": ro.rollout_s,
-        "perf/score_s": score_s,
-        "perf/train_s": train_s,
-        "perf/tokens_per_s": float(mask.sum()) / max(ro.rollout_s, 1e-9),
+        "loss/policy": list_mean(stats["pg"]),
+        "loss/value": list_mean(stats["vf"]),
+        "policy/clipfrac": list_mean(stats["clip"]),
+        "policy/approxkl": list_mean(stats["approxkl"]),
+        "value/clipfrac": list_mean(stats["vclip"]),
     }
-
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()

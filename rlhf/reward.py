@@ -30,9 +30,7 @@ the labeler demonstrations achieve a mean score of 0"); the shift is stored in t
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -49,35 +47,43 @@ from rlhf.checkpoint import (
     load_training_state,
     read_state,
     resolve_checkpoint,
-    save_checkpoint,
 )
-from rlhf.config import BaseConfig, config_to_dict
+from rlhf.config import OfflineConfig
 from rlhf.data import encode_prompt_completion, pad_sequences, validate_rows
-from rlhf.errors import ConfigError, NonFiniteLossError
+from rlhf.errors import ConfigError
 from rlhf.loop import (
     OnStep,
     ShouldStop,
     TrainResult,
     batch_indices,
-    call_should_stop,
     check_finite,
     lineage,
-    make_optimizer,
     oom_guard,
+    optimizer_and_schedule,
+    optimizer_step,
+    resume_point,
+    run_steps,
+    save_run_checkpoint,
     seed_everything,
-    warmup_cosine,
-    warmup_steps_for,
+    sync_device,
 )
 from rlhf.modeling import (
     ScalarHead,
+    active_adapter,
     adapter_dir,
+    backbone_of,
+    enable_gradient_checkpointing,
+    eval_mode,
+    fit_tokenizer,
     hidden_size_of,
     last_token_index,
     load_causal_lm,
+    load_frozen_adapter,
     load_tokenizer,
     lora_config,
     pick_device_dtype,
     resolve_device_dtype,
+    source_adapter_dir,
     trainable_parameters,
 )
 from rlhf.sft import split_eval
@@ -194,7 +200,7 @@ def preference_rows(data: Sequence[dict]) -> list[PreferenceRow]:
 
 
 @dataclass
-class RewardConfig(BaseConfig):
+class RewardConfig(OfflineConfig):
     """Reward-model training. ``batch_size`` counts PROMPTS (each with all its K completions),
     as InstructGPT batches whole rankings (sec. 3.5; they use 64 prompts per batch)."""
 
@@ -205,16 +211,6 @@ class RewardConfig(BaseConfig):
     max_steps: int = 100
     """Optimizer steps. InstructGPT trains its RM for a single epoch (more overfits, sec. 3.5)."""
 
-    eval_fraction: float = 0.1
-    """Fraction of rows (prompts) held out for ``reward/accuracy`` (0 = none; ignored when
-    ``eval_data`` is passed to train_reward)."""
-
-    eval_every: int = 0
-    """Compute held-out accuracy every N steps (0 = at checkpoints and at the end only)."""
-
-    eval_batch_size: int = 0
-    """Prompts per eval forward pass (0 = batch_size)."""
-
     base_kind: str = "auto"
     """"causal" (decoder LM, reward at the last token), "encoder" (BERT-like AutoModel, pooled),
     or "auto" = read it from the model config (``*ForCausalLM`` / is_decoder -> causal)."""
@@ -224,9 +220,6 @@ class RewardConfig(BaseConfig):
     "auto" = "last" for causal LMs; for encoders the sentence-transformers pooling config
     (1_Pooling/config.json) when present, else "cls"."""
 
-    chat_template: bool = False
-    """Wrap prompts with the tokenizer's chat template (as the policy's SFT run did)."""
-
     normalize_reward: bool = True
     """After training, shift the head bias so that the rewards of the reference set (the
     training completions) have mean 0 (InstructGPT sec. 3.5, before RL)."""
@@ -234,16 +227,8 @@ class RewardConfig(BaseConfig):
     reference_max_completions: int = 4096
     """At most this many training completions (a seeded sample) form the reference set."""
 
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory (Chen et al. 2016, arXiv:1604.06174)."""
-
     def validate(self) -> None:
         super().validate()
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        for name in ("eval_every", "eval_batch_size"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.base_kind not in ("auto", "causal", "encoder"):
             raise ConfigError(f"base_kind must be auto, causal or encoder, got {self.base_kind!r}")
         if self.pooling not in ("auto", "last", "mean", "cls"):
@@ -313,19 +298,6 @@ def default_pooling(name_or_path: str, base_kind: str) -> str:
     return "cls"
 
 
-def backbone_of(model):
-    """The transformer body under a PeftModel (causal LM -> its decoder; encoder -> itself).
-
-    LoRA layers are injected in place, so calling the body uses the active adapter.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    prefix = getattr(base, "base_model_prefix", "")
-    inner = getattr(base, prefix, None) if prefix else None
-    if isinstance(inner, nn.Module) and inner is not base:
-        return inner
-    return base
-
-
 def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
     """[B,T,H] hidden states -> [B,H]: "last" non-pad token, "mean" over tokens, or "cls" (token 0)."""
     if pooling == "last":
@@ -337,36 +309,6 @@ def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str
     if pooling == "cls":
         return hidden[:, 0]
     raise ConfigError(f"unknown pooling {pooling!r}")
-
-
-@contextlib.contextmanager
-def active_adapter(model, name: str):
-    """Run a block with adapter ``name`` active, in eval mode, then restore everything.
-
-    ``PeftModel.set_adapter`` also flips ``requires_grad`` (it makes the new adapter trainable
-    and freezes the others), so the previous active adapter, every parameter's
-    ``requires_grad`` flag and the train/eval mode are saved and put back on exit. A PPO
-    policy model therefore comes back exactly as it was: same active adapter ("policy"),
-    same trainable parameters.
-    """
-    previous = model.active_adapter
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
-    switch = previous != name
-    if switch:
-        model.set_adapter(name)
-    model.eval()
-    try:
-        yield model
-    finally:
-        if switch:
-            if isinstance(previous, str):
-                model.set_adapter(previous)
-            else:  # several active adapters
-                model.base_model.set_adapter(list(previous))
-        for p, flag in flags:
-            p.requires_grad_(flag)
-        model.train(was_training)
 
 
 class RewardModel(nn.Module):
@@ -452,10 +394,7 @@ def build_reward_model(cfg: RewardConfig):
     pooling = default_pooling(cfg.model, base_kind) if cfg.pooling == "auto" else cfg.pooling
     tokenizer = load_tokenizer(cfg.model)
     base = load_reward_base(cfg.model, base_kind, device=device, dtype=dtype)
-    if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
-        base.resize_token_embeddings(len(tokenizer))
-    if getattr(base.config, "pad_token_id", None) is None:
-        base.config.pad_token_id = tokenizer.pad_token_id
+    fit_tokenizer(base, tokenizer)
     peft_model = get_peft_model(
         base, lora_config(cfg, task_type=_task_type(base_kind)), adapter_name=ADAPTER
     )
@@ -465,20 +404,6 @@ def build_reward_model(cfg: RewardConfig):
         tokenizer, base_kind=base_kind, max_seq_len=cfg.max_seq_len, chat_template=cfg.chat_template
     )
     return rm, encoder, device
-
-
-def load_adapter_into(peft_model, folder: Path, adapter_name: str) -> None:
-    """Copy a saved adapter's weights (any adapter name) into ``adapter_name`` of ``peft_model``."""
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    weights = load_file(str(folder / "adapter_model.safetensors"))
-    result = set_peft_model_state_dict(peft_model, weights, adapter_name=adapter_name)
-    bad = list(getattr(result, "unexpected_keys", []) or [])
-    if bad:
-        raise ConfigError(
-            f"adapter in {folder} does not fit this model (e.g. {bad[0]}); same base and lora_r?"
-        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -496,13 +421,11 @@ def score_sequences(
     device,
 ):
     """Rewards [N] (float32, on CPU) of pre-tokenized sequences, in eval mode."""
-    was_training = rm.training
-    rm.eval()
     out = []
-    for i in range(0, len(seqs), batch_size):
-        ids, mask = encoder.batch(seqs[i : i + batch_size], device)
-        out.append(rm(ids, mask).float().cpu())
-    rm.train(was_training)
+    with eval_mode(rm):
+        for i in range(0, len(seqs), batch_size):
+            ids, mask = encoder.batch(seqs[i : i + batch_size], device)
+            out.append(rm(ids, mask).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -551,47 +474,33 @@ def train_reward(
     output_dir = Path(output_dir)
     seed_everything(cfg.seed)
 
+    resume = resume_point(resume_from, "reward")
     rm, encoder, device = build_reward_model(cfg)
     peft_model, head = rm.peft_model, rm.head
     head.linear.bias.requires_grad_(
         False
     )  # the pairwise loss ignores a shift; set by normalisation
-    if (
-        cfg.init_adapter
-    ):  # e.g. start from the SFT policy, as InstructGPT starts its RM from the SFT model
-        init = Path(cfg.init_adapter)
-        folder = adapter_dir(init, ADAPTER if (init / ADAPTER).exists() else "policy")
-        load_adapter_into(peft_model, folder, ADAPTER)
+    if cfg.init_adapter:  # e.g. the SFT policy, as InstructGPT starts its RM from the SFT model
+        load_adapter_weights(peft_model, source_adapter_dir(cfg.init_adapter, ADAPTER), ADAPTER)
     if cfg.gradient_checkpointing:
-        peft_model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
-        peft_model.enable_input_require_grads()
+        enable_gradient_checkpointing(peft_model)
 
     def encode(rs: Sequence[PreferenceRow]) -> list[list[list[int]]]:
         return [[encoder.encode(r.prompt, c) for c in r.completions] for r in rs]
 
     train_seqs, eval_seqs = encode(train_rows), encode(eval_rows)
     params = trainable_parameters(peft_model) + [head.linear.weight]
-    optimizer = make_optimizer(params, cfg)
-    scheduler = warmup_cosine(optimizer, warmup_steps_for(cfg), cfg.max_steps)
+    optimizer, scheduler = optimizer_and_schedule(params, cfg)
 
-    start_step, parent = 0, cfg.init_adapter
-    if resume_from is not None:
-        ckpt = resolve_checkpoint(resume_from)
-        saved = read_state(ckpt)
-        if saved.get("kind") != "reward":
-            raise ConfigError(f"{ckpt} is a {saved.get('kind')!r} checkpoint, not a reward one")
-        load_adapter_weights(peft_model, ckpt, ADAPTER)
-        head.load_state_dict(load_head(ckpt, HEAD).state_dict())
-        load_training_state(ckpt, optimizer, scheduler)
-        start_step = int(saved["step"])
-        parent = saved.get("lineage", {}).get("parent", parent)
+    if resume.checkpoint is not None:
+        load_adapter_weights(peft_model, resume.checkpoint, ADAPTER)
+        head.load_state_dict(load_head(resume.checkpoint, HEAD).state_dict())
+        load_training_state(resume.checkpoint, optimizer, scheduler)
 
     run_lineage = lineage(
         cfg,
         [{"prompt": r.prompt, "completions": r.completions, "ranking": r.groups} for r in rows],
-        parent=parent,
+        parent=resume.parent(cfg),
     )
     eval_bs = cfg.eval_batch_size or cfg.batch_size
     prompts_per_step = cfg.batch_size * cfg.grad_accum_steps
@@ -632,48 +541,38 @@ def train_reward(
 
     def checkpoint(step: int, metrics: dict[str, float]) -> Path:
         shift = normalise()
-        bias = float(head.linear.bias.detach())
-        state = {
-            "kind": "reward",
-            "config": config_to_dict(cfg),
-            "metrics": {**metrics, **shift},
-            "lineage": run_lineage,
-            "adapters": [ADAPTER],
-            "heads": [HEAD],
-            "reward": {
-                "base_kind": rm.base_kind,
-                "pooling": rm.pooling,
-                "chat_template": cfg.chat_template,
-                "max_seq_len": cfg.max_seq_len,
-                "head_bias": bias,
-                "reference_size": len(reference),
-                "normalized": cfg.normalize_reward,
-            },
-        }
-        return save_checkpoint(
+        return save_run_checkpoint(
             output_dir,
+            kind="reward",
+            cfg=cfg,
             step=step,
+            metrics={**metrics, **shift},
+            lineage=run_lineage,
             model=peft_model,
-            adapter_names=[ADAPTER],
+            adapters=[ADAPTER],
             heads={HEAD: head},
             optimizer=optimizer,
             scheduler=scheduler,
-            state=state,
+            info={
+                "reward": {
+                    "base_kind": rm.base_kind,
+                    "pooling": rm.pooling,
+                    "chat_template": cfg.chat_template,
+                    "max_seq_len": cfg.max_seq_len,
+                    "head_bias": float(head.linear.bias.detach()),
+                    "reference_size": len(reference),
+                    "normalized": cfg.normalize_reward,
+                }
+            },
         )
 
-    rm.train()
-    metrics: dict[str, float] = {}
-    last_ckpt: Path | None = None
-    step = start_step
-    while step < cfg.max_steps:
-        if call_should_stop(should_stop):
-            metrics = {**metrics, **eval_metrics()}
-            last_ckpt = checkpoint(step, metrics)
-            return TrainResult(checkpoint_dir=last_ckpt, step=step, metrics=metrics, stopped=True)
-
+    def train_step(step: int) -> dict[str, float]:
         t_start = time.perf_counter()
         idx = batch_indices(
-            len(train_rows), seed=cfg.seed, start=step * prompts_per_step, count=prompts_per_step
+            len(train_rows),
+            seed=cfg.seed,
+            start=(step - 1) * prompts_per_step,
+            count=prompts_per_step,
         )
         loss_sum, n_pairs, n_correct, n_tokens, margin_sum = 0.0, 0, 0, 0, 0.0
         with oom_guard(
@@ -690,7 +589,7 @@ def train_reward(
                 rewards = rm(ids, mask)  # [N]
                 loss, correct = batch_ranking_loss(rewards.float(), rankings)
                 loss = loss / cfg.grad_accum_steps
-                check_finite(loss, step + 1, name="reward loss")
+                check_finite(loss, step, name="reward loss")
                 loss.backward()
                 loss_sum += float(loss.detach())
                 winners, losers, _ = batch_pair_index(rankings)
@@ -698,42 +597,32 @@ def train_reward(
                 n_pairs += int(correct.numel())
                 n_correct += int(correct.sum())
                 n_tokens += sum(len(q) for q in seqs)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            if not math.isfinite(float(grad_norm)):
-                raise NonFiniteLossError(
-                    f"gradient norm is {float(grad_norm)} at step {step + 1}; lower learning_rate or "
-                    "max_grad_norm. The last good checkpoint is kept."
-                )
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+            grad_norm, lr = optimizer_step(
+                optimizer, scheduler, params, max_grad_norm=cfg.max_grad_norm, step=step
+            )
+        sync_device(device)
         dt = max(time.perf_counter() - t_start, 1e-9)
-        step += 1
-        metrics = {
+        return {
             "loss/reward": loss_sum,
             "reward/train_accuracy": n_correct / max(n_pairs, 1),
             "reward/margin": margin_sum / max(n_pairs, 1),
             "perf/comparisons_per_s": n_pairs / dt,
             "perf/tokens_per_s": n_tokens / dt,
             "optim/lr": lr,
-            "optim/grad_norm": float(grad_norm),
-            "progress/total_steps": float(cfg.max_steps),
+            "optim/grad_norm": grad_norm,
             "progress/epoch": step * prompts_per_step / len(train_rows),
         }
-        will_save = bool(cfg.save_every) and step % cfg.save_every == 0 and step < cfg.max_steps
-        if (cfg.eval_every and step % cfg.eval_every == 0) or will_save or step == cfg.max_steps:
-            metrics.update(eval_metrics())
-        if on_step is not None:
-            on_step(step, dict(metrics))
-        if will_save:
-            last_ckpt = checkpoint(step, metrics)
 
-    if step > start_step or last_ckpt is None:
-        last_ckpt = checkpoint(step, metrics)
-    return TrainResult(checkpoint_dir=last_ckpt, step=step, metrics=metrics, stopped=False)
+    rm.train()
+    return run_steps(
+        cfg,
+        start_step=resume.step,
+        train_step=train_step,
+        checkpoint=checkpoint,
+        on_step=on_step,
+        should_stop=should_stop,
+        eval_metrics=eval_metrics,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -804,17 +693,7 @@ class RewardScorer:
                 raise ConfigError("model= must be a peft PeftModel on the reward model's base")
             dev = next(model.parameters()).device
             if ADAPTER not in model.peft_config:
-                flags = [(p, p.requires_grad) for p in model.parameters()]
-                previous, was_training = model.active_adapter, model.training
-                model.load_adapter(str(folder), adapter_name=ADAPTER, is_trainable=False)
-                if model.active_adapter != previous:
-                    model.set_adapter(previous)
-                for p, flag in flags:
-                    p.requires_grad_(flag)
-                for name, p in model.named_parameters():
-                    if f".{ADAPTER}." in name:
-                        p.requires_grad_(False)
-                model.train(was_training)  # load_adapter(is_trainable=False) switches to eval()
+                load_frozen_adapter(model, folder, ADAPTER)
             peft_model = model
             if tokenizer is None:
                 tokenizer = load_tokenizer(base_name)
@@ -824,8 +703,7 @@ class RewardScorer:
             )
             tokenizer = tokenizer or load_tokenizer(base_name)
             base = load_reward_base(base_name, base_kind, device=dev, dtype=dtype)
-            if len(tokenizer) > base.get_input_embeddings().weight.shape[0]:
-                base.resize_token_embeddings(len(tokenizer))
+            fit_tokenizer(base, tokenizer)
             peft_model = PeftModel.from_pretrained(
                 base, str(folder), adapter_name=ADAPTER, is_trainable=False
             )

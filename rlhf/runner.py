@@ -104,8 +104,10 @@ def run(
 
     Training kinds return a TrainResult. "sample" returns the list of sampled rows and also
     writes them to ``output_dir/samples.jsonl`` (``resume_from``, when given, is the
-    checkpoint to sample from). PPO/GRPO take ``reward_model`` (a reward checkpoint folder) or
-    ``reward_fn`` (a callable or a "module:function" string). ``eval_data`` (held-out rows) goes
+    checkpoint to sample from). PPO/GRPO take ``reward_model`` (a reward checkpoint or run
+    folder, or a scorer object ``scorer(prompts, completions) -> Tensor[B]`` such as a
+    :class:`rlhf.reward.RewardScorer`) or ``reward_fn`` (a callable or a "module:function"
+    string). ``eval_data`` (held-out rows) goes
     to the kinds that take it (sft, reward, dpo) instead of their own held-out split.
     """
     if kind not in KINDS:

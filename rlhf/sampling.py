@@ -7,7 +7,8 @@ InstructGPT collects rankings over K = 4..9 sampled completions per prompt (Ouya
 Speed: ``generate`` runs with a KV cache; a LoRA adapter is merged into the weights
 before generating (one matmul per layer instead of three), either into a private copy of
 the base model (:func:`sample`, which loads its own) or temporarily into a training
-model (:func:`merged_adapter`, which restores the exact base weights afterwards).
+model (:class:`MergedAdapter`, used by PPO and GRPO rollouts, which restores the exact base
+weights afterwards).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +26,13 @@ from rlhf.config import BaseConfig
 from rlhf.data import PromptCollator, validate_rows
 from rlhf.errors import ConfigError
 from rlhf.loop import OnStep, ShouldStop, call_should_stop, oom_guard
-from rlhf.modeling import adapter_dir, load_causal_lm, load_tokenizer, resolve_device_dtype
+from rlhf.modeling import (
+    eval_mode,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_device_dtype,
+    source_adapter_dir,
+)
 
 
 @dataclass
@@ -61,40 +68,66 @@ class SampleConfig(BaseConfig):
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
 
 
-@contextlib.contextmanager
-def merged_adapter(model, *, exact: bool = True) -> Iterator[Any]:
-    """Temporarily merge the active LoRA adapter(s) of a PeftModel for fast ``generate``.
+class MergedAdapter:
+    """Generate with LoRA adapter ``name`` MERGED into the base weights (no LoRA matmuls per
+    decoded token): ``with merger.merged(): model.generate(...)``.
 
-    With ``exact=True`` the base weights of merged layers are copied first and put back on
-    exit, so repeated merge/unmerge never drifts the frozen base (bf16 rounding); with
-    ``exact=False`` peft's ``unmerge_adapter`` is used (no extra memory). The model is put
-    in eval mode inside the block and its training flag is restored afterwards.
+    peft's unmerge subtracts the delta again, which in bf16 does not give back the same bits
+    and would drift the frozen base (PPO's reference policy) over many steps; so the base
+    weights of the adapted layers are saved once (on the CPU, pinned on CUDA) and copied back
+    after every merge, which restores them exactly. Inside the block the model is in eval
+    mode; its training flag is restored afterwards.
     """
-    from peft.tuners.lora import LoraLayer
 
-    was_training = model.training
-    model.eval()
-    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
-    if exact:
-        for module in model.modules():
-            if isinstance(module, LoraLayer):
-                w = module.get_base_layer().weight
-                saved.append((w, w.detach().clone()))
-    model.merge_adapter()
-    try:
-        yield model
-    finally:
-        if exact:
-            for module in model.modules():
-                if isinstance(module, LoraLayer):
-                    module.merged_adapters = []
-            with torch.no_grad():
-                for w, copy in saved:
-                    w.copy_(copy)
-        else:
-            model.unmerge_adapter()
-        if was_training:
-            model.train()
+    def __init__(self, model, name: str | None = None):
+        from peft.tuners.lora import LoraLayer
+
+        self.model = model
+        self.name = name if name is not None else model.active_adapter
+        self.layers = [
+            m for m in model.modules() if isinstance(m, LoraLayer) and self.name in m.lora_A
+        ]
+        self.backup: list[torch.Tensor] | None = None
+
+    @contextlib.contextmanager
+    def merged(self) -> Iterator[Any]:
+        if self.backup is None:
+            self.backup = []
+            for m in self.layers:
+                w = m.get_base_layer().weight.detach().to("cpu", copy=True)
+                self.backup.append(
+                    w.pin_memory() if w.device.type == "cpu" and torch.cuda.is_available() else w
+                )
+        with eval_mode(self.model):
+            for m in self.layers:
+                m.merge(adapter_names=[self.name])
+            try:
+                yield self.model
+            finally:
+                for m, w in zip(self.layers, self.backup, strict=True):
+                    m.unmerge()
+                    m.get_base_layer().weight.data.copy_(w, non_blocking=True)
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+
+
+def merged_adapter(model, name: str | None = None):
+    """``with merged_adapter(model):`` a one-off :class:`MergedAdapter` block (``name`` = the
+    active adapter by default)."""
+    return MergedAdapter(model, name).merged()
+
+
+def eos_token_ids(tokenizer, model=None) -> list[int]:
+    """Every token id that ends a completion (tokenizer EOS + the model's generation config)."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(gen_eos, int):
+        ids.add(gen_eos)
+    elif isinstance(gen_eos, (list, tuple)):
+        ids.update(int(i) for i in gen_eos)
+    return sorted(ids)
 
 
 @torch.no_grad()
@@ -108,44 +141,62 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     max_new_tokens: int = 128,
+    eos_ids: Sequence[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample continuations of LEFT-padded prompts with a KV cache.
 
     input_ids/attention_mask [B,P] -> (completion_ids [B*K, N], completion_mask [B*K, N]); rows
     are grouped by prompt (K consecutive rows per prompt); the mask covers tokens up to and
-    including the first EOS.
+    including the first EOS (any of ``eos_ids``, default :func:`eos_token_ids`) and the ids
+    after it are set to pad. ``temperature`` 0 = greedy. Sampling is from the plain softmax at
+    ``temperature`` (nucleus-filtered when ``top_p`` < 1): top-k, min-p, typical-p and
+    repetition penalties that a model's own generation_config may set are switched off, so
+    the distribution sampled is the one PPO/GRPO compute log-probs from (Huang et al. 2024).
     """
+    eos = list(eos_ids) if eos_ids is not None else eos_token_ids(tokenizer, model)
     do_sample = temperature > 0
     kwargs: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
         "do_sample": do_sample,
         "pad_token_id": tokenizer.pad_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
+        "eos_token_id": eos or None,
         "use_cache": True,
-        # explicit, so that a hub model's generation_config (repetition penalty, top-k, beams)
-        # does not silently change the distribution being sampled
         "num_beams": 1,
         "repetition_penalty": 1.0,
+        "no_repeat_ngram_size": 0,
     }
     if do_sample:
-        kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
-    if (
-        num_completions > 1
-    ):  # K consecutive copies per prompt (greedy refuses num_return_sequences > 1)
+        kwargs.update(temperature=temperature, top_p=top_p, top_k=0, min_p=None, typical_p=1.0)
+    if num_completions > 1:  # K consecutive copies (greedy refuses num_return_sequences > 1)
         input_ids = input_ids.repeat_interleave(num_completions, dim=0)
         attention_mask = attention_mask.repeat_interleave(num_completions, dim=0)
     out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     completion = out[:, input_ids.shape[1] :]  # [B*K, N]
-    return completion, completion_mask_after_eos(completion, tokenizer.eos_token_id)
+    mask = completion_mask_after_eos(completion, eos or None)
+    return completion.masked_fill(mask == 0, tokenizer.pad_token_id), mask
 
 
-def completion_mask_after_eos(completion: torch.Tensor, eos_id: int | None) -> torch.Tensor:
+def _is_eos(completion: torch.Tensor, eos_ids: int | Sequence[int]) -> torch.Tensor:
+    eos = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids)
+    return torch.isin(
+        completion, torch.tensor(eos, dtype=completion.dtype, device=completion.device)
+    )
+
+
+def completion_mask_after_eos(
+    completion: torch.Tensor, eos_ids: int | Sequence[int] | None
+) -> torch.Tensor:
     """[B,N] generated ids -> [B,N] long mask: 1 up to and including the first EOS, 0 after."""
-    if eos_id is None:
+    if eos_ids is None:
         return torch.ones_like(completion)
-    is_eos = (completion == eos_id).long()
+    is_eos = _is_eos(completion, eos_ids).long()
     after = torch.cumsum(is_eos, dim=1) - is_eos  # number of EOS strictly before each position
     return (after == 0).long()
+
+
+def ended_with_eos(completion: torch.Tensor, eos_ids: int | Sequence[int]) -> torch.Tensor:
+    """[B,N] generated ids -> [B] bool: the completion has an EOS (it did not run out of tokens)."""
+    return _is_eos(completion, eos_ids).any(dim=1)
 
 
 def load_sampling_model(cfg: SampleConfig, checkpoint: str | os.PathLike | None = None):
@@ -154,17 +205,11 @@ def load_sampling_model(cfg: SampleConfig, checkpoint: str | os.PathLike | None 
     tokenizer = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model, device=device, dtype=dtype)
     ckpt = checkpoint if checkpoint is not None else cfg.init_adapter
-    if ckpt:
+    if ckpt:  # a checkpoint, a run folder (its latest checkpoint) or a bare adapter folder
         from peft import PeftModel
 
-        from rlhf.checkpoint import resolve_checkpoint
-
-        try:
-            ckpt_dir = resolve_checkpoint(ckpt)
-        except ConfigError:
-            ckpt_dir = ckpt  # a bare adapter folder
         model = PeftModel.from_pretrained(
-            model, str(adapter_dir(ckpt_dir, "policy")), adapter_name="policy"
+            model, str(source_adapter_dir(ckpt, "policy")), adapter_name="policy"
         )
         model = model.merge_and_unload()
     model.eval()

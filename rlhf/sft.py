@@ -17,73 +17,172 @@ so a resumed run sees exactly the rows an uninterrupted run would.
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 
-from rlhf.checkpoint import (
-    load_adapter_weights,
-    load_training_state,
-    read_state,
-    resolve_checkpoint,
-    save_checkpoint,
-)
-from rlhf.config import BaseConfig, config_to_dict
+from rlhf.checkpoint import load_adapter_weights, load_training_state
+from rlhf.config import OfflineConfig
 from rlhf.data import IGNORE_INDEX, SFTCollator, collate_sft, validate_rows
-from rlhf.errors import ConfigError, DataError, NonFiniteLossError
+from rlhf.errors import ConfigError, DataError
 from rlhf.loop import (
     OnStep,
     ShouldStop,
     TrainResult,
     batch_indices,
-    call_should_stop,
     check_finite,
     lineage,
-    make_optimizer,
     oom_guard,
+    optimizer_and_schedule,
+    optimizer_step,
+    resume_point,
+    run_steps,
+    save_run_checkpoint,
     seed_everything,
-    warmup_cosine,
-    warmup_steps_for,
 )
-from rlhf.modeling import load_policy, trainable_parameters
+from rlhf.modeling import (
+    enable_gradient_checkpointing,
+    eval_mode,
+    hidden_size_of,
+    load_policy,
+    next_token_logits,
+    trainable_parameters,
+)
 
 ADAPTER = "policy"
 
 
 @dataclass
-class SFTConfig(BaseConfig):
+class SFTConfig(OfflineConfig):
     """SFT with LoRA. Defaults: QLoRA (Dettmers et al. 2023, arXiv:2305.14314) for the
     adapter and learning rate, InstructGPT (Ouyang et al. 2022, appendix C) for the schedule."""
 
-    eval_fraction: float = 0.1
-    """Fraction of rows held out for eval/loss (at least one row when there are 2+ rows; 0 = none)."""
-
-    eval_every: int = 0
-    """Compute eval/loss every N steps (0 = at checkpoints and at the end only)."""
-
-    eval_batch_size: int = 0
-    """Rows per eval forward pass (0 = batch_size)."""
-
-    chat_template: bool = False
-    """Wrap prompts with the tokenizer's chat template (user turn + assistant header)."""
-
-    gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory (Chen et al. 2016, arXiv:1604.06174)."""
+    batch_size: int | Literal["auto"] = 8
+    """Rows per micro-batch (per optimizer step: batch_size * grad_accum_steps), or "auto": on
+    a GPU the largest micro-batch (up to 64) whose activations fit in the free memory, with
+    gradient checkpointing turned on only when that beats a micro-batch of 8 without it
+    (:func:`pick_micro_batch`); 8 on a CPU. The pick is saved in the checkpoints' config
+    and a resumed run keeps it."""
 
     def validate(self) -> None:
+        if isinstance(self.batch_size, str) and self.batch_size != AUTO:
+            raise ConfigError(
+                f'batch_size must be a positive integer or "auto", got {self.batch_size!r}'
+            )
         super().validate()
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.eval_every < 0:
-            raise ConfigError(f"eval_every must be >= 0, got {self.eval_every}")
-        if self.eval_batch_size < 0:
-            raise ConfigError(f"eval_batch_size must be >= 0, got {self.eval_batch_size}")
+
+
+AUTO = "auto"
+AUTO_CPU_BATCH = 8
+"""The micro-batch "auto" gives on a CPU (BaseConfig's default)."""
+
+
+def activation_bytes_per_token(
+    *,
+    layers: int,
+    hidden: int,
+    intermediate: int,
+    vocab: int,
+    dtype_bytes: int,
+    checkpointing: bool,
+) -> float:
+    """Estimated bytes of activations kept for the backward pass per token of a LoRA SFT step.
+
+    Per decoder layer, 16-bit activations take about 17h + 8i bytes per token with SwiGLU and
+    fused attention (Korthikanti et al. 2022, "Reducing Activation Recomputation in Large
+    Transformer Models", arXiv:2205.05198, sec. 4.1, which gives 34h for a 4h GELU MLP); LoRA
+    adds a dropped-out copy of each adapted input (~6h + i). Rounded up to (18h + 6i) elements.
+    With gradient checkpointing only each layer's input (h) is kept, plus one layer being
+    recomputed. The LM head adds bf16 logits, their fp32 copy and its gradient (V·(d+8)).
+    """
+    layer = dtype_bytes * (18 * hidden + 6 * intermediate)
+    kept = layers * dtype_bytes * hidden + layer if checkpointing else layers * layer
+    return kept + vocab * (dtype_bytes + 8)
+
+
+def pick_micro_batch(
+    *,
+    free_bytes: int,
+    tokens_per_row: int,
+    layers: int,
+    hidden: int,
+    intermediate: int,
+    vocab: int,
+    dtype_bytes: int,
+    gradient_checkpointing: bool = False,
+    max_batch: int = 64,
+    min_fast_batch: int = 8,
+    budget: float = 0.8,
+    reserve_bytes: int = 1 << 30,
+) -> tuple[int, bool]:
+    """(micro-batch, gradient checkpointing) for SFT from the free device memory.
+
+    The micro-batch is the largest power of two up to ``max_batch`` whose activations
+    (:func:`activation_bytes_per_token` x ``tokens_per_row``) fit in ``budget`` of the free
+    memory less ``reserve_bytes`` (the allocator's slack, LoRA gradients and optimizer
+    state). Checkpointing (about a third more compute) is turned on only when without it even
+    ``min_fast_batch`` rows do not fit and with it more rows do; a caller's ``True`` stays on.
+    At least 1 row is returned (an OOM then names what to reduce).
+    """
+    room = max(free_bytes * budget - reserve_bytes, 0.0)
+
+    def fits(checkpointing: bool) -> int:
+        per_row = tokens_per_row * activation_bytes_per_token(
+            layers=layers,
+            hidden=hidden,
+            intermediate=intermediate,
+            vocab=vocab,
+            dtype_bytes=dtype_bytes,
+            checkpointing=checkpointing,
+        )
+        batch = 1
+        while batch * 2 <= max_batch and batch * 2 * per_row <= room:
+            batch *= 2
+        return batch
+
+    if gradient_checkpointing:
+        return fits(True), True
+    plain = fits(False)
+    if plain >= min(min_fast_batch, max_batch):
+        return plain, False
+    checkpointed = fits(True)
+    return (checkpointed, True) if checkpointed > plain else (plain, False)
+
+
+def resolve_auto_batch(
+    cfg: SFTConfig, model, device, *, tokens_per_row: int, saved_config: dict | None
+) -> SFTConfig:
+    """``cfg`` with batch_size "auto" replaced: the resumed run's pick, else
+    :func:`pick_micro_batch` on a GPU (from ``torch.cuda.mem_get_info`` with the model
+    loaded), else :data:`AUTO_CPU_BATCH`."""
+    if cfg.batch_size != AUTO:
+        return cfg
+    if saved_config and isinstance(saved_config.get("batch_size"), int):
+        batch = saved_config["batch_size"]
+        checkpointing = bool(saved_config.get("gradient_checkpointing", cfg.gradient_checkpointing))
+    elif torch.device(device).type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        config = model.get_base_model().config
+        hidden = hidden_size_of(model.get_base_model())
+        batch, checkpointing = pick_micro_batch(
+            free_bytes=free,
+            tokens_per_row=tokens_per_row,
+            layers=int(config.num_hidden_layers),
+            hidden=hidden,
+            intermediate=int(getattr(config, "intermediate_size", None) or 4 * hidden),
+            vocab=int(config.vocab_size),
+            dtype_bytes=next(model.parameters()).element_size(),
+            gradient_checkpointing=cfg.gradient_checkpointing,
+        )
+    else:
+        batch, checkpointing = AUTO_CPU_BATCH, cfg.gradient_checkpointing
+    return dataclasses.replace(cfg, batch_size=batch, gradient_checkpointing=checkpointing)
 
 
 def completion_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -102,44 +201,17 @@ def completion_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     return total, int((shift_labels != IGNORE_INDEX).sum().item())
 
 
-def _backbone_and_head(model):
-    """(decoder, lm_head) of a (Peft-wrapped) causal LM, or None when logits need the full forward
-    (e.g. models that soft-cap or rescale logits after the head)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(base, "config", None)
-    if (
-        config is None
-        or getattr(config, "final_logit_softcapping", None)
-        or getattr(config, "logit_scale", None)
-    ):
-        return None
-    backbone = getattr(base, getattr(base, "base_model_prefix", "model"), None)
-    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if backbone is None or head is None or backbone is base:
-        return None
-    return backbone, head
-
-
 def forward_completion_loss(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed completion-token loss of a batch and its token count.
 
-    The LM head runs only on positions that predict a completion token ([N,H] -> [N,V]
-    instead of [B,T,V]), which saves the head's time and the fp32 logits' memory on the prompt.
+    The LM head runs only on positions that predict a completion token
+    (:func:`rlhf.modeling.next_token_logits`), which saves the head's time and the fp32
+    logits' memory on the prompt.
     """
-    parts = _backbone_and_head(model)
-    if parts is None:
-        out = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        )
-        return completion_loss(out.logits, batch["labels"])
-    backbone, head = parts
-    hidden = backbone(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).last_hidden_state  # [B,T,H]
     targets = batch["labels"][:, 1:]  # [B,T-1]
     keep = targets != IGNORE_INDEX  # [B,T-1]
-    logits = head(hidden[:, :-1][keep]).float()  # [N,V]
-    return F.cross_entropy(logits, targets[keep], reduction="sum"), int(keep.sum().item())
+    logits = next_token_logits(model, batch["input_ids"], batch["attention_mask"], keep)  # [N,V]
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), int(keep.sum().item())
 
 
 def split_eval(n: int, *, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -157,17 +229,14 @@ def evaluate_loss(
     model, examples: list[tuple[list[int], int]], *, pad_id: int, batch_size: int, device
 ) -> float:
     """Mean completion-token loss over pre-tokenized examples (dropout off)."""
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        batch = collate_sft(examples[i : i + batch_size], pad_id)
-        batch = {k: v.to(device) for k, v in batch.items()}
-        s, n = forward_completion_loss(model, batch)
-        total += float(s)
-        count += n
-    if was_training:
-        model.train()
+    with eval_mode(model):
+        for i in range(0, len(examples), batch_size):
+            batch = collate_sft(examples[i : i + batch_size], pad_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            s, n = forward_completion_loss(model, batch)
+            total += float(s)
+            count += n
     return total / max(count, 1)
 
 
@@ -194,10 +263,8 @@ def train_sft(
     output_dir = Path(output_dir)
     seed_everything(cfg.seed)
 
+    resume = resume_point(resume_from, "sft")
     model, tokenizer, device, _dtype = load_policy(cfg, adapter_name=ADAPTER)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
     collator = SFTCollator(tokenizer, max_seq_len=cfg.max_seq_len, chat_template=cfg.chat_template)
     examples = [collator.encode(r) for r in rows]
     for i, (ids, p_len) in enumerate(examples):
@@ -206,6 +273,15 @@ def train_sft(
             raise DataError(
                 f"{where}: no completion tokens left after truncation to max_seq_len={cfg.max_seq_len}"
             )
+    cfg = resolve_auto_batch(
+        cfg,
+        model,
+        device,
+        tokens_per_row=max(len(ids) for ids, _ in examples),
+        saved_config=resume.state.get("config"),
+    )
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if eval_data is not None:
         train_examples = examples
         eval_examples = [collator.encode(r) for r in validate_rows("sft", eval_data)]
@@ -216,42 +292,27 @@ def train_sft(
     pad_id = tokenizer.pad_token_id
 
     params = trainable_parameters(model)
-    optimizer = make_optimizer(params, cfg)
-    scheduler = warmup_cosine(optimizer, warmup_steps_for(cfg), cfg.max_steps)
+    optimizer, scheduler = optimizer_and_schedule(params, cfg)
+    if resume.checkpoint is not None:
+        load_adapter_weights(model, resume.checkpoint, ADAPTER)
+        load_training_state(resume.checkpoint, optimizer, scheduler)  # also the RNG states
 
-    start_step = 0
-    parent = cfg.init_adapter
-    last_ckpt: Path | None = None
-    if resume_from is not None:
-        ckpt = last_ckpt = resolve_checkpoint(resume_from)
-        saved = read_state(ckpt)
-        if saved.get("kind") != "sft":
-            raise ConfigError(f"{ckpt} is a {saved.get('kind')!r} checkpoint, not an SFT one")
-        load_adapter_weights(model, ckpt, ADAPTER)
-        load_training_state(ckpt, optimizer, scheduler)  # also restores the RNG states
-        start_step = int(saved["step"])
-        parent = saved.get("lineage", {}).get("parent", parent)
-
-    run_lineage = lineage(cfg, rows, parent=parent)
+    run_lineage = lineage(cfg, rows, parent=resume.parent(cfg))
     eval_bs = cfg.eval_batch_size or cfg.batch_size
     rows_per_step = cfg.batch_size * cfg.grad_accum_steps
 
     def checkpoint(step: int, metrics: dict[str, float]) -> Path:
-        state = {
-            "kind": "sft",
-            "config": config_to_dict(cfg),
-            "metrics": metrics,
-            "lineage": run_lineage,
-            "adapters": [ADAPTER],
-        }
-        return save_checkpoint(
+        return save_run_checkpoint(
             output_dir,
+            kind="sft",
+            cfg=cfg,
             step=step,
+            metrics=metrics,
+            lineage=run_lineage,
             model=model,
-            adapter_names=[ADAPTER],
+            adapters=[ADAPTER],
             optimizer=optimizer,
             scheduler=scheduler,
-            state=state,
         )
 
     def eval_metrics() -> dict[str, float]:
@@ -264,18 +325,13 @@ def train_sft(
                 )
             }
 
-    model.train()
-    metrics: dict[str, float] = dict(saved.get("metrics", {})) if resume_from is not None else {}
-    step = start_step
-    while step < cfg.max_steps:
-        if call_should_stop(should_stop):
-            metrics = {**metrics, **eval_metrics()}
-            last_ckpt = checkpoint(step, metrics)
-            return TrainResult(checkpoint_dir=last_ckpt, step=step, metrics=metrics, stopped=True)
-
+    def train_step(step: int) -> dict[str, float]:
         t_start = time.perf_counter()
         idx = batch_indices(
-            len(train_examples), seed=cfg.seed, start=step * rows_per_step, count=rows_per_step
+            len(train_examples),
+            seed=cfg.seed,
+            start=(step - 1) * rows_per_step,
+            count=rows_per_step,
         )
         micro = [
             collate_sft(
@@ -292,37 +348,29 @@ def train_sft(
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
                 s, _ = forward_completion_loss(model, batch)
                 loss = s / n_target
-                check_finite(loss, step + 1)
+                check_finite(loss, step)
                 loss.backward()
                 loss_sum += float(loss.detach())
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            if not math.isfinite(float(grad_norm)):
-                raise NonFiniteLossError(
-                    f"gradient norm is {float(grad_norm)} at step {step + 1}; lower learning_rate or max_grad_norm. "
-                    "The last good checkpoint is kept."
-                )
-            lr = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        step += 1
-
-        metrics = {
+            grad_norm, lr = optimizer_step(
+                optimizer, scheduler, params, max_grad_norm=cfg.max_grad_norm, step=step
+            )
+        return {
             "loss/sft": loss_sum,
             "optim/lr": lr,
-            "optim/grad_norm": float(grad_norm),
+            "optim/grad_norm": grad_norm,
             "perf/tokens_per_s": n_tokens / max(time.perf_counter() - t_start, 1e-9),
-            "progress/total_steps": float(cfg.max_steps),
             "progress/epoch": step * rows_per_step / len(train_examples),
         }
-        will_save = bool(cfg.save_every) and step % cfg.save_every == 0 and step < cfg.max_steps
-        if (cfg.eval_every and step % cfg.eval_every == 0) or will_save or step == cfg.max_steps:
-            metrics.update(eval_metrics())
-        if on_step is not None:
-            on_step(step, dict(metrics))
-        if will_save:
-            last_ckpt = checkpoint(step, metrics)
 
-    if step > start_step or last_ckpt is None:
-        last_ckpt = checkpoint(step, metrics)
-    return TrainResult(checkpoint_dir=last_ckpt, step=step, metrics=metrics, stopped=False)
+    model.train()
+    return run_steps(
+        cfg,
+        start_step=resume.step,
+        train_step=train_step,
+        checkpoint=checkpoint,
+        on_step=on_step,
+        should_stop=should_stop,
+        eval_metrics=eval_metrics,
+        metrics=resume.state.get("metrics", {}),
+        last_checkpoint=resume.checkpoint,
+    )

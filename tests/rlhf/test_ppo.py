@@ -6,27 +6,30 @@ import pytest
 import torch
 
 from rlhf.config import config_from_dict
+from rlhf.data import encode_prompts
 from rlhf.errors import ConfigError, NonFiniteLossError
+from rlhf.modeling import load_policy
 from rlhf.ppo import (
     AdaptiveKLController,
-    MergedGeneration,
     PPOConfig,
     Rewarder,
     clipped_policy_loss,
     clipped_value_loss,
     compute_gae,
-    encode_prompts,
-    eos_token_ids,
-    generate_responses,
     kl_k1,
     kl_k2,
     kl_k3,
-    load_policy_model,
     per_token_rewards,
     response_logprobs,
-    response_mask_after_eos,
     train_ppo,
     whiten,
+)
+from rlhf.sampling import (
+    MergedAdapter,
+    completion_mask_after_eos,
+    ended_with_eos,
+    eos_token_ids,
+    generate,
 )
 
 # ------------------------------------------------------------------------------ pure helpers
@@ -151,7 +154,7 @@ def test_adaptive_kl_controller_moves_beta_towards_the_target():
 def test_response_mask_keeps_tokens_up_to_and_including_the_first_eos():
     eos = 2
     responses = torch.tensor([[5, 6, 2, 7, 2], [5, 6, 7, 8, 9], [2, 0, 0, 0, 0]])
-    mask, ended = response_mask_after_eos(responses, [eos])
+    mask, ended = completion_mask_after_eos(responses, [eos]), ended_with_eos(responses, [eos])
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]
     assert ended.tolist() == [True, False, True]
 
@@ -192,6 +195,12 @@ def _small_cfg(model_dir, **kw) -> PPOConfig:
     return PPOConfig(**base)
 
 
+def _load_policy(cfg: PPOConfig):
+    model, tok, device, dtype = load_policy(cfg)
+    model.eval()  # as train_ppo: no dropout in RL
+    return model, tok, device, dtype
+
+
 def _randomise_adapter(model, name: str, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -202,7 +211,7 @@ def _randomise_adapter(model, name: str, seed: int = 0) -> None:
 
 def test_training_logprobs_match_the_sampling_distribution_with_left_padding(tiny_model_dir):
     cfg = _small_cfg(tiny_model_dir)
-    model, tok, device, _ = load_policy_model(cfg, resume=None)
+    model, tok, device, _ = _load_policy(cfg)
     _randomise_adapter(model, "policy")
     prompts = ["hi", "What is the capital of France? Please answer in one word.", "Name a fruit."]
     query, qmask = encode_prompts(tok, prompts, max_len=40, chat_template=False, device=device)
@@ -222,7 +231,7 @@ def test_training_logprobs_match_the_sampling_distribution_with_left_padding(tin
         return_dict_in_generate=True,
     )
     resp = out.sequences[:, query.shape[1] :]
-    rmask, _ = response_mask_after_eos(resp, eos_token_ids(tok, model))
+    rmask = completion_mask_after_eos(resp, eos_token_ids(tok, model))
     sampled = (
         torch.log_softmax(torch.stack(out.logits, 1).float() / 0.7, -1)
         .gather(-1, resp.unsqueeze(-1))
@@ -243,7 +252,7 @@ def test_training_logprobs_match_the_sampling_distribution_with_left_padding(tin
 
 def test_rollouts_sample_from_the_plain_softmax_even_when_the_model_sets_top_k(tiny_model_dir):
     cfg = _small_cfg(tiny_model_dir)
-    model, tok, device, _ = load_policy_model(cfg, resume=None)
+    model, tok, device, _ = _load_policy(cfg)
     defaults = model.get_base_model().generation_config
     defaults.do_sample, defaults.top_k, defaults.top_p, defaults.repetition_penalty = (
         True,
@@ -265,15 +274,7 @@ def test_rollouts_sample_from_the_plain_softmax_even_when_the_model_sets_top_k(t
         return out.sequences
 
     model.generate = spy
-    generate_responses(
-        model,
-        query,
-        qmask,
-        max_new_tokens=5,
-        temperature=0.7,
-        pad_token_id=tok.pad_token_id,
-        eos_ids=[2],
-    )
+    generate(model, tok, query, qmask, max_new_tokens=5, temperature=0.7, eos_ids=[2])
     scores = torch.stack(seen["out"].scores)  # what was sampled from
     logits = torch.stack(seen["out"].logits)  # the raw model logits
     torch.testing.assert_close(scores, logits / 0.7)  # nothing filtered, penalised or masked
@@ -281,9 +282,9 @@ def test_rollouts_sample_from_the_plain_softmax_even_when_the_model_sets_top_k(t
 
 def test_merged_generation_restores_the_exact_base_weights(tiny_model_dir):
     cfg = _small_cfg(tiny_model_dir)
-    model, tok, device, _ = load_policy_model(cfg, resume=None)
+    model, tok, device, _ = _load_policy(cfg)
     _randomise_adapter(model, "policy")
-    merger = MergedGeneration(model, "policy")
+    merger = MergedAdapter(model, "policy")
     assert merger.layers
     before = [m.get_base_layer().weight.clone() for m in merger.layers]
     query, qmask = encode_prompts(
@@ -453,7 +454,7 @@ def test_a_reward_model_on_the_same_base_is_loaded_into_the_policy_model(
     from rlhf.reward import RewardScorer
 
     cfg = _small_cfg(tiny_model_dir)
-    model, tok, device, _ = load_policy_model(cfg, resume=None)
+    model, tok, device, _ = _load_policy(cfg)
     rewarder = Rewarder(
         cfg=cfg, model=model, tokenizer=tok, device=device, reward_model=reward_checkpoint
     )
@@ -509,7 +510,7 @@ def test_ppo_with_a_reward_model_on_another_base_loads_it_on_its_own(tiny_model_
     rm = train_reward(rm_cfg, rows, output_dir=tmp_path / "rm").checkpoint_dir
 
     cfg = _small_cfg(tiny_model_dir, max_steps=1)
-    model, tok, device, _ = load_policy_model(cfg, resume=None)
+    model, tok, device, _ = _load_policy(cfg)
     rewarder = Rewarder(cfg=cfg, model=model, tokenizer=tok, device=device, reward_model=rm)
     assert not rewarder.shares_base and "reward" not in model.peft_config
     history = []
