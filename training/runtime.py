@@ -1,0 +1,181 @@
+"""The bridge between a running engine call and the database, for one claimed job.
+
+``JobMonitor`` gives the engine its ``on_step`` and ``should_stop`` callbacks:
+
+- ``on_step(step, metrics)`` buffers metric points and writes them in batches (every second,
+  every 500 points, and at every checkpoint step), together with the progress and new log lines, in one owner-guarded
+  transaction (``services.metric_points_write``);
+- ``should_stop()`` reads the cancel flag and the job's ownership from the database at most
+  once a second, so checking it every step costs nothing on fast steps;
+- a heartbeat thread proves the worker is alive every ``TRAINING_HEARTBEAT_S`` seconds, also
+  during a long step or while the base model loads; if the process dies (kill -9), the
+  heartbeat stops and ``services.jobs_recover_stale`` takes the job back.
+
+Log records of the ``rlhf`` logger are copied into the job's log tail while it runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from django.db import close_old_connections, connection
+
+from training import services
+
+logger = logging.getLogger(__name__)
+
+
+class _JobLogHandler(logging.Handler):
+    def __init__(self, monitor: JobMonitor):
+        super().__init__(level=logging.INFO)
+        self.monitor = monitor
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.monitor.log(self.format(record))
+        except Exception:  # pragma: no cover - logging must never break a run
+            self.handleError(record)
+
+
+class JobMonitor:
+    FLUSH_EVERY_S = 1.0
+    FLUSH_POINTS = 500
+    STOP_CHECK_EVERY_S = 1.0
+
+    def __init__(
+        self,
+        *,
+        job_id: int,
+        token: str,
+        total_steps: int = 0,
+        save_every: int = 0,
+        heartbeat_s: float | None = None,
+    ):
+        self.job_id = job_id
+        self.save_every = save_every
+        self.token = token
+        self.total_steps = total_steps
+        self.heartbeat_s = heartbeat_s if heartbeat_s is not None else services.heartbeat_every_s()
+        self.step = 0
+        self.step_offset = 0  # evaluation runs several engine calls on one progress bar
+        self.lost = False  # the job was taken from this worker: stop and write nothing more
+        self.cancelled = False
+        self._points: list[tuple[int, str, float]] = []
+        self._lines: list[str] = []
+        self._last_flush = time.monotonic()
+        self._last_stop_check = 0.0
+        self._last_logged_step = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._handler = _JobLogHandler(self)
+        self._handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> JobMonitor:
+        self._thread = threading.Thread(
+            target=self._heartbeat_loop, name=f"job-{self.job_id}-heartbeat", daemon=True
+        )
+        self._thread.start()
+        logging.getLogger("rlhf").addHandler(self._handler)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger("rlhf").removeHandler(self._handler)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=max(5.0, self.heartbeat_s * 2))
+        self.flush()
+
+    def _heartbeat_loop(self) -> None:
+        try:
+            while not self._stop.wait(self.heartbeat_s):
+                try:
+                    beat = services.job_heartbeat(job_id=self.job_id, token=self.token)
+                except Exception:  # a database blip: try again at the next beat
+                    logger.exception("job %s: heartbeat failed", self.job_id)
+                    close_old_connections()
+                    continue
+                if not beat.owned:
+                    self.lost = True
+                if beat.cancel_requested:
+                    self.cancelled = True
+        finally:
+            connection.close()  # this thread's own connection
+
+    # ------------------------------------------------------------------ engine callbacks
+
+    def on_step(self, step: int, metrics: dict) -> None:
+        step = int(step) + self.step_offset
+        total = metrics.get("progress/total_steps")
+        with self._lock:
+            if total:
+                self.total_steps = int(total) + self.step_offset
+            self.step = step
+            for key, value in metrics.items():
+                if key.startswith("progress/"):
+                    continue
+                if isinstance(value, (int, float)):
+                    self._points.append((step, key, float(value)))
+            every = max(1, (self.total_steps or 20) // 20)
+            if step == 1 or step == self.total_steps or step - self._last_logged_step >= every:
+                self._last_logged_step = step
+                shown = ", ".join(
+                    f"{k}={v:.4g}"
+                    for k, v in list(metrics.items())[:4]
+                    if isinstance(v, (int, float)) and not k.startswith("progress/")
+                )
+                self._lines.append(f"step {step}/{self.total_steps or '?'}: {shown}")
+            due = (
+                len(self._points) >= self.FLUSH_POINTS
+                or time.monotonic() - self._last_flush >= self.FLUSH_EVERY_S
+                # The engine saves a checkpoint right after this call: make the points up to
+                # it durable, so a run resumed from that checkpoint has no gap in its curves.
+                or (self.save_every and step % self.save_every == 0)
+            )
+        if due:
+            self.flush()
+
+    def should_stop(self) -> bool:
+        now = time.monotonic()
+        if (
+            not (self.lost or self.cancelled)
+            and now - self._last_stop_check >= self.STOP_CHECK_EVERY_S
+        ):
+            self._last_stop_check = now
+            state = services.job_stop_requested(job_id=self.job_id, token=self.token)
+            self.lost = self.lost or not state.owned
+            self.cancelled = self.cancelled or state.cancel_requested
+        return self.lost or self.cancelled
+
+    def log(self, line: str) -> None:
+        with self._lock:
+            self._lines.append(line)
+
+    def set_progress(self, step: int, total: int | None = None) -> None:
+        with self._lock:
+            self.step = step
+            if total is not None:
+                self.total_steps = total
+        self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            points, self._points = self._points, []
+            lines, self._lines = self._lines, []
+            step, total = self.step, self.total_steps
+            self._last_flush = time.monotonic()
+        if self.lost:
+            return
+        if not services.metric_points_write(
+            job_id=self.job_id,
+            token=self.token,
+            points=points,
+            step=step or None,
+            total_steps=total or None,
+            log_lines=lines,
+        ):
+            self.lost = True

@@ -1,0 +1,238 @@
+"""Reads for the training app: permission-scoped lookups and the engine's input rows.
+
+Scoping: training pages and the training API are for project admins (Membership role admin)
+and superusers only; anyone else gets the same 404 as for a row that does not exist.
+
+Input rows are built from a frozen list of ids (the job's snapshot), in id order, so a job
+that resumes after a crash trains on exactly the rows it started with; the sha256 of the
+rows (``rows_hash``) proves it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable
+
+from django.db.models import Count, Prefetch, QuerySet
+from django.http import Http404
+
+from labeling.models import Completion, ItemCompletion, Membership, Project, Prompt, Ranking
+from training.models import Checkpoint, Job, MetricPoint
+
+# --------------------------------------------------------------------------- scoping
+
+
+def projects_admin_for_user(*, user) -> QuerySet[Project]:
+    """Projects whose training the user may see and launch: admin role, or superuser."""
+    if not getattr(user, "is_authenticated", False) or not user.is_active:
+        return Project.objects.none()
+    if user.is_superuser:
+        return Project.objects.all()
+    return Project.objects.filter(
+        memberships__user=user, memberships__role=Membership.Role.ADMIN
+    ).distinct()
+
+
+def project_admin_get(*, user, project_id) -> Project:
+    try:
+        return projects_admin_for_user(user=user).get(pk=int(project_id))
+    except (Project.DoesNotExist, TypeError, ValueError):
+        raise Http404("No such project.") from None
+
+
+def jobs_for_user(*, user, project_id: int | None = None) -> QuerySet[Job]:
+    jobs = Job.objects.filter(project__in=projects_admin_for_user(user=user)).select_related(
+        "project", "launched_by", "parent_checkpoint", "reward_checkpoint"
+    )
+    if project_id is not None:
+        jobs = jobs.filter(project_id=project_id)
+    return jobs
+
+
+def job_get_for_user(*, user, job_id) -> Job:
+    try:
+        return jobs_for_user(user=user).get(pk=int(job_id))
+    except (Job.DoesNotExist, TypeError, ValueError):
+        raise Http404("No such job.") from None
+
+
+def checkpoints_for_user(
+    *, user, project_id: int | None = None, role: str | None = None
+) -> QuerySet[Checkpoint]:
+    rows = Checkpoint.objects.filter(project__in=projects_admin_for_user(user=user)).select_related(
+        "project", "job", "parent"
+    )
+    if project_id is not None:
+        rows = rows.filter(project_id=project_id)
+    if role is not None:
+        rows = rows.filter(role=role)
+    return rows
+
+
+def checkpoint_get_for_user(*, user, checkpoint_id) -> Checkpoint:
+    try:
+        return checkpoints_for_user(user=user).get(pk=int(checkpoint_id))
+    except (Checkpoint.DoesNotExist, TypeError, ValueError):
+        raise Http404("No such checkpoint.") from None
+
+
+def checkpoint_lineage(*, checkpoint: Checkpoint, limit: int = 50) -> list[Checkpoint]:
+    """The checkpoint, its parent, its parent's parent, ... (oldest last)."""
+    chain = [checkpoint]
+    seen = {checkpoint.pk}
+    node = checkpoint
+    while node.parent_id is not None and len(chain) < limit:
+        node = Checkpoint.objects.select_related("job", "parent").get(pk=node.parent_id)
+        if node.pk in seen:
+            break
+        seen.add(node.pk)
+        chain.append(node)
+    return chain
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def metric_points_after(
+    *, job: Job, after: int = 0, limit: int = 5000
+) -> list[tuple[int, int, str, float]]:
+    """(id, step, key, value) of the job's points with id > after, oldest first."""
+    return list(
+        MetricPoint.objects.filter(job=job, id__gt=after)
+        .order_by("id")
+        .values_list("id", "step", "key", "value")[:limit]
+    )
+
+
+def metric_series(points: Iterable[tuple[int, int, str, float]]) -> dict[str, list[list[float]]]:
+    """Group (id, step, key, value) rows into {key: [[step, value], ...]}."""
+    series: dict[str, list[list[float]]] = {}
+    for _id, step, key, value in points:
+        series.setdefault(key, []).append([step, value])
+    return series
+
+
+def metric_last_values(*, job: Job) -> dict[str, float]:
+    """The last value of every metric key of the job."""
+    last: dict[str, float] = {}
+    for key, value in (
+        MetricPoint.objects.filter(job=job).order_by("id").values_list("key", "value").iterator()
+    ):
+        last[key] = value
+    return last
+
+
+# --------------------------------------------------------------------------- input snapshot
+
+
+def rows_hash(rows: list[dict]) -> str:
+    """sha256 of the rows as canonical JSON: the identity of a training data snapshot."""
+    blob = json.dumps(rows, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def ranking_ids_for_project(*, project: Project) -> list[int]:
+    """Every ranking of the project that expresses a preference (not all ties), by id."""
+    ids = []
+    for rid, groups in (
+        Ranking.objects.filter(item__project=project)
+        .order_by("id")
+        .values_list("id", "groups")
+        .iterator()
+    ):
+        if isinstance(groups, list) and len(groups) >= 2:
+            ids.append(rid)
+    return ids
+
+
+def preference_rows(*, ranking_ids: list[int]) -> list[dict]:
+    """Rankings as engine rows {"prompt", "completions", "ranking"} (indices into completions,
+    in the item's display position order), in the order of ``ranking_ids``."""
+    rankings = {
+        r.pk: r
+        for r in Ranking.objects.filter(pk__in=ranking_ids)
+        .select_related("item__prompt")
+        .prefetch_related(
+            Prefetch(
+                "item__item_completions",
+                queryset=ItemCompletion.objects.select_related("completion").order_by("position"),
+            )
+        )
+    }
+    rows = []
+    for rid in ranking_ids:
+        ranking = rankings.get(rid)
+        if ranking is None:
+            continue  # deleted since the snapshot: the hash check reports it
+        shown = [ic.completion for ic in ranking.item.item_completions.all()]
+        index = {c.pk: i for i, c in enumerate(shown)}
+        rows.append(
+            {
+                "prompt": ranking.item.prompt.text,
+                "completions": [c.text for c in shown],
+                "ranking": [[index[cid] for cid in group] for group in ranking.groups],
+            }
+        )
+    return rows
+
+
+def prompt_ids_for_project(*, project: Project, limit: int | None = None) -> list[int]:
+    ids = Prompt.objects.filter(project=project).order_by("id").values_list("id", flat=True)
+    return list(ids[:limit] if limit else ids)
+
+
+def prompt_rows(*, prompt_ids: list[int]) -> list[dict]:
+    """Prompts as engine rows {"prompt"} in the order of ``prompt_ids``."""
+    texts = dict(Prompt.objects.filter(pk__in=prompt_ids).values_list("id", "text"))
+    return [{"prompt": texts[pid]} for pid in prompt_ids if pid in texts]
+
+
+def demonstration_ids_for_project(*, project: Project) -> list[int]:
+    """Completion ids that serve as demonstrations for SFT: an imported completion that is its
+    prompt's only one (an imported prompt + completion pair), and the completion a ranking put
+    alone in first place (what labelers preferred)."""
+    single_prompts = (
+        Prompt.objects.filter(project=project)
+        .annotate(n=Count("completions"))
+        .filter(n=1)
+        .values("id")
+    )
+    ids = set(
+        Completion.objects.filter(
+            prompt__in=single_prompts, source=Completion.Source.IMPORT
+        ).values_list("id", flat=True)
+    )
+    for groups in (
+        Ranking.objects.filter(item__project=project).values_list("groups", flat=True).iterator()
+    ):
+        if isinstance(groups, list) and len(groups) >= 2 and len(groups[0]) == 1:
+            ids.add(int(groups[0][0]))
+    return sorted(ids)
+
+
+def demonstration_rows(*, completion_ids: list[int]) -> list[dict]:
+    """Demonstrations as engine rows {"prompt", "completion"} in the order of ``completion_ids``."""
+    found = {
+        c.pk: c for c in Completion.objects.filter(pk__in=completion_ids).select_related("prompt")
+    }
+    return [
+        {"prompt": found[cid].prompt.text, "completion": found[cid].text}
+        for cid in completion_ids
+        if cid in found
+    ]
+
+
+def input_rows(*, input_kind: str, ids: list[int]) -> list[dict]:
+    """The engine rows of a snapshot."""
+    if input_kind == Job.Input.RANKINGS:
+        return preference_rows(ranking_ids=ids)
+    if input_kind == Job.Input.DEMONSTRATIONS:
+        return demonstration_rows(completion_ids=ids)
+    if input_kind == Job.Input.PROMPTS:
+        return prompt_rows(prompt_ids=ids)
+    raise ValueError(f"unknown input kind {input_kind!r}")
+
+
+def prompts_by_id(*, prompt_ids: list[int]) -> dict[int, Prompt]:
+    return Prompt.objects.in_bulk(prompt_ids)

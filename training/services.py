@@ -1,0 +1,710 @@
+"""Writes for the training app: launch, claim, heartbeat, metrics, cancel, finish, recover.
+
+The life of a job::
+
+    job_launch ──on_commit──> job_run task ──job_claim (compare-and-set)──> running
+        running: metric_points_write / job_heartbeat, both guarded by the run token
+        ──job_finish──> succeeded | failed | cancelled
+    a running job whose heartbeat went stale (worker killed) ──jobs_recover_stale──>
+        queued again (resumes from its latest complete checkpoint) while attempts remain,
+        else failed with the reason.
+
+Only the worker holding the job's current ``run_token`` can write its progress or finish it,
+so a job never runs twice at once: a redelivered task message (the broker's visibility
+timeout) finds the job running and exits; a worker that lost the job to recovery (it was
+frozen, not dead) sees its token gone at the next heartbeat and stops without writing.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from django.conf import settings
+from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
+from django.db import transaction
+from django.db.models import F
+from django.db.models.functions import Coalesce, Greatest
+from django.utils import timezone
+
+from labeling.models import Completion, Item, Project
+from training import selectors
+from training.models import Checkpoint, Job, MetricPoint
+from training.rewards import REWARD_RULES
+
+logger = logging.getLogger(__name__)
+
+# Which engine config validates each job kind (evaluation generates with the sampling config).
+ENGINE_KIND = {
+    Job.Kind.SFT: "sft",
+    Job.Kind.REWARD: "reward",
+    Job.Kind.DPO: "dpo",
+    Job.Kind.PPO: "ppo",
+    Job.Kind.GRPO: "grpo",
+    Job.Kind.SAMPLE: "sample",
+    Job.Kind.EVAL: "sample",
+}
+# The data each kind trains on.
+INPUT_KIND = {
+    Job.Kind.SFT: Job.Input.DEMONSTRATIONS,
+    Job.Kind.REWARD: Job.Input.RANKINGS,
+    Job.Kind.DPO: Job.Input.RANKINGS,
+    Job.Kind.PPO: Job.Input.PROMPTS,
+    Job.Kind.GRPO: Job.Input.PROMPTS,
+    Job.Kind.SAMPLE: Job.Input.PROMPTS,
+    Job.Kind.EVAL: Job.Input.PROMPTS,
+}
+# The checkpoint role a successful job registers.
+OUTPUT_ROLE = {
+    Job.Kind.SFT: Checkpoint.Role.POLICY,
+    Job.Kind.DPO: Checkpoint.Role.POLICY,
+    Job.Kind.PPO: Checkpoint.Role.POLICY,
+    Job.Kind.GRPO: Checkpoint.Role.POLICY,
+    Job.Kind.REWARD: Checkpoint.Role.REWARD,
+}
+NEEDS_REWARD = {Job.Kind.PPO, Job.Kind.GRPO, Job.Kind.EVAL}
+# Fields set by the launch choices (base model / parent checkpoint), not by the config JSON.
+RESERVED_CONFIG_FIELDS = ("model", "init_adapter")
+LOG_TAIL_CHARS = 20_000
+
+
+def _setting(name: str, default: int) -> int:
+    """An int from settings, else the environment, else the default (fails loudly on junk)."""
+    value = getattr(settings, name, None)
+    if value is not None:
+        return int(value)
+    raw = os.environ.get(name, "")
+    if raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not an integer") from None
+
+
+def stale_after_s() -> int:
+    """Seconds without a heartbeat after which a running job counts as lost (worker killed)."""
+    return _setting("TRAINING_STALE_AFTER_S", 120)
+
+
+def heartbeat_every_s() -> int:
+    return _setting("TRAINING_HEARTBEAT_S", 10)
+
+
+def recover_every_s() -> int:
+    return _setting("TRAINING_RECOVER_EVERY_S", 30)
+
+
+def default_max_attempts() -> int:
+    return _setting("TRAINING_MAX_ATTEMPTS", 3)
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+class JobLaunchError(ValidationError):
+    """A launch the rules refuse; ``message_dict`` maps form fields to messages."""
+
+    def __init__(self, message: str, *, field: str | None = None):
+        super().__init__({field or NON_FIELD_ERRORS: [message]})
+        self.field = field
+        self.text = message
+
+    def __str__(self) -> str:
+        return self.text
+
+
+# --------------------------------------------------------------------------- launch
+
+
+def job_launch(
+    *,
+    kind: str,
+    project: Project,
+    config: dict,
+    user,
+    base_model: str | None = None,
+    parent_checkpoint: Checkpoint | None = None,
+    reward_checkpoint: Checkpoint | None = None,
+    reward_rule: str = "",
+    compare_checkpoint: Checkpoint | None = None,
+    options: dict | None = None,
+    max_attempts: int | None = None,
+) -> Job:
+    """Validate, snapshot the input data and enqueue a job (after the transaction commits).
+
+    Raises JobLaunchError (a ValidationError) naming the field at fault: an unknown kind, a
+    config the engine's dataclass refuses, a checkpoint of another project or role, a missing
+    reward, or no data to train on. Nothing is created then.
+    """
+    from rlhf.config import config_from_dict, config_to_dict
+    from rlhf.errors import ConfigError
+
+    if kind not in Job.Kind.values:
+        raise JobLaunchError(
+            f"Unknown job kind {kind!r}; choose one of {', '.join(Job.Kind.values)}."
+        )
+    if not isinstance(config, dict):
+        raise JobLaunchError("The config must be a JSON object.", field="config")
+    reserved = [k for k in RESERVED_CONFIG_FIELDS if k in config]
+    if reserved:
+        raise JobLaunchError(
+            f"Set {' and '.join(reserved)} with the base model / checkpoint choice, not in the config.",
+            field="config",
+        )
+    options = dict(options or {})
+
+    # What the policy starts from.
+    if parent_checkpoint is not None:
+        _check_checkpoint(
+            parent_checkpoint,
+            project=project,
+            role=Checkpoint.Role.POLICY,
+            field="parent_checkpoint",
+        )
+        base = parent_checkpoint.base_model
+        init_adapter = parent_checkpoint.path
+    else:
+        base = (base_model or "").strip() or settings.DEFAULT_BASE_MODEL
+        init_adapter = None
+    if kind == Job.Kind.EVAL:
+        if parent_checkpoint is None:
+            raise JobLaunchError(
+                "An evaluation needs checkpoint A (the policy to evaluate).",
+                field="parent_checkpoint",
+            )
+        if compare_checkpoint is not None:
+            _check_checkpoint(
+                compare_checkpoint,
+                project=project,
+                role=Checkpoint.Role.POLICY,
+                field="compare_checkpoint",
+            )
+            if compare_checkpoint.base_model != base:
+                raise JobLaunchError(
+                    f"Checkpoint B was trained on {compare_checkpoint.base_model!r}, A on {base!r}; "
+                    "compare checkpoints of the same base model.",
+                    field="compare_checkpoint",
+                )
+        init_adapter = None  # the task loads A and B in turn
+    elif compare_checkpoint is not None:
+        raise JobLaunchError(
+            "Only an evaluation compares two checkpoints.", field="compare_checkpoint"
+        )
+
+    # The reward: a reward-model checkpoint or a built-in rule, for the kinds that need one.
+    if kind in NEEDS_REWARD:
+        if reward_checkpoint is not None and reward_rule:
+            raise JobLaunchError(
+                "Choose a reward model or a rule reward, not both.", field="reward"
+            )
+        if reward_checkpoint is None and not reward_rule:
+            raise JobLaunchError(
+                "Choose a reward: a reward-model checkpoint or a built-in rule.", field="reward"
+            )
+        if reward_checkpoint is not None:
+            _check_checkpoint(
+                reward_checkpoint, project=project, role=Checkpoint.Role.REWARD, field="reward"
+            )
+        if reward_rule and reward_rule not in REWARD_RULES:
+            raise JobLaunchError(
+                f"Unknown reward rule {reward_rule!r}; choose one of {', '.join(REWARD_RULES)}.",
+                field="reward",
+            )
+    elif reward_checkpoint is not None or reward_rule:
+        raise JobLaunchError(f"A {kind} job takes no reward.", field="reward")
+
+    try:
+        cfg = config_from_dict(
+            ENGINE_KIND[kind], {**config, "model": base, "init_adapter": init_adapter}
+        )
+    except ConfigError as exc:
+        raise JobLaunchError(f"Invalid config: {exc}", field="config") from None
+
+    input_kind = INPUT_KIND[kind]
+    max_prompts = options.get("max_prompts")
+    if max_prompts is not None and (not isinstance(max_prompts, int) or max_prompts < 1):
+        raise JobLaunchError("max_prompts must be a positive integer.", field="config")
+    ids = _snapshot_ids(project=project, input_kind=input_kind, limit=max_prompts)
+    if not ids:
+        raise JobLaunchError(_NO_DATA[input_kind].format(project=project.name))
+    rows = selectors.input_rows(input_kind=input_kind, ids=ids)
+
+    attempts = max_attempts if max_attempts is not None else default_max_attempts()
+    if attempts < 1:
+        raise JobLaunchError("max_attempts must be at least 1.")
+    with transaction.atomic():
+        job = Job.objects.create(
+            kind=kind,
+            project=project,
+            config=config_to_dict(cfg),
+            options=options,
+            launched_by=user if getattr(user, "is_authenticated", False) else None,
+            max_attempts=attempts,
+            input_kind=input_kind,
+            input_ids=ids,
+            input_count=len(rows),
+            input_hash=selectors.rows_hash(rows),
+            base_model=base,
+            parent_checkpoint=parent_checkpoint,
+            compare_checkpoint=compare_checkpoint,
+            reward_checkpoint=reward_checkpoint,
+            reward_rule=reward_rule or "",
+            total_steps=getattr(cfg, "max_steps", 0) if kind in OUTPUT_ROLE else 0,
+        )
+        job.output_dir = str(Path(settings.CHECKPOINT_DIR) / f"job-{job.pk}")
+        job.log_tail = _log_line(
+            f"launched by {getattr(user, 'username', '?')}: {len(rows)} {input_kind} "
+            f"(sha256 {job.input_hash[:12]}), base {base}"
+            + (f", from checkpoint #{parent_checkpoint.pk}" if parent_checkpoint else "")
+        )
+        job.save(update_fields=["output_dir", "log_tail"])
+        job_enqueue(job=job)
+    return job
+
+
+_NO_DATA = {
+    Job.Input.RANKINGS: "Project {project!r} has no rankings with a preference yet: rank some items or import preferences.",
+    Job.Input.PROMPTS: "Project {project!r} has no prompts yet: import some.",
+    Job.Input.DEMONSTRATIONS: (
+        "Project {project!r} has no demonstrations yet: import prompt + completion pairs, "
+        "or rank items (each ranking's single best completion is a demonstration)."
+    ),
+}
+
+
+def _snapshot_ids(*, project: Project, input_kind: str, limit: int | None) -> list[int]:
+    if input_kind == Job.Input.RANKINGS:
+        return selectors.ranking_ids_for_project(project=project)
+    if input_kind == Job.Input.DEMONSTRATIONS:
+        return selectors.demonstration_ids_for_project(project=project)
+    return selectors.prompt_ids_for_project(project=project, limit=limit)
+
+
+def _check_checkpoint(ckpt: Checkpoint, *, project: Project, role: str, field: str) -> None:
+    if ckpt.project_id != project.pk:
+        raise JobLaunchError(f"Checkpoint #{ckpt.pk} belongs to another project.", field=field)
+    if ckpt.role != role:
+        raise JobLaunchError(
+            f"Checkpoint #{ckpt.pk} is a {ckpt.role} checkpoint, not a {role} one.", field=field
+        )
+
+
+def job_enqueue(*, job: Job) -> None:
+    """Send the job's task once the current transaction commits (never before the row exists)."""
+    from training.tasks import job_run
+
+    job_id = job.pk
+    Job.objects.filter(pk=job_id).update(enqueued_at=timezone.now())
+    transaction.on_commit(lambda: job_run.apply_async(args=[job_id], queue="gpu"))
+
+
+# --------------------------------------------------------------------------- running
+
+
+def job_claim(*, job_id: int, worker: str) -> str | None:
+    """Take a queued job: compare-and-set queued -> running. Returns the run token, or None
+    when another worker has it (or it was cancelled or finished meanwhile)."""
+    token = uuid.uuid4().hex
+    now = timezone.now()
+    claimed = Job.objects.filter(
+        pk=job_id, status=Job.Status.QUEUED, cancel_requested=False
+    ).update(
+        status=Job.Status.RUNNING,
+        run_token=token,
+        worker=worker[:255],
+        heartbeat_at=now,
+        started_at=Coalesce(F("started_at"), now),
+        attempts=F("attempts") + 1,
+        error="",
+    )
+    return token if claimed == 1 else None
+
+
+@dataclass
+class Heartbeat:
+    owned: bool  # False: the job was taken from this worker (recovered, cancelled while queued...)
+    cancel_requested: bool
+
+
+def job_heartbeat(*, job_id: int, token: str) -> Heartbeat:
+    """Prove the worker is alive; tells whether it still owns the job and whether to stop."""
+    owned = (
+        Job.objects.filter(pk=job_id, run_token=token, status=Job.Status.RUNNING).update(
+            heartbeat_at=timezone.now()
+        )
+        == 1
+    )
+    cancel = bool(Job.objects.filter(pk=job_id).values_list("cancel_requested", flat=True).first())
+    return Heartbeat(owned=owned, cancel_requested=cancel)
+
+
+def job_stop_requested(*, job_id: int, token: str) -> Heartbeat:
+    """The cancel flag and ownership, read in one cheap query (no write)."""
+    row = (
+        Job.objects.filter(pk=job_id).values_list("cancel_requested", "run_token", "status").first()
+    )
+    if row is None:
+        return Heartbeat(owned=False, cancel_requested=True)
+    cancel, run_token, status = row
+    return Heartbeat(
+        owned=run_token == token and status == Job.Status.RUNNING, cancel_requested=cancel
+    )
+
+
+def metric_points_write(
+    *,
+    job_id: int,
+    token: str,
+    points: list[tuple[int, str, float]],
+    step: int | None = None,
+    total_steps: int | None = None,
+    log_lines: list[str] | None = None,
+) -> bool:
+    """Write a batch of (step, key, value) points, the progress and new log lines, in one
+    transaction, only while ``token`` owns the job. Non-finite values are dropped (JSON has
+    no NaN; a NaN loss fails the job anyway). Returns False when the job is no longer ours."""
+    updates: dict = {"heartbeat_at": timezone.now()}
+    if step is not None:
+        updates["step"] = max(0, int(step))
+    if total_steps is not None and total_steps > 0:
+        updates["total_steps"] = int(total_steps)
+    with transaction.atomic():
+        row = (
+            Job.objects.select_for_update()
+            .filter(pk=job_id, run_token=token, status=Job.Status.RUNNING)
+            .values_list("log_tail", flat=True)
+            .first()
+        )
+        if row is None:
+            return False
+        if log_lines:
+            updates["log_tail"] = _tail(row + "".join(_log_line(line) for line in log_lines))
+        Job.objects.filter(pk=job_id).update(**updates)
+        MetricPoint.objects.bulk_create(
+            MetricPoint(job_id=job_id, step=int(s), key=str(k)[:64], value=float(v))
+            for s, k, v in points
+            if isinstance(v, (int, float)) and math.isfinite(v)
+        )
+    return True
+
+
+def metric_points_discard_after(*, job_id: int, token: str, step: int) -> int:
+    """On resume: drop the points a lost attempt wrote past the checkpoint it resumes from,
+    so the curves have one value per step, and set the progress back to that step. Returns
+    the number of points deleted."""
+    if not Job.objects.filter(pk=job_id, run_token=token, status=Job.Status.RUNNING).update(
+        step=step
+    ):
+        return 0
+    deleted, _ = MetricPoint.objects.filter(job_id=job_id, step__gt=step).delete()
+    return deleted
+
+
+def job_log(*, job_id: int, token: str | None, line: str) -> None:
+    """Append a line to the job's log tail (owner-guarded when a token is given)."""
+    with transaction.atomic():
+        rows = Job.objects.select_for_update().filter(pk=job_id)
+        if token is not None:
+            rows = rows.filter(run_token=token)
+        tail = rows.values_list("log_tail", flat=True).first()
+        if tail is None:
+            return
+        Job.objects.filter(pk=job_id).update(log_tail=_tail(tail + _log_line(line)))
+
+
+def job_finish(
+    *,
+    job_id: int,
+    token: str,
+    status: str,
+    error: str = "",
+    result: dict | None = None,
+    step: int | None = None,
+    log_line: str = "",
+) -> bool:
+    """End a running job as succeeded, failed or cancelled. Owner-guarded; returns whether
+    this call ended it."""
+    if status not in Job.FINAL_STATUSES:
+        raise ValueError(f"{status!r} is not a final status")
+    updates: dict = {
+        "status": status,
+        "finished_at": timezone.now(),
+        "error": error[:10_000],
+        "run_token": "",
+    }
+    if result is not None:
+        updates["result"] = result
+    if step is not None:
+        updates["step"] = max(0, int(step))
+    with transaction.atomic():
+        tail = (
+            Job.objects.select_for_update()
+            .filter(pk=job_id, run_token=token, status=Job.Status.RUNNING)
+            .values_list("log_tail", flat=True)
+            .first()
+        )
+        if tail is None:
+            return False
+        line = log_line or (f"{status}: {error}" if error else status)
+        updates["log_tail"] = _tail(tail + _log_line(line))
+        Job.objects.filter(pk=job_id).update(**updates)
+    return True
+
+
+def job_cancel(*, job: Job) -> Job:
+    """Cancel cooperatively: a queued job ends at once; a running one gets the flag its worker
+    checks every step (the engine saves a checkpoint and returns). Never kills a process."""
+    now = timezone.now()
+    if Job.objects.filter(pk=job.pk, status=Job.Status.QUEUED).update(
+        status=Job.Status.CANCELLED, cancel_requested=True, finished_at=now
+    ):
+        job_log(job_id=job.pk, token=None, line="cancelled while queued")
+    else:
+        if Job.objects.filter(pk=job.pk, status=Job.Status.RUNNING, cancel_requested=False).update(
+            cancel_requested=True
+        ):
+            job_log(
+                job_id=job.pk, token=None, line="cancel requested; stopping after the current step"
+            )
+    job.refresh_from_db()
+    return job
+
+
+def checkpoint_register(
+    *,
+    job: Job,
+    path: str | Path,
+    role: str,
+    step: int = 0,
+    metrics: dict | None = None,
+    parent: Checkpoint | None = None,
+    name: str = "",
+) -> Checkpoint:
+    """Record a checkpoint folder with its lineage (producing job, base model, parent)."""
+    finite = {
+        k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)
+    }
+    ckpt, _ = Checkpoint.objects.get_or_create(
+        path=str(path),
+        role=role,
+        defaults={
+            "project_id": job.project_id,
+            "name": name or f"{job.kind} #{job.pk} {role} step {step}",
+            "base_model": job.base_model,
+            "parent": parent,
+            "job": job,
+            "step": step,
+            "metrics": finite,
+        },
+    )
+    return ckpt
+
+
+def samples_store(
+    *,
+    job: Job,
+    prompt_ids: list[int],
+    samples: list[dict],
+    checkpoint: Checkpoint | None,
+    item_source: str = Item.Source.QUEUE,
+) -> dict:
+    """Write sampled completions into the project's labeling queue: one Completion
+    (source model) per sample and one item per prompt showing its K completions.
+
+    ``samples`` is the engine's list of {"prompt", "completions": [{"text", "num_tokens"}],
+    "generation"}, aligned with ``prompt_ids``.
+    """
+    from labeling import services as labeling_services
+
+    prompts = selectors.prompts_by_id(prompt_ids=prompt_ids)
+    model_name = checkpoint.name if checkpoint else job.base_model
+    n_completions = n_items = 0
+    with transaction.atomic():
+        for pid, sample in zip(prompt_ids, samples, strict=False):
+            prompt = prompts.get(pid)
+            if prompt is None:
+                continue
+            made = []
+            for c in sample.get("completions", []):
+                generation = {
+                    **(sample.get("generation") or {}),
+                    "num_tokens": c.get("num_tokens"),
+                    "job_id": job.pk,
+                }
+                made.append(
+                    labeling_services.completion_create(
+                        prompt=prompt,
+                        text=c["text"],
+                        source=Completion.Source.MODEL,
+                        checkpoint_id=checkpoint.pk if checkpoint else None,
+                        model_name=model_name[:500],
+                        generation=generation,
+                    )
+                )
+            n_completions += len(made)
+            if 2 <= len(made) <= 9:
+                labeling_services.item_create(
+                    project=job.project, prompt=prompt, completions=made, source=item_source
+                )
+                n_items += 1
+    return {"prompts": len(prompt_ids), "completions": n_completions, "items": n_items}
+
+
+def eval_pairs_store(
+    *, job: Job, pairs: list[dict], checkpoint_a: Checkpoint, checkpoint_b: Checkpoint | None
+) -> int:
+    """Send A-vs-B pairs to labelers: per prompt, A's and B's completions as an item of 2
+    (source eval). ``pairs`` holds {"prompt_id", "a", "b"}. Returns the number of items."""
+    from labeling import services as labeling_services
+
+    prompts = selectors.prompts_by_id(prompt_ids=[p["prompt_id"] for p in pairs])
+    n = 0
+    with transaction.atomic():
+        for pair in pairs:
+            prompt = prompts.get(pair["prompt_id"])
+            if prompt is None or pair["a"] == pair["b"]:
+                continue
+            made = [
+                labeling_services.completion_create(
+                    prompt=prompt,
+                    text=text,
+                    source=Completion.Source.MODEL,
+                    checkpoint_id=ckpt.pk if ckpt else None,
+                    model_name=(ckpt.name if ckpt else job.base_model)[:500],
+                    generation={"job_id": job.pk, "eval_side": side},
+                )
+                for side, text, ckpt in (
+                    ("a", pair["a"], checkpoint_a),
+                    ("b", pair["b"], checkpoint_b),
+                )
+            ]
+            labeling_services.item_create(
+                project=job.project, prompt=prompt, completions=made, source=Item.Source.EVAL
+            )
+            n += 1
+    return n
+
+
+# --------------------------------------------------------------------------- recovery
+
+
+@dataclass
+class RecoveryReport:
+    requeued: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    cancelled: list[int] = field(default_factory=list)
+
+
+def jobs_recover_stale(*, stale_after_s: float, now=None) -> RecoveryReport:
+    """Find running jobs whose heartbeat is older than ``stale_after_s`` (their worker died:
+    kill -9, OOM killer, lost machine) and requeue them to resume from their latest complete
+    checkpoint, or fail them with the reason once ``max_attempts`` is spent. Each change is a
+    compare-and-set on the stale token, so concurrent recoverers (every worker runs one) and a
+    worker that comes back to life never both win."""
+    now = now or timezone.now()
+    cutoff = now - timedelta(seconds=stale_after_s)
+    report = RecoveryReport()
+    stale = Job.objects.filter(status=Job.Status.RUNNING, heartbeat_at__lt=cutoff).values_list(
+        "id", "run_token", "attempts", "max_attempts", "cancel_requested", "worker", "heartbeat_at"
+    )
+    for job_id, token, attempts, max_attempts, cancel, worker, beat in list(stale):
+        silent = int((now - beat).total_seconds())
+        same = Job.objects.filter(
+            pk=job_id, status=Job.Status.RUNNING, run_token=token, heartbeat_at=beat
+        )
+        with transaction.atomic():
+            if cancel:
+                if same.update(status=Job.Status.CANCELLED, run_token="", finished_at=now):
+                    job_log(
+                        job_id=job_id,
+                        token=None,
+                        line=f"worker {worker} lost; the job was being cancelled",
+                    )
+                    report.cancelled.append(job_id)
+            elif attempts < max_attempts:
+                if same.update(status=Job.Status.QUEUED, run_token="", worker=""):
+                    job_log(
+                        job_id=job_id,
+                        token=None,
+                        line=f"worker {worker} lost (no heartbeat for {silent} s); requeued, "
+                        f"attempt {attempts + 1} of {max_attempts} resumes from the latest checkpoint",
+                    )
+                    job_enqueue(job=Job(pk=job_id))
+                    report.requeued.append(job_id)
+            else:
+                reason = (
+                    f"Worker lost: no heartbeat from {worker} for {silent} s "
+                    f"(the process was killed or the machine died); gave up after {attempts} "
+                    f"attempt{'s' if attempts != 1 else ''} (max_attempts={max_attempts})."
+                )
+                if same.update(
+                    status=Job.Status.FAILED, run_token="", error=reason, finished_at=now
+                ):
+                    job_log(job_id=job_id, token=None, line=reason)
+                    report.failed.append(job_id)
+    return report
+
+
+def jobs_release_host(*, host: str) -> list[int]:
+    """Put the jobs running on ``host`` back in the queue after its workers were stopped on
+    purpose (``manage.py studio`` on Ctrl-C): they resume from their latest checkpoint when a
+    worker starts again (it re-sends queued jobs), and the interrupted attempt is not counted.
+    Only for a host whose workers are known to be stopped."""
+    ids = list(
+        Job.objects.filter(status=Job.Status.RUNNING, worker__startswith=f"{host}:").values_list(
+            "id", flat=True
+        )
+    )
+    released = []
+    for job_id in ids:
+        if Job.objects.filter(pk=job_id, status=Job.Status.RUNNING).update(
+            status=Job.Status.QUEUED,
+            run_token="",
+            worker="",
+            attempts=Greatest(F("attempts") - 1, 0),
+        ):
+            job_log(
+                job_id=job_id,
+                token=None,
+                line="worker stopped; queued to resume from the latest checkpoint",
+            )
+            released.append(job_id)
+    return released
+
+
+def jobs_requeue_waiting(*, older_than_s: float = 0) -> list[int]:
+    """Send the task again for queued jobs enqueued more than ``older_than_s`` ago: their
+    message may have been lost with a broker that restarted without persistence. Duplicate
+    messages are harmless: only one claim can succeed."""
+    cutoff = timezone.now() - timedelta(seconds=older_than_s)
+    ids = list(
+        Job.objects.filter(
+            status=Job.Status.QUEUED, cancel_requested=False, enqueued_at__lte=cutoff
+        ).values_list("id", flat=True)
+    )
+    with transaction.atomic():
+        for job_id in ids:
+            job_enqueue(job=Job(pk=job_id))
+    return ids
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _log_line(text: str) -> str:
+    return f"{timezone.now():%Y-%m-%d %H:%M:%S} {text.rstrip()}\n"
+
+
+def _tail(text: str) -> str:
+    if len(text) <= LOG_TAIL_CHARS:
+        return text
+    cut = text[-LOG_TAIL_CHARS:]
+    return cut[cut.find("\n") + 1 :] if "\n" in cut else cut

@@ -1,0 +1,335 @@
+"""Celery tasks: thin adapters between the broker and training.services.
+
+``job_run(job_id)`` (queue "gpu"): claim the job with a compare-and-set update (exit if
+another worker has it), read its frozen input rows through selectors, call the engine with
+callbacks that stream metric points, heartbeats and the cancel flag (training.runtime),
+register the checkpoint and finish the job. Errors the engine names (NaN loss, out of
+memory, bad config or data) end the job as failed with that message.
+
+``jobs_recover_stale()`` (queue "default") is the same recovery the workers run in a loop
+(training.worker); it is a task too, so a beat schedule or an operator can trigger it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import traceback
+from pathlib import Path
+
+from celery import shared_task
+
+from training import selectors, services
+from training.models import Checkpoint, Job
+from training.rewards import reward_rule_get
+from training.runtime import JobMonitor
+
+logger = logging.getLogger(__name__)
+
+
+@shared_task(name="training.job_run", acks_late=True, ignore_result=True)  # sent to queue "gpu"
+def job_run(job_id: int) -> str:
+    token = services.job_claim(job_id=job_id, worker=services.worker_name())
+    if token is None:
+        logger.info("job %s: not claimed (running elsewhere, cancelled or finished)", job_id)
+        return "not claimed"
+    job = Job.objects.select_related(
+        "project", "parent_checkpoint", "compare_checkpoint", "reward_checkpoint"
+    ).get(pk=job_id)
+    monitor = JobMonitor(
+        job_id=job_id,
+        token=token,
+        total_steps=job.total_steps,
+        save_every=int(job.config.get("save_every") or 0),
+    )
+    status, error, result = Job.Status.FAILED, "", {}
+    with monitor:
+        monitor.log(f"attempt {job.attempts} of {job.max_attempts} on {job.worker}")
+        monitor.flush()
+        try:
+            rows = selectors.input_rows(input_kind=job.input_kind, ids=job.input_ids)
+            if selectors.rows_hash(rows) != job.input_hash:
+                raise DataChangedError(
+                    f"the {job.input_kind} this job was launched on changed or were deleted "
+                    f"({len(rows)} of {job.input_count} left); launch a new job"
+                )
+            if job.kind == Job.Kind.SAMPLE:
+                status, result = _run_sample(job, rows, monitor)
+            elif job.kind == Job.Kind.EVAL:
+                status, result = _run_eval(job, rows, monitor)
+            else:
+                status, result = _run_training(job, rows, monitor)
+        except Exception as exc:  # every failure ends the job with its reason, never silently
+            status, error = Job.Status.FAILED, _error_message(exc)
+            if not _is_expected(exc):
+                logger.exception("job %s failed", job_id)
+                monitor.log(traceback.format_exc(limit=8))
+    if monitor.lost:
+        logger.warning("job %s: taken from this worker (stale heartbeat); not finishing it", job_id)
+        return "lost"
+    services.job_finish(
+        job_id=job_id,
+        token=token,
+        status=status,
+        error=error,
+        result=result,
+        step=monitor.step or None,
+    )
+    return status
+
+
+@shared_task(name="training.jobs_recover_stale", ignore_result=True)
+def jobs_recover_stale() -> dict:
+    report = services.jobs_recover_stale(stale_after_s=services.stale_after_s())
+    return dataclasses.asdict(report)
+
+
+class DataChangedError(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------- kinds
+
+
+def _reward_inputs(job: Job) -> dict:
+    if job.reward_checkpoint_id:
+        return {"reward_model": job.reward_checkpoint.path}
+    if job.reward_rule:
+        return {"reward_fn": reward_rule_get(job.reward_rule).fn}
+    return {}
+
+
+def _run_training(job: Job, rows: list[dict], monitor: JobMonitor) -> tuple[str, dict]:
+    from rlhf.checkpoint import latest_checkpoint, read_state
+    from rlhf.config import config_from_dict
+    from rlhf.runner import run
+
+    cfg = config_from_dict(services.ENGINE_KIND[job.kind], job.config)
+    monitor.log(
+        f"loading {cfg.model}" + (f" with adapter {cfg.init_adapter}" if cfg.init_adapter else "")
+    )
+    resume = latest_checkpoint(job.output_dir)
+    start_step = int(read_state(resume).get("step", 0)) if resume is not None else 0
+    # A retried attempt continues from its checkpoint (or from scratch): drop the points the
+    # lost attempt wrote past it so every step has one value.
+    services.metric_points_discard_after(job_id=job.pk, token=monitor.token, step=start_step)
+    monitor.step = start_step
+    if resume is not None:
+        monitor.log(f"resuming from {resume.name} (step {start_step})")
+    elif job.attempts > 1:
+        monitor.log(
+            "no checkpoint was saved before the worker was lost: starting again from step 0"
+        )
+    monitor.flush()
+    result = run(
+        job.kind,
+        cfg,
+        rows,
+        output_dir=job.output_dir,
+        on_step=monitor.on_step,
+        should_stop=monitor.should_stop,
+        resume_from=str(resume) if resume is not None else None,
+        **_reward_inputs(job),
+    )
+    monitor.flush()
+    if monitor.lost:
+        return Job.Status.FAILED, {}
+    monitor.step = result.step
+    summary = {"step": result.step, "metrics": _finite(result.metrics)}
+    if result.checkpoint_dir is not None:
+        ckpt = services.checkpoint_register(
+            job=job,
+            path=result.checkpoint_dir,
+            role=services.OUTPUT_ROLE[job.kind],
+            step=result.step,
+            metrics=result.metrics,
+            parent=job.parent_checkpoint,
+            name=f"{job.kind} #{job.pk} step {result.step}"
+            + (" (cancelled)" if result.stopped else ""),
+        )
+        summary["checkpoint_id"] = ckpt.pk
+        monitor.log(f"checkpoint #{ckpt.pk}: {result.checkpoint_dir}")
+        if job.kind == Job.Kind.PPO and (Path(result.checkpoint_dir) / "value").is_dir():
+            # PPO also leaves its value adapter + head in the folder: registered as a value
+            # checkpoint with the policy as its parent.
+            value = services.checkpoint_register(
+                job=job,
+                path=result.checkpoint_dir,
+                role=Checkpoint.Role.VALUE,
+                step=result.step,
+                metrics={
+                    k: v
+                    for k, v in result.metrics.items()
+                    if k.startswith(("loss/value", "value/"))
+                },
+                parent=ckpt,
+                name=f"ppo #{job.pk} value step {result.step}",
+            )
+            summary["value_checkpoint_id"] = value.pk
+    return (Job.Status.CANCELLED if result.stopped else Job.Status.SUCCEEDED), summary
+
+
+def _run_sample(job: Job, rows: list[dict], monitor: JobMonitor) -> tuple[str, dict]:
+    from rlhf.config import config_from_dict
+    from rlhf.runner import run
+
+    cfg = config_from_dict("sample", job.config)
+    samples = run(
+        "sample",
+        cfg,
+        rows,
+        output_dir=job.output_dir,
+        on_step=monitor.on_step,
+        should_stop=monitor.should_stop,
+    )
+    monitor.flush()
+    if monitor.lost:
+        return Job.Status.FAILED, {}
+    if monitor.cancelled:
+        return Job.Status.CANCELLED, {"prompts_sampled": len(samples)}
+    stored = services.samples_store(
+        job=job,
+        prompt_ids=job.input_ids[: len(samples)],
+        samples=samples,
+        checkpoint=job.parent_checkpoint,
+    )
+    monitor.set_progress(max(monitor.step, 1), max(monitor.total_steps, monitor.step, 1))
+    monitor.log(
+        f"wrote {stored['completions']} completions and {stored['items']} items to the labeling queue"
+    )
+    return Job.Status.SUCCEEDED, stored
+
+
+def _run_eval(job: Job, rows: list[dict], monitor: JobMonitor) -> tuple[str, dict]:
+    """Win rate of checkpoint A (parent_checkpoint) over B (compare_checkpoint, or the base
+    model) under the job's reward: each side answers every prompt, the reward scores both,
+    a win counts 1, a tie 1/2."""
+    from rlhf.config import config_from_dict
+    from rlhf.runner import run
+
+    base_cfg = config_from_dict("sample", job.config)
+    a, b = job.parent_checkpoint, job.compare_checkpoint
+    sides = {}
+    for side, ckpt in (("a", a), ("b", b)):
+        if monitor.should_stop():
+            return Job.Status.CANCELLED, {}
+        cfg = dataclasses.replace(base_cfg, init_adapter=ckpt.path if ckpt else None)
+        monitor.log(f"sampling side {side.upper()}: {ckpt.name if ckpt else job.base_model}")
+        sides[side] = run(
+            "sample",
+            cfg,
+            rows,
+            output_dir=job.output_dir,
+            on_step=None,
+            should_stop=monitor.should_stop,
+        )
+        monitor.set_progress(1 if side == "a" else 2, 3)
+    prompts, texts_a, texts_b, prompt_ids = [], [], [], []
+    for pid, row, sa, sb in zip(job.input_ids, rows, sides["a"], sides["b"], strict=False):
+        for ca, cb in zip(sa["completions"], sb["completions"], strict=False):
+            prompts.append(row["prompt"])
+            texts_a.append(ca["text"])
+            texts_b.append(cb["text"])
+            prompt_ids.append(pid)
+    scores_a, scores_b = _score(job, prompts, texts_a), _score(job, prompts, texts_b)
+    wins = sum(1 for x, y in zip(scores_a, scores_b, strict=True) if x > y)
+    ties = sum(1 for x, y in zip(scores_a, scores_b, strict=True) if x == y)
+    n = len(scores_a)
+    points, running = [], 0.0
+    for i, (x, y) in enumerate(zip(scores_a, scores_b, strict=True), start=1):
+        running += 1.0 if x > y else 0.5 if x == y else 0.0
+        points += [
+            (i, "eval/reward_a", x),
+            (i, "eval/reward_b", y),
+            (i, "eval/win_rate", running / i),
+        ]
+    services.metric_points_write(job_id=job.pk, token=monitor.token, points=points)
+    result = {
+        "win_rate": (wins + 0.5 * ties) / n if n else None,
+        "wins": wins,
+        "ties": ties,
+        "losses": n - wins - ties,
+        "n": n,
+        "mean_reward_a": sum(scores_a) / n if n else None,
+        "mean_reward_b": sum(scores_b) / n if n else None,
+        "checkpoint_a": a.pk,
+        "checkpoint_b": b.pk if b else None,
+    }
+    if job.options.get("send_to_labelers"):
+        pairs = [
+            {"prompt_id": p, "a": x, "b": y}
+            for p, x, y in zip(prompt_ids, texts_a, texts_b, strict=True)
+        ]
+        result["items_sent"] = services.eval_pairs_store(
+            job=job, pairs=pairs, checkpoint_a=a, checkpoint_b=b
+        )
+    monitor.set_progress(3, 3)
+    monitor.log(
+        f"win rate of A over B: {result['win_rate']:.3f} ({wins} wins, {ties} ties, {n - wins - ties} losses)"
+        if n
+        else "no completions to compare"
+    )
+    return Job.Status.SUCCEEDED, result
+
+
+def _score(
+    job: Job, prompts: list[str], completions: list[str], batch_size: int = 16
+) -> list[float]:
+    if job.reward_rule:
+        fn = reward_rule_get(job.reward_rule).fn
+        return [float(fn(p, c)) for p, c in zip(prompts, completions, strict=True)]
+    import torch
+
+    from rlhf.reward import RewardScorer
+
+    scorer = RewardScorer.from_checkpoint(job.reward_checkpoint.path)
+    out: list[float] = []
+    with torch.no_grad():
+        for i in range(0, len(prompts), batch_size):
+            out += [
+                float(x)
+                for x in scorer(prompts[i : i + batch_size], completions[i : i + batch_size])
+            ]
+    return out
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _is_expected(exc: BaseException) -> bool:
+    from rlhf.errors import TrainingError
+
+    return isinstance(exc, (TrainingError, DataChangedError))
+
+
+def _error_message(exc: BaseException) -> str:
+    """What the job page shows: the engine's own message for the errors it names."""
+    import torch
+
+    from rlhf.errors import ConfigError, DataError, NonFiniteLossError, OutOfMemoryError
+
+    if isinstance(exc, NonFiniteLossError):
+        return f"Training diverged: {exc}"
+    if isinstance(exc, OutOfMemoryError):
+        return f"Out of memory: {exc}"
+    if isinstance(exc, torch.OutOfMemoryError):
+        return "Out of memory: reduce batch_size or max_seq_len (or raise grad_accum_steps)."
+    if isinstance(exc, ConfigError):
+        return f"Invalid config: {exc}"
+    if isinstance(exc, DataError):
+        return f"Invalid data: {exc}"
+    if isinstance(exc, DataChangedError):
+        return f"Input data changed: {exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _finite(metrics: dict) -> dict:
+    import math
+
+    return {
+        k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and math.isfinite(v)
+    }
+
+
+# The workers' recovery loop starts with each worker (see training.worker).
+from training import worker as _worker  # noqa: E402,F401

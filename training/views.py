@@ -1,0 +1,258 @@
+"""Training pages: job list, launch forms, job page (live charts), compare, checkpoint registry.
+
+Every view is for project admins (and superusers) and scoped to their projects through
+training.selectors: a job or checkpoint of another project is a 404. Writes are POST with
+CSRF (Django's middleware).
+"""
+
+from __future__ import annotations
+
+import json
+
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, JsonResponse
+from django.shortcuts import redirect, render
+from django.urls import reverse
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from training import selectors, services
+from training.forms import JobLaunchForm
+from training.models import Checkpoint, Job
+
+KIND_HELP = {
+    Job.Kind.SFT: "Fine-tune a LoRA policy on demonstrations (imported prompt + completion pairs, "
+    "or the completion each ranking put first).",
+    Job.Kind.REWARD: "Train a reward model on the project's rankings (all K-choose-2 pairs of each ranking).",
+    Job.Kind.DPO: "Train the policy directly on the rankings' preference pairs.",
+    Job.Kind.PPO: "Optimise the policy against a reward model or a rule, with a KL penalty to the start.",
+    Job.Kind.GRPO: "Group-relative policy optimisation against a reward model or a rule.",
+    Job.Kind.SAMPLE: "Generate K completions per prompt from a policy and put them in the labeling queue.",
+    Job.Kind.EVAL: "Win rate of checkpoint A over checkpoint B under a reward, optionally sent to labelers.",
+}
+
+
+def _require_admin_somewhere(user) -> None:
+    if not user.is_superuser and not selectors.projects_admin_for_user(user=user).exists():
+        raise PermissionDenied("Training is for project admins.")
+
+
+@login_required
+@require_GET
+def job_list(request):
+    _require_admin_somewhere(request.user)
+    project_id = request.GET.get("project")
+    project = (
+        selectors.project_admin_get(user=request.user, project_id=project_id)
+        if project_id
+        else None
+    )
+    jobs = selectors.jobs_for_user(user=request.user, project_id=project.pk if project else None)[
+        :200
+    ]
+    return render(
+        request,
+        "training/job_list.html",
+        {
+            "jobs": jobs,
+            "project": project,
+            "projects": selectors.projects_admin_for_user(user=request.user).order_by("name"),
+            "kinds": [(k, label, KIND_HELP[k]) for k, label in Job.Kind.choices],
+            "any_active": any(j.is_active for j in jobs),
+        },
+    )
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def job_launch(request, kind: str):
+    if kind not in Job.Kind.values:
+        raise Http404("No such job kind.")
+    _require_admin_somewhere(request.user)
+    unavailable = _engine_unavailable(kind)
+    if unavailable:
+        return render(
+            request,
+            "training/job_launch.html",
+            {
+                "form": None,
+                "kind": kind,
+                "kind_label": Job.Kind(kind).label,
+                "kind_help": KIND_HELP[kind],
+                "unavailable": unavailable,
+            },
+            status=503,
+        )
+    initial = {}
+    if request.GET.get("project"):
+        initial["project"] = selectors.project_admin_get(
+            user=request.user, project_id=request.GET["project"]
+        ).pk
+    for name in ("parent_checkpoint", "compare_checkpoint"):
+        if request.GET.get(name, "").isdigit():
+            initial[name] = int(request.GET[name])
+    if request.method == "POST":
+        form = JobLaunchForm(request.POST, kind=kind, user=request.user)
+        if form.is_valid():
+            job = form.launch()
+            if job is not None:
+                return redirect("training:job_detail", job_id=job.pk)
+    else:
+        form = JobLaunchForm(kind=kind, user=request.user, initial=initial)
+    return render(
+        request,
+        "training/job_launch.html",
+        {
+            "form": form,
+            "kind": kind,
+            "kind_label": Job.Kind(kind).label,
+            "kind_help": KIND_HELP[kind],
+        },
+    )
+
+
+def _engine_unavailable(kind: str) -> str:
+    """Why the engine cannot run this kind here (its module is missing), or ""."""
+    from rlhf.config import config_class
+    from rlhf.errors import ConfigError
+
+    try:
+        config_class(services.ENGINE_KIND[kind])
+    except (ConfigError, ImportError) as exc:
+        return str(exc)
+    return ""
+
+
+@login_required
+@require_GET
+def job_detail(request, job_id: int):
+    job = selectors.job_get_for_user(user=request.user, job_id=job_id)
+    return render(
+        request,
+        "training/job_detail.html",
+        {
+            "job": job,
+            "checkpoints": job.checkpoints.all(),
+            "config_json": json.dumps(job.config, indent=2),
+            "result_json": json.dumps(job.result, indent=2) if job.result else "",
+        },
+    )
+
+
+@login_required
+@require_GET
+def job_metrics(request, job_id: int):
+    """Metric points after a cursor, with the job's status: what the job page polls.
+
+    ``?after=<cursor>`` (0 for everything) returns {"cursor", "series": {key: [[step, value],
+    ...]}, "job": {...}, "log_tail"}; pass the returned cursor back to get only new points.
+    """
+    job = selectors.job_get_for_user(user=request.user, job_id=job_id)
+    try:
+        after = max(0, int(request.GET.get("after", "0")))
+    except ValueError:
+        return JsonResponse({"error": "after must be an integer cursor"}, status=400)
+    points = selectors.metric_points_after(job=job, after=after)
+    return JsonResponse(
+        {
+            "cursor": points[-1][0] if points else after,
+            "more": len(points) >= 5000,
+            "series": selectors.metric_series(points),
+            "job": job_summary(job),
+            "log_tail": job.log_tail,
+            "checkpoints": [
+                {
+                    "id": c.pk,
+                    "name": c.name,
+                    "role": c.role,
+                    "step": c.step,
+                    "path": c.path,
+                    "url": reverse("training:checkpoint_detail", args=[c.pk]),
+                }
+                for c in job.checkpoints.all()
+            ],
+        }
+    )
+
+
+def job_summary(job: Job) -> dict:
+    return {
+        "id": job.pk,
+        "kind": job.kind,
+        "status": job.status,
+        "step": job.step,
+        "total_steps": job.total_steps,
+        "progress": job.progress_percent,
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "cancel_requested": job.cancel_requested,
+        "error": job.error,
+        "worker": job.worker,
+        "heartbeat_at": job.heartbeat_at.isoformat() if job.heartbeat_at else None,
+        "started_at": job.started_at.isoformat() if job.started_at else None,
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+        "result": job.result,
+        "is_active": job.is_active,
+    }
+
+
+@login_required
+@require_POST
+def job_cancel(request, job_id: int):
+    job = selectors.job_get_for_user(user=request.user, job_id=job_id)
+    services.job_cancel(job=job)
+    return redirect("training:job_detail", job_id=job.pk)
+
+
+@login_required
+@require_GET
+def job_compare(request):
+    _require_admin_somewhere(request.user)
+    ids = [int(x) for x in request.GET.getlist("jobs") if x.isdigit()]
+    ids += [int(x) for x in request.GET.get("ids", "").split(",") if x.strip().isdigit()]
+    jobs = list(selectors.jobs_for_user(user=request.user).filter(pk__in=ids))
+    recent = selectors.jobs_for_user(user=request.user).exclude(kind__in=[Job.Kind.SAMPLE])[:50]
+    compare = [
+        {
+            "id": j.pk,
+            "label": f"{j.kind} #{j.pk}",
+            "url": reverse("training:job_metrics", args=[j.pk]),
+        }
+        for j in jobs
+    ]
+    return render(
+        request,
+        "training/job_compare.html",
+        {"jobs": jobs, "recent": recent, "selected": {j.pk for j in jobs}, "compare": compare},
+    )
+
+
+@login_required
+@require_GET
+def checkpoint_list(request):
+    _require_admin_somewhere(request.user)
+    role = request.GET.get("role")
+    if role not in Checkpoint.Role.values:
+        role = None
+    checkpoints = selectors.checkpoints_for_user(user=request.user, role=role)[:500]
+    return render(
+        request,
+        "training/checkpoint_list.html",
+        {"checkpoints": checkpoints, "role": role, "roles": Checkpoint.Role.values},
+    )
+
+
+@login_required
+@require_GET
+def checkpoint_detail(request, checkpoint_id: int):
+    checkpoint = selectors.checkpoint_get_for_user(user=request.user, checkpoint_id=checkpoint_id)
+    return render(
+        request,
+        "training/checkpoint_detail.html",
+        {
+            "checkpoint": checkpoint,
+            "lineage": selectors.checkpoint_lineage(checkpoint=checkpoint),
+            "children": checkpoint.children.all(),
+            "metrics_json": json.dumps(checkpoint.metrics, indent=2),
+        },
+    )

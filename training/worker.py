@@ -1,0 +1,85 @@
+"""Stale-job recovery inside every Celery worker.
+
+When a worker is ready it re-sends the task of every queued job (a broker that restarted
+without persistence may have lost it; duplicates are harmless, only one claim wins) and
+starts a daemon thread that runs ``services.jobs_recover_stale`` every
+``TRAINING_RECOVER_EVERY_S`` seconds. The thread lives in the worker's main process, so it
+keeps running while the pool's child executes a long training job, and it needs no beat
+process. Several workers may all run it: every change it makes is a compare-and-set.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from celery.signals import worker_ready, worker_shutdown
+from django.db import close_old_connections, connection
+
+logger = logging.getLogger(__name__)
+
+_stop = threading.Event()
+_thread: threading.Thread | None = None
+
+
+def recovery_loop(*, every_s: float, stale_after_s: float, stop: threading.Event) -> None:
+    from training import services
+
+    try:
+        while True:
+            try:
+                close_old_connections()
+                report = services.jobs_recover_stale(stale_after_s=stale_after_s)
+                if report.requeued or report.failed or report.cancelled:
+                    logger.warning(
+                        "stale jobs: requeued %s, failed %s, cancelled %s",
+                        report.requeued,
+                        report.failed,
+                        report.cancelled,
+                    )
+            except Exception:  # the database may be restarting: try again next round
+                logger.exception("stale-job recovery failed")
+                connection.close()
+            if stop.wait(every_s):
+                return
+    finally:
+        connection.close()
+
+
+@worker_ready.connect
+def _start_recovery(sender=None, **kwargs) -> None:
+    global _thread
+    from training import services
+
+    try:
+        requeued = services.jobs_requeue_waiting(older_than_s=0)
+        if requeued:
+            logger.info("re-sent the tasks of queued jobs %s", requeued)
+    except Exception:
+        logger.exception("could not re-send queued jobs")
+    finally:
+        connection.close()
+    if _thread is not None and _thread.is_alive():
+        return
+    _stop.clear()
+    _thread = threading.Thread(
+        target=recovery_loop,
+        kwargs={
+            "every_s": services.recover_every_s(),
+            "stale_after_s": services.stale_after_s(),
+            "stop": _stop,
+        },
+        name="training-recovery",
+        daemon=True,
+    )
+    _thread.start()
+    logger.info(
+        "stale-job recovery every %s s (stale after %s s)",
+        services.recover_every_s(),
+        services.stale_after_s(),
+    )
+
+
+@worker_shutdown.connect
+def _stop_recovery(sender=None, **kwargs) -> None:
+    _stop.set()
