@@ -17,5 +17,7 @@ app.conf.update(
     broker_connection_retry_on_startup=True,
     broker_transport_options={"visibility_timeout": 3600},
     task_ignore_result=True,
+    # Sampling and training need a GPU worker; everything else is light.
+    task_routes={"training.job_run": {"queue": "gpu"}},
 )
 app.autodiscover_tasks()

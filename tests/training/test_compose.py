@@ -26,10 +26,14 @@ def compose_command() -> list[str]:
     pytest.skip("docker is installed without the compose plugin (apt-get install docker-compose)")
 
 
-def run_config(*args: str, secret: str | None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "SECRET_KEY"}
+def run_config(
+    *args: str, secret: str | None, db_password: str | None = "test-db-password"
+) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in {"SECRET_KEY", "POSTGRES_PASSWORD"}}
     if secret is not None:
         env["SECRET_KEY"] = secret
+    if db_password is not None:
+        env["POSTGRES_PASSWORD"] = db_password
     return subprocess.run(
         [*compose_command(), "-f", str(ROOT / "docker-compose.yml"), "config", *args],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=60,
@@ -44,6 +48,11 @@ def test_docker_compose_config_accepts_the_file():
 def test_compose_refuses_to_start_without_a_secret_key():
     result = run_config("-q", secret=None)
     assert result.returncode != 0 and "SECRET_KEY" in result.stderr
+
+
+def test_compose_has_no_default_database_password():
+    result = run_config("-q", secret="test-secret", db_password=None)
+    assert result.returncode != 0 and "POSTGRES_PASSWORD" in result.stderr
 
 
 def test_compose_has_postgres_redis_web_and_a_gpu_worker_sharing_checkpoints():
