@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import os
 import socket
 import uuid
@@ -124,6 +125,23 @@ class JobLaunchError(ValidationError):
 # --------------------------------------------------------------------------- launch
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _check_base_model(base: str) -> None:
+    """A base model is a local folder that exists, or something shaped like a hub id
+    (``name`` or ``namespace/name``); anything else can only fail on the worker."""
+    if Path(base).expanduser().is_dir():
+        return
+    looks_like_path = base.startswith(("/", ".", "~")) or "\\" in base or base.count("/") > 1
+    if looks_like_path or not _HUB_ID.match(base):
+        raise JobLaunchError(
+            f"Base model {base!r} is neither a folder on this machine nor a hub id such as "
+            "'Qwen/Qwen2.5-0.5B-Instruct'.",
+            field="base_model",
+        )
+
+
 def job_launch(
     *,
     kind: str,
@@ -227,6 +245,8 @@ def job_launch(
         )
     except ConfigError as exc:
         raise JobLaunchError(f"Invalid config: {exc}", field="config") from None
+    if parent_checkpoint is None:
+        _check_base_model(base)
 
     input_kind = INPUT_KIND[kind]
     max_prompts = options.get("max_prompts")

@@ -57,6 +57,26 @@ def test_launch_refuses_an_unknown_config_field_with_a_suggestion(project, admin
     assert Job.objects.count() == 0
 
 
+@pytest.mark.parametrize("base", ["/nonexistent/model-folder", "./missing", "a/b/c", "no spaces"])
+def test_launch_refuses_a_base_model_that_is_neither_a_folder_nor_a_hub_id(
+    project, admin_user, base
+):
+    with pytest.raises(services.JobLaunchError) as err:
+        services.job_launch(
+            kind="reward", project=project, config=dict(SMALL), user=admin_user, base_model=base
+        )
+    assert err.value.field == "base_model" and "hub id" in str(err.value)
+    assert Job.objects.count() == 0
+
+
+def test_launch_accepts_an_existing_folder_or_a_hub_id(project, admin_user, tmp_path):
+    for base in (str(tmp_path), "Qwen/Qwen2.5-0.5B-Instruct", "gpt2"):
+        job = services.job_launch(
+            kind="reward", project=project, config=dict(SMALL), user=admin_user, base_model=base
+        )
+        assert job.base_model == base
+
+
 def test_launch_refuses_a_value_out_of_range(project, admin_user):
     with pytest.raises(services.JobLaunchError, match="max_steps must be > 0"):
         launch(project, admin_user, config={"max_steps": 0})

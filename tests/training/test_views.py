@@ -91,6 +91,18 @@ def test_ppo_without_a_reward_choice_is_refused(admin_client, project):
     assert response.context["form"].errors["reward"]
 
 
+def test_only_project_admins_see_the_training_link_and_others_get_a_page_saying_why(
+    client, project, labeler_user, admin_user
+):
+    training_link = f'href="{reverse("training:home")}"'
+    client.force_login(labeler_user)
+    assert training_link not in client.get(reverse("labeling:home")).content.decode()
+    denied = client.get(reverse("training:home"))
+    assert denied.status_code == 403 and "for project admins" in denied.content.decode()
+    client.force_login(admin_user)
+    assert training_link in client.get(reverse("labeling:home")).content.decode()
+
+
 def test_a_labeler_cannot_reach_training(client, project, labeler_user):
     client.force_login(labeler_user)
     job = a_job(project, project.created_by)
