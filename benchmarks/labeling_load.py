@@ -7,11 +7,15 @@ What it does:
 1. Migrates the database at --database-url (default: a fresh SQLite file under var/bench/),
    seeds a new project (K=4, --annotations-per-item labelers wanted per item, --items items
    imported through labeling.importexport) and N labeler accounts with API tokens.
-2. Starts gunicorn on 127.0.0.1 at a free port (config.wsgi, 2 * cores + 1 sync workers,
-   production settings: DEBUG=0) on that database.
+   Then ANALYZE, as autovacuum would soon after a big import, so the planner knows the
+   tables' sizes.
+2. Starts gunicorn on 127.0.0.1 at a free port (config.wsgi, production settings: DEBUG=0)
+   on that database: by default cores + 1 gthread workers with 8 threads each and HTTP
+   keep-alive (--worker-class sync gives the classic one-request-per-process server).
 3. Runs N labeler threads for --seconds: each loops POST /api/projects/{id}/next then
    POST /api/items/{id}/ranking with a random order of the completions it was shown,
-   over plain http.client (stdlib; a new connection per request, as sync workers close it),
+   over plain http.client (stdlib), one kept-alive connection per labeler as a browser
+   would hold (a new connection per request with sync workers, which close it),
    optionally "thinking" --think-ms between the two. With no think time the loop is closed
    at full speed, so latency is simply labelers / throughput (Little's law); a think time
    models people, whose load is labelers / (think + latency).
@@ -53,7 +57,20 @@ def parse_args(argv=None):
         default=None,
         help="postgres://... or sqlite:///path (default: a fresh SQLite file under var/bench/)",
     )
-    p.add_argument("--workers", type=int, default=2 * (os.cpu_count() or 1) + 1)
+    p.add_argument(
+        "--worker-class",
+        choices=["gthread", "sync"],
+        default="gthread",
+        help="gunicorn worker class (gthread keeps connections alive; sync closes them)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="gunicorn worker processes (default: cores + 1 for gthread, 2 * cores + 1 for sync)",
+    )
+    p.add_argument("--threads", type=int, default=8, help="threads per gthread worker")
+    p.add_argument("--keep-alive", type=int, default=30, help="seconds (gthread)")
     p.add_argument(
         "--items",
         type=int,
@@ -133,6 +150,10 @@ def seed(*, labelers: int, items: int, k: int, annotations_per_item: int) -> tup
         user = User.objects.create_user(username=f"bench-{tag}-labeler-{n}")
         services.membership_set(project=project, user=user, role=Membership.Role.LABELER)
         tokens.append(api_token_create(user=user, name="load test"))
+    from django.db import connection
+
+    with connection.cursor() as cursor:  # the planner's statistics, as autovacuum would
+        cursor.execute("ANALYZE")
     return project.pk, tokens
 
 
@@ -173,7 +194,14 @@ def db_checks(*, project_id: int, submitted_ids: set[int]) -> dict:
 
 
 def start_gunicorn(
-    *, port: int, workers: int, database_url: str, log_path: Path
+    *,
+    port: int,
+    workers: int,
+    database_url: str,
+    log_path: Path,
+    worker_class: str = "gthread",
+    threads: int = 8,
+    keep_alive: int = 30,
 ) -> subprocess.Popen:
     env = dict(os.environ)
     env.update(
@@ -194,6 +222,9 @@ def start_gunicorn(
         "config.wsgi",
         "--bind", f"{HOST}:{port}",
         "--workers", str(workers),
+        "--worker-class", worker_class,
+        *(["--threads", str(threads), "--keep-alive", str(keep_alive)]
+          if worker_class == "gthread" else []),
         "--backlog", "2048",
         "--timeout", "60",
         "--preload",
@@ -271,25 +302,41 @@ class Stats:
         self.submitted: set[int] = set()
         self.errors: Counter = Counter()
         self.empty = 0
+        self.reconnects = 0
 
 
-def request(
-    port: int, method: str, path: str, token: str, body: dict | None
-) -> tuple[int, dict | None]:
-    conn = http.client.HTTPConnection(HOST, port, timeout=60)
-    try:
+class Client:
+    """One labeler's HTTP connection, kept alive between requests when the server allows it
+    (http.client reopens it after a response that closes it)."""
+
+    def __init__(self, port: int, token: str):
+        self.conn = http.client.HTTPConnection(HOST, port, timeout=60)
+        self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        self.reconnects = 0
+
+    def request(self, method: str, path: str, body: dict | None) -> tuple[int, dict | None]:
         payload = json.dumps(body) if body is not None else None
-        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
-        conn.request(method, path, body=payload, headers=headers)
-        response = conn.getresponse()
-        data = response.read()
+        for attempt in (1, 2):
+            try:
+                self.conn.request(method, path, body=payload, headers=self.headers)
+                response = self.conn.getresponse()
+                data = response.read()
+                break
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                # The server closed an idle kept-alive connection before reading this request:
+                # reopen and send it again (next and submit are both safe to repeat).
+                self.conn.close()
+                if attempt == 2:
+                    raise
+                self.reconnects += 1
         try:
             parsed = json.loads(data) if data else None
         except ValueError:
             parsed = None
         return response.status, parsed
-    finally:
-        conn.close()
+
+    def close(self) -> None:
+        self.conn.close()
 
 
 def labeler(
@@ -302,10 +349,22 @@ def labeler(
     think_s: float,
 ) -> None:
     rng = random.Random(seed_value)
+    client = Client(port, token)
+    try:
+        _label_until(client, project_id, until, stats, rng, think_s)
+    finally:
+        client.close()
+        with stats.lock:
+            stats.reconnects += client.reconnects
+
+
+def _label_until(
+    client: Client, project_id: int, until: float, stats: Stats, rng: random.Random, think_s: float
+) -> None:
     while time.monotonic() < until:
         t0 = time.perf_counter()
         try:
-            status, body = request(port, "POST", f"/api/projects/{project_id}/next", token, {})
+            status, body = client.request("POST", f"/api/projects/{project_id}/next", {})
         except OSError as exc:
             with stats.lock:
                 stats.errors[f"next: {type(exc).__name__}"] += 1
@@ -333,7 +392,7 @@ def labeler(
         }
         t2 = time.perf_counter()
         try:
-            status, body = request(port, "POST", f"/api/items/{item['id']}/ranking", token, ranking)
+            status, body = client.request("POST", f"/api/items/{item['id']}/ranking", ranking)
         except OSError as exc:
             with stats.lock:
                 stats.errors[f"submit: {type(exc).__name__}"] += 1
@@ -372,8 +431,17 @@ def run(args) -> dict:
 
     port = free_port()
     log_path = bench_dir / f"gunicorn-{stamp}-{port}.log"
+    cores = os.cpu_count() or 1
+    workers = args.workers or (cores + 1 if args.worker_class == "gthread" else 2 * cores + 1)
+    load_before = os.getloadavg()[0]
     server = start_gunicorn(
-        port=port, workers=args.workers, database_url=database_url, log_path=log_path
+        port=port,
+        workers=workers,
+        database_url=database_url,
+        log_path=log_path,
+        worker_class=args.worker_class,
+        threads=args.threads,
+        keep_alive=args.keep_alive,
     )
     stats = Stats()
     try:
@@ -414,7 +482,13 @@ def run(args) -> dict:
         "engine": engine,
         "labelers": args.labelers,
         "seconds": round(elapsed, 1),
-        "workers": args.workers,
+        "server": f"gunicorn {args.worker_class} x{workers}"
+        + (
+            f", {args.threads} threads, keep-alive {args.keep_alive}s"
+            if args.worker_class == "gthread"
+            else ""
+        ),
+        "workers": workers,
         "items_seeded": items,
         "annotations_per_item": args.annotations_per_item,
         "think_ms": args.think_ms,
@@ -441,7 +515,9 @@ def run(args) -> dict:
         if engine == "postgresql"
         else None,
         "client_cpu_ms_per_ranking": ms(client_cpu / max(1, len(stats.submitted))),
+        "load_average_1m_before": round(load_before, 2),
         "load_average_1m": round(os.getloadavg()[0], 2),
+        "reconnects": stats.reconnects,
         "db_check": checks,
         "server_log": str(log_path),
     }
@@ -459,7 +535,7 @@ def main(argv=None) -> int:
     c = result["db_check"]
     print(
         f"\n{result['engine']}, {result['labelers']} labelers (think {result['think_ms']:g} ms), "
-        f"{result['seconds']} s, {result['workers']} workers: "
+        f"{result['seconds']} s, {result['server']}: "
         f"{result['rankings_per_s']} rankings/s, p50 {result['p50_ms']} ms, p95 {result['p95_ms']} ms "
         f"(next p95 {result['next_p95_ms']} ms, submit p95 {result['submit_p95_ms']} ms), "
         f"errors {result['errors']}, 'database is locked' {result['database_is_locked_in_log']}; "

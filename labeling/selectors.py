@@ -7,12 +7,23 @@ from collections import defaultdict
 from itertools import combinations
 from statistics import median
 
+from django.db import connection
 from django.db.models import Count, IntegerField, OuterRef, Q, QuerySet, Subquery, Value
 from django.db.models.functions import Coalesce
 from django.http import Http404
 
 from labeling.agreement import kendall_tau_b, pair_counts
-from labeling.models import Assignment, Flag, Item, ItemCompletion, Membership, Project, Ranking
+from labeling.models import (
+    Assignment,
+    Completion,
+    Flag,
+    Item,
+    ItemCompletion,
+    Membership,
+    Project,
+    Prompt,
+    Ranking,
+)
 
 
 def _count_subquery(qs: QuerySet, outer_field: str = "project") -> Coalesce:
@@ -40,6 +51,13 @@ def project_list_for_user(*, user) -> QuerySet[Project]:
     ).order_by("-created_at", "-id")
 
 
+_PROJECT_FOR_USER_SQL = """
+SELECT p.*,
+  (SELECT m.role FROM {membership} m WHERE m.project_id = p.id AND m.user_id = %s) AS member_role
+FROM {project} p WHERE p.id = %s
+"""
+
+
 def project_get_for_user(*, user, project_id, admin: bool = False) -> Project:
     """The project if `user` is a member (an admin member when `admin`); Http404 otherwise,
     so a labeler cannot even learn that another project exists. Sets `project.role` and
@@ -50,13 +68,15 @@ def project_get_for_user(*, user, project_id, admin: bool = False) -> Project:
         raise Http404("No such project.") from None
     if not user.is_authenticated:
         raise Http404("No such project.")
-    project = Project.objects.filter(pk=project_id).first()
-    membership = (
-        Membership.objects.filter(project_id=project_id, user=user).first() if project else None
+    # One query (asked on every API call and page): the project with the user's role in it
+    # (None when not a member).
+    sql = _PROJECT_FOR_USER_SQL.format(
+        project=Project._meta.db_table, membership=Membership._meta.db_table
     )
-    if project is None or (membership is None and not user.is_superuser):
+    project = next(iter(Project.objects.raw(sql, [user.pk, project_id])), None)
+    if project is None or (project.member_role is None and not user.is_superuser):
         raise Http404("No such project.")
-    project.role = membership.role if membership else Membership.Role.ADMIN
+    project.role = project.member_role or Membership.Role.ADMIN
     project.is_admin = user.is_superuser or project.role == Membership.Role.ADMIN
     if admin and not project.is_admin:
         raise Http404("No such project.")
@@ -92,14 +112,49 @@ def labeler_done_count(*, project: Project, user) -> int:
     return Ranking.objects.filter(item__project=project, user=user).count()
 
 
+_VIEW_SQL = """
+SELECT c.*, i.project_id AS view_project_id, p.text AS view_prompt_text,
+       p.messages AS view_prompt_messages
+FROM {completion} c
+JOIN {item_completion} ic ON ic.completion_id = c.id
+JOIN {item} i ON i.id = ic.item_id
+JOIN {prompt} p ON p.id = i.prompt_id
+WHERE ic.item_id = %s
+ORDER BY ic.position
+"""
+
+
 def assignment_view(*, assignment: Assignment) -> dict:
     """What the ranking page shows for a lease: the item, its prompt and its completions in
     the labeler's display order (numbered 1..K, the digit keys)."""
-    item = Item.objects.select_related("prompt", "project").get(pk=assignment.item_id)
-    completions = {
-        ic.completion_id: ic.completion
-        for ic in ItemCompletion.objects.filter(item=item).select_related("completion")
-    }
+    # One raw query (this runs for every item handed out, and a queryset with these joins
+    # costs more to build than the database spends answering it): the completions in
+    # position order, each row carrying the item's prompt.
+    sql = _VIEW_SQL.format(
+        prompt=Prompt._meta.db_table,
+        item=Item._meta.db_table,
+        completion=Completion._meta.db_table,
+        item_completion=ItemCompletion._meta.db_table,
+    )
+    rows = list(Completion.objects.raw(sql, [assignment.item_id]))
+    if not rows:
+        raise Item.DoesNotExist(f"Item {assignment.item_id} has no completions.")
+    first = rows[0]
+    messages = Prompt._meta.get_field("messages").from_db_value(
+        first.view_prompt_messages, None, connection
+    )
+    prompt = Prompt.from_db(  # the columns not read here load on first access
+        Prompt.objects.db,
+        ["id", "project_id", "text", "messages"],
+        [first.prompt_id, first.view_project_id, first.view_prompt_text, messages],
+    )
+    item = Item.from_db(
+        Item.objects.db,
+        ["id", "project_id", "prompt_id"],
+        [assignment.item_id, first.view_project_id, first.prompt_id],
+    )
+    Item.prompt.field.set_cached_value(item, prompt)
+    completions = {c.pk: c for c in rows}
     order = [cid for cid in assignment.display_order if cid in completions]
     order += [cid for cid in completions if cid not in order]
     return {

@@ -14,16 +14,17 @@ serialises writers, and transactions are kept short so waiting writers never tim
 
 from __future__ import annotations
 
+import json
 import random
 import secrets
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, timedelta
 
 from django.contrib.auth import get_user_model
-from django.db import IntegrityError, transaction
-from django.db.models import Count, Exists, F, OuterRef, Q, Subquery, Value
-from django.db.models.functions import Coalesce
+from django.db import IntegrityError, connection, transaction
+from django.db.models import F, Q
 from django.utils import timezone
+from django.utils.dateparse import parse_datetime
 
 from labeling.models import (
     Assignment,
@@ -39,8 +40,6 @@ from labeling.models import (
 
 # Items labelers rank. Imported items come with their ranking and are not handed out.
 QUEUE_SOURCES = (Item.Source.QUEUE, Item.Source.EVAL)
-# How many items one `assignment_next` round locks at once (1: never hold a lock it won't use).
-_CANDIDATE_BATCH = 1
 # Rounds before giving up; each round either leases or rules out an item that filled up.
 _MAX_ROUNDS = 25
 _rng = random.SystemRandom()
@@ -247,6 +246,70 @@ def _live(now):
     return Q(status=Assignment.Status.ACTIVE, expires_at__gt=now)
 
 
+# The statements every new lease runs, written out once rather than built by the ORM on each
+# call (building these subquery-heavy querysets cost more CPU than the database spends
+# running them). Plain SQL that PostgreSQL and SQLite both accept; {lock} is
+# FOR UPDATE [SKIP LOCKED] where the database has it (SQLite serialises writers instead).
+# The candidate filter is one NOT (... OR ...) rather than two NOT EXISTS: PostgreSQL then
+# walks item_queue_idx in id order and stops at the first free item (the user's own leases
+# and rankings become small hashed sets), where two NOT EXISTS become anti-joins that read
+# every lease of the project before the candidate, which grows with the queue's history.
+_CANDIDATE_SQL = """
+SELECT i.id FROM {item} i
+WHERE i.project_id = %s AND NOT i.is_complete AND i.source IN ({sources})
+  AND i.ranking_count + (
+      SELECT COUNT(*) FROM {assignment} a
+      WHERE a.item_id = i.id AND a.status = %s AND a.expires_at > %s) < %s
+  AND NOT (EXISTS (SELECT 1 FROM {assignment} a WHERE a.item_id = i.id AND a.user_id = %s)
+        OR EXISTS (SELECT 1 FROM {ranking} r WHERE r.item_id = i.id AND r.user_id = %s))
+  {skip}
+ORDER BY i.id LIMIT 1 {lock}
+"""
+# Under the candidate's lock, in a new statement: its counts and completion ids.
+_RECOUNT_SQL = """
+SELECT ic.completion_id, it.ranking_count,
+  (SELECT COUNT(*) FROM {assignment} a
+   WHERE a.item_id = %s AND a.status = %s AND a.expires_at > %s),
+  (SELECT COUNT(*) FROM {assignment} a
+   WHERE a.item_id = %s AND a.status = %s AND a.expires_at <= %s),
+  EXISTS (SELECT 1 FROM {assignment} a WHERE a.item_id = %s AND a.user_id = %s)
+FROM {item_completion} ic JOIN {item} it ON it.id = ic.item_id
+WHERE ic.item_id = %s
+ORDER BY ic.position
+"""
+
+# The user's oldest live lease in the project (the assignment_user_live_idx index).
+_OWN_LEASE_SQL = """
+SELECT a.* FROM {assignment} a JOIN {item} it ON it.id = a.item_id
+WHERE a.user_id = %s AND a.status = %s AND a.expires_at > %s AND it.project_id = %s {skip}
+ORDER BY a.created_at, a.id LIMIT 1
+"""
+
+_TABLES = {
+    "item": Item._meta.db_table,
+    "assignment": Assignment._meta.db_table,
+    "ranking": Ranking._meta.db_table,
+    "item_completion": ItemCompletion._meta.db_table,
+    "project": Project._meta.db_table,
+    "membership": Membership._meta.db_table,
+}
+
+
+def _candidate_sql(*, skip: int, wait: bool) -> str:
+    """The candidate query excluding `skip` item ids; `wait`: lock without SKIP LOCKED."""
+    features = connection.features
+    lock = ""
+    if features.has_select_for_update:
+        skip_locked = features.has_select_for_update_skip_locked and not wait
+        lock = "FOR UPDATE SKIP LOCKED" if skip_locked else "FOR UPDATE"
+    return _CANDIDATE_SQL.format(
+        **_TABLES,
+        sources=", ".join(["%s"] * len(QUEUE_SOURCES)),
+        skip=f"AND i.id NOT IN ({', '.join(['%s'] * skip)})" if skip else "",
+        lock=lock,
+    )
+
+
 def assignment_next(
     *, project: Project, user, exclude_item_id: int | None = None
 ) -> Assignment | None:
@@ -259,88 +322,81 @@ def assignment_next(
       submitted rankings + live leases < annotations_per_item. Expired leases don't count
       (they are marked expired when their item is next considered).
     - The display order is a fresh random permutation, stored on the lease.
+
+    Statements for a new lease: the own-lease lookup, then in one transaction one query that
+    finds and locks a candidate (SKIP LOCKED), one that recounts it under the lock and reads
+    its completion ids, and the INSERT (plus an UPDATE only when expired leases are found).
     """
     now = timezone.now()
-    own = (
-        Assignment.objects.filter(_live(now), item__project=project, user=user)
-        .exclude(item_id=exclude_item_id)
-        .select_related("item")
-        .order_by("created_at", "id")
-        .first()
-    )
-    if own is not None:
-        return own
-
-    wanted = project.annotations_per_item
-    live_leases = (
-        Assignment.objects.filter(_live(now), item=OuterRef("pk"))
-        .order_by()
-        .values("item")
-        .annotate(n=Count("id"))
-        .values("n")
-    )
-    candidates = (
-        Item.objects.filter(project=project, is_complete=False, source__in=QUEUE_SOURCES)
-        .exclude(Exists(Assignment.objects.filter(item=OuterRef("pk"), user=user)))
-        .exclude(Exists(Ranking.objects.filter(item=OuterRef("pk"), user=user)))
-        .alias(used=F("ranking_count") + Coalesce(Subquery(live_leases), Value(0)))
-        .filter(used__lt=wanted)
-        .order_by("id")
-    )
+    db_now = connection.ops.adapt_datetimefield_value(now)
+    own_params = [user.pk, Assignment.Status.ACTIVE.value, db_now, project.pk]
     if exclude_item_id is not None:
-        candidates = candidates.exclude(pk=exclude_item_id)
+        own_params.append(int(exclude_item_id))
+    own = list(
+        Assignment.objects.raw(
+            _OWN_LEASE_SQL.format(
+                **_TABLES, skip="" if exclude_item_id is None else "AND a.item_id <> %s"
+            ),
+            own_params,
+        )
+    )
+    if own:
+        return own[0]
 
-    tried: set[int] = set()
+    params = [
+        project.pk,
+        *QUEUE_SOURCES,
+        Assignment.Status.ACTIVE.value,
+        db_now,
+        project.annotations_per_item,
+        user.pk,
+        user.pk,
+    ]
+    skip: list[int] = [] if exclude_item_id is None else [int(exclude_item_id)]
     for _ in range(_MAX_ROUNDS):
-        with transaction.atomic():
-            remaining = candidates.exclude(pk__in=tried)
+        with transaction.atomic(), connection.cursor() as cursor:
             # Lock a candidate nobody else holds: labelers skip each other's items, not wait.
-            ids = list(
-                remaining.select_for_update(skip_locked=True).values_list("id", flat=True)[
-                    :_CANDIDATE_BATCH
-                ]
-            )
-            if not ids:
+            cursor.execute(_candidate_sql(skip=len(skip), wait=False), [*params, *skip])
+            row = cursor.fetchone()
+            if row is None:
                 # Every item with room is locked by another labeler this instant (a short
                 # transaction): wait for the first one, then recount it.
-                ids = list(remaining.select_for_update().values_list("id", flat=True)[:1])
-            if not ids:
+                cursor.execute(_candidate_sql(skip=len(skip), wait=True), [*params, *skip])
+                row = cursor.fetchone()
+            if row is None:
                 return None
-            for item_id in ids:
-                tried.add(item_id)
-                lease = _lease_if_room(item_id=item_id, user=user, project=project, now=now)
-                if lease is not None:
-                    return lease
+            item_id = row[0]
+            skip.append(item_id)
+            lease = _lease_if_room(item_id=item_id, user=user, project=project, now=now)
+            if lease is not None:
+                return lease
     return None
 
 
 def _lease_if_room(*, item_id: int, user, project: Project, now) -> Assignment | None:
-    """With the item's row locked: recount (in a new statement, so every lease committed by
-    whoever held the lock before us is visible), reclaim expired leases, lease if room.
-    Every lease of this item is created under this lock, so the checks below cannot race."""
-    Assignment.objects.filter(
-        item_id=item_id, status=Assignment.Status.ACTIVE, expires_at__lte=now
-    ).update(status=Assignment.Status.EXPIRED)
-    live = Assignment.objects.filter(_live(now), item=OuterRef("pk")).order_by().values("item")
-    row = (
-        Item.objects.filter(pk=item_id)
-        .annotate(
-            live=Coalesce(Subquery(live.annotate(n=Count("id")).values("n")), Value(0)),
-            mine=Exists(Assignment.objects.filter(item=OuterRef("pk"), user=user)),
+    """With the item's row locked: recount in a new statement (so every lease and ranking
+    committed by whoever held the lock before us is visible: under READ COMMITTED the query
+    that took the lock may have counted from an older snapshot), reclaim expired leases,
+    lease if room. Every lease of this item is created under this lock, so the checks below
+    cannot race. One statement reads the counts and the item's completion ids together."""
+    db_now = connection.ops.adapt_datetimefield_value(now)
+    active = Assignment.Status.ACTIVE.value
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _RECOUNT_SQL.format(**_TABLES),
+            [item_id, active, db_now, item_id, active, db_now, item_id, user.pk, item_id],
         )
-        .values_list("ranking_count", "live", "mine")
-        .first()
-    )
-    if row is None:
+        rows = cursor.fetchall()
+    if not rows:
         return None
-    ranking_count, live_count, mine = row
+    _, ranking_count, live_count, stale_count, mine = rows[0]
     if mine or ranking_count + live_count >= project.annotations_per_item:
         return None
-    completion_ids = list(
-        ItemCompletion.objects.filter(item_id=item_id)
-        .order_by("position")
-        .values_list("completion_id", flat=True)
-    )
+    if stale_count:
+        Assignment.objects.filter(
+            item_id=item_id, status=Assignment.Status.ACTIVE, expires_at__lte=now
+        ).update(status=Assignment.Status.EXPIRED)
+    completion_ids = [row[0] for row in rows]
     return Assignment.objects.create(
         item_id=item_id,
         user=user,
@@ -430,6 +486,14 @@ def ranking_submit(
     A second submit of the same item returns the ranking stored first (and stores nothing).
     The item's row lock serialises this with `assignment_next`, so the item's
     ranking_count / is_complete are updated atomically with the insert.
+
+    Statements on the usual path: one query that locks the item and reads the user's lease,
+    the item's count and the project's rules (and checks membership); a compare-and-set
+    UPDATE of the lease (active/expired -> submitted: of two concurrent submits exactly one
+    changes the row, the other returns the first one's ranking); the INSERT; the item's
+    counter UPDATE. The completion ids come from the lease's display order (a permutation of
+    the item's completions, fixed once the item exists); the database trigger of migration
+    0002 still checks every ranking against the item's rows.
     """
     if seconds_spent is not None:
         try:
@@ -441,67 +505,188 @@ def ranking_submit(
     rationale = (rationale or "").strip()
     if len(rationale) > 10_000:
         raise LabelingError("The rationale is limited to 10,000 characters.")
+    try:
+        item_pk = int(item_id)
+    except (TypeError, ValueError):
+        raise ItemNotFound(f"{item_id!r} is not an item id.") from None
 
-    with transaction.atomic():
-        item = _item_for_member(user=user, item_id=item_id, lock=True)
+    try:
+        with transaction.atomic():
+            return _ranking_store(
+                user=user,
+                item_pk=item_pk,
+                groups=groups,
+                rationale=rationale,
+                seconds_spent=seconds_spent,
+                display_order=display_order,
+            )
+    except IntegrityError:
+        # Only a writer that bypassed the item lock can get here: the unique constraint
+        # caught a second ranking of the same item by the same user (keep the first), or
+        # the coverage trigger refused groups the lease's display order let through.
+        existing = Ranking.objects.filter(item_id=item_pk, user=user).first()
+        if existing is not None:
+            return existing
+        allow_ties = (
+            Item.objects.filter(pk=item_pk).values_list("project__allow_ties", flat=True).first()
+        )
+        ranking_validate(
+            groups=groups,
+            completion_ids=_completion_ids(item_pk),
+            allow_ties=bool(allow_ties),
+            item_id=item_pk,
+        )
+        raise
+
+
+def _completion_ids(item_id: int) -> list[int]:
+    return list(
+        ItemCompletion.objects.filter(item_id=item_id)
+        .order_by("position")
+        .values_list("completion_id", flat=True)
+    )
+
+
+# ranking_submit's first statement: the user's lease on the item with the item's count and
+# the project's rules, locking the item's row (FOR UPDATE OF it on PostgreSQL; SQLite
+# serialises writers instead); a non-member gets no row (unless a superuser).
+_SUBMIT_LOCK_SQL = """
+SELECT a.id, a.status, a.display_order, a.expires_at, it.ranking_count,
+       p.annotations_per_item, p.allow_ties
+FROM {assignment} a
+JOIN {item} it ON it.id = a.item_id
+JOIN {project} p ON p.id = it.project_id
+WHERE a.item_id = %s AND a.user_id = %s {member}
+{lock}
+"""
+_SUBMIT_MEMBER_SQL = (
+    "AND EXISTS (SELECT 1 FROM {membership} m WHERE m.project_id = p.id AND m.user_id = %s)"
+)
+
+
+@dataclass
+class _LockedLease:
+    pk: int
+    status: str
+    display_order: list[int]
+    expires_at: object
+    ranking_count: int
+    annotations_per_item: int
+    allow_ties: bool
+
+    def __post_init__(self):
+        # Raw rows: JSON arrives as text, on SQLite a datetime as naive UTC, a boolean as 0/1.
+        if isinstance(self.display_order, str):
+            self.display_order = json.loads(self.display_order)
+        self.display_order = [int(c) for c in self.display_order]
+        if isinstance(self.expires_at, str):
+            self.expires_at = parse_datetime(self.expires_at)
+        if timezone.is_naive(self.expires_at):
+            self.expires_at = timezone.make_aware(self.expires_at, UTC)
+        self.allow_ties = bool(self.allow_ties)
+
+
+def _ranking_store(
+    *, user, item_pk: int, groups, rationale: str, seconds_spent, display_order
+) -> Ranking:
+    """`ranking_submit` inside its transaction."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _SUBMIT_LOCK_SQL.format(
+                **_TABLES,
+                member="" if user.is_superuser else _SUBMIT_MEMBER_SQL.format(**_TABLES),
+                lock="FOR UPDATE OF it" if connection.features.has_select_for_update_of else "",
+            ),
+            [item_pk, user.pk] if user.is_superuser else [item_pk, user.pk, user.pk],
+        )
+        row = cursor.fetchone()
+    assignment = None if row is None else _LockedLease(*row)
+    if assignment is None:
+        # Not a member (404), or a member without a lease (409); an old ranking without a
+        # lease (none is made that way today) is returned as a double submit would be.
+        item = _item_for_member(user=user, item_id=item_pk, lock=True)
         existing = Ranking.objects.filter(item=item, user=user).first()
         if existing is not None:
             return existing
-        assignment = Assignment.objects.filter(item=item, user=user).first()
-        now = timezone.now()
-        if assignment is None:
-            raise NotAssigned(
-                f"Item {item.pk} was not handed to you; reload the page to get your next item."
-            )
-        if assignment.status == Assignment.Status.SKIPPED:
-            raise NotAssigned(f"You skipped item {item.pk}; it cannot be ranked any more.")
-        if assignment.status == Assignment.Status.EXPIRED or assignment.expires_at <= now:
-            others_live = (
-                Assignment.objects.filter(_live(now), item=item).exclude(pk=assignment.pk).count()
-            )
-            if item.ranking_count + others_live >= item.project.annotations_per_item:
-                raise LeaseExpired(
-                    f"Your lease on item {item.pk} expired and the item went to other labelers; "
-                    "reload the page to get your next item."
-                )
-        completion_ids = list(
-            ItemCompletion.objects.filter(item=item).values_list("completion_id", flat=True)
+        raise NotAssigned(
+            f"Item {item.pk} was not handed to you; reload the page to get your next item."
         )
+    # The item row is locked, so its ranking_count is current. The lease's own columns were
+    # read with the statement's snapshot and may predate a concurrent submit or skip: the
+    # compare-and-set below decides.
+    if assignment.status == Assignment.Status.SUBMITTED:
+        return _ranking_already_stored(item_pk=item_pk, user=user)
+    if assignment.status == Assignment.Status.SKIPPED:
+        raise NotAssigned(f"You skipped item {item_pk}; it cannot be ranked any more.")
+    now = timezone.now()
+    if assignment.status == Assignment.Status.EXPIRED or assignment.expires_at <= now:
+        others_live = (
+            Assignment.objects.filter(_live(now), item_id=item_pk).exclude(pk=assignment.pk).count()
+        )
+        if assignment.ranking_count + others_live >= assignment.annotations_per_item:
+            raise LeaseExpired(
+                f"Your lease on item {item_pk} expired and the item went to other labelers; "
+                "reload the page to get your next item."
+            )
+    claimed = Assignment.objects.filter(
+        pk=assignment.pk, status__in=[Assignment.Status.ACTIVE, Assignment.Status.EXPIRED]
+    ).update(status=Assignment.Status.SUBMITTED)
+    if not claimed:
+        # A concurrent submit (a double click) or a skip changed the lease first.
+        status = Assignment.objects.filter(pk=assignment.pk).values_list("status", flat=True)
+        if status.first() == Assignment.Status.SUBMITTED:
+            return _ranking_already_stored(item_pk=item_pk, user=user)
+        raise NotAssigned(f"You skipped item {item_pk}; it cannot be ranked any more.")
+
+    completion_ids = list(assignment.display_order)
+    try:
         clean = ranking_validate(
             groups=groups,
             completion_ids=completion_ids,
-            allow_ties=item.project.allow_ties,
-            item_id=item.pk,
+            allow_ties=assignment.allow_ties,
+            item_id=item_pk,
         )
-        shown = assignment.display_order
-        if display_order is not None:
-            try:
-                client_order = [int(c) for c in display_order]
-            except (TypeError, ValueError):
-                client_order = None
-            if client_order is not None and sorted(client_order) == sorted(completion_ids):
-                shown = client_order
+    except InvalidRanking:
+        # Word the error from the item's own rows (the lease's order should match them).
+        stored = _completion_ids(item_pk)
+        if sorted(stored) == sorted(completion_ids):
+            raise
+        completion_ids = stored
+        clean = ranking_validate(
+            groups=groups,
+            completion_ids=completion_ids,
+            allow_ties=assignment.allow_ties,
+            item_id=item_pk,
+        )
+    shown = list(assignment.display_order)
+    if display_order is not None:
         try:
-            with transaction.atomic():
-                ranking = Ranking.objects.create(
-                    item=item,
-                    user=user,
-                    source=Ranking.Source.LABELER,
-                    groups=clean,
-                    rationale=rationale,
-                    seconds_spent=seconds_spent,
-                    display_order=shown,
-                )
-        except IntegrityError:
-            # The unique constraint caught a concurrent double submit: keep the first.
-            return Ranking.objects.get(item=item, user=user)
-        new_count = item.ranking_count + 1
-        Item.objects.filter(pk=item.pk).update(
-            ranking_count=F("ranking_count") + 1,
-            is_complete=new_count >= item.project.annotations_per_item,
-        )
-        Assignment.objects.filter(pk=assignment.pk).update(status=Assignment.Status.SUBMITTED)
+            client_order = [int(c) for c in display_order]
+        except (TypeError, ValueError):
+            client_order = None
+        if client_order is not None and sorted(client_order) == sorted(completion_ids):
+            shown = client_order
+    ranking = Ranking.objects.create(
+        item_id=item_pk,
+        user=user,
+        source=Ranking.Source.LABELER,
+        groups=clean,
+        rationale=rationale,
+        seconds_spent=seconds_spent,
+        display_order=shown,
+    )
+    Item.objects.filter(pk=item_pk).update(
+        ranking_count=F("ranking_count") + 1,
+        is_complete=assignment.ranking_count + 1 >= assignment.annotations_per_item,
+    )
     return ranking
+
+
+def _ranking_already_stored(*, item_pk: int, user) -> Ranking:
+    existing = Ranking.objects.filter(item_id=item_pk, user=user).first()
+    if existing is None:  # a lease is marked submitted in the transaction that stores it
+        raise NotAssigned(f"Item {item_pk} has no ranking of yours; reload the page.")
+    return existing
 
 
 def item_skip(*, user, item_id) -> Assignment:

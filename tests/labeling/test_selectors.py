@@ -154,3 +154,38 @@ def test_rankings_for_project_returns_this_projects_rankings_in_order(
     texts = selectors.item_completion_texts(item_ids=[r.item_id for r in rows])
     assert set(texts[r1.item_id]) == {c for g in r1.groups for c in g}
     assert Ranking.objects.count() == 3
+
+
+def test_assignment_view_gives_the_prompt_and_completions_in_the_labelers_order(
+    project, labeler, make_items
+):
+    turns = [{"role": "user", "content": "Hi **there**"}, {"role": "assistant", "content": "Yo"}]
+    prompt = services.prompt_create(project=project, text="", messages=turns)
+    completions = [
+        services.completion_create(prompt=prompt, text=f"reply {i}") for i in range(project.k)
+    ]
+    (item,) = services.items_create_for_prompt(project=project, prompt=prompt)
+    lease = services.assignment_next(project=project, user=labeler)
+    view = selectors.assignment_view(assignment=lease)
+    assert view["item"].pk == item.pk and view["item"].project_id == project.pk
+    assert view["prompt"].pk == prompt.pk and view["item"].prompt.pk == prompt.pk
+    assert view["prompt"].messages == turns  # a list again, not JSON text
+    assert view["prompt"].text == prompt.text
+    assert view["display_order"] == lease.display_order
+    by_id = {c.pk: c.text for c in completions}
+    assert [c.text for c in view["completions"]] == [by_id[i] for i in lease.display_order]
+
+
+def test_project_get_for_user_sets_the_role_and_hides_other_projects(
+    project, labeler, admin_user, make_user
+):
+    mine = selectors.project_get_for_user(user=labeler, project_id=project.pk)
+    assert (mine.role, mine.is_admin) == ("labeler", False)
+    owner = selectors.project_get_for_user(user=admin_user, project_id=project.pk, admin=True)
+    assert (owner.role, owner.is_admin) == ("admin", True)
+    with pytest.raises(Http404):
+        selectors.project_get_for_user(user=labeler, project_id=project.pk, admin=True)
+    with pytest.raises(Http404):
+        selectors.project_get_for_user(user=make_user("stranger"), project_id=project.pk)
+    root = make_user("root", is_superuser=True)
+    assert selectors.project_get_for_user(user=root, project_id=project.pk).is_admin
