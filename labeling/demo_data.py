@@ -14,6 +14,10 @@ Tie two responses only when you really cannot tell them apart. Flag an item (`F`
 prompt or response is broken, offensive or cut off.
 """
 
+# Every entry lists its completions as: curt, good, wrong, rambling. The reference ranking
+# (best first) is good > curt > rambling > wrong: a confident wrong answer is worst.
+DEMO_REFERENCE_RANKING = [[1], [0], [3], [2]]
+
 DEMO_PROMPTS = [
     {
         "topic": "history",

@@ -301,7 +301,8 @@ def _jsonl_records(fileobj: IO[bytes]) -> Iterator[tuple[int, _Record]]:
             continue
         text = _decode(number, raw)
         try:
-            obj = json.loads(text)
+            # Without its line break, so that the column of an error is on this line.
+            obj = json.loads(text.rstrip("\r\n"))
         except json.JSONDecodeError as exc:
             raise ImportFileError(
                 number, f"invalid JSON: {exc.msg} at column {exc.colno}"

@@ -45,8 +45,10 @@ def project_list_for_user(*, user) -> QuerySet[Project]:
     role = Membership.objects.filter(project=OuterRef("pk"), user=user).values("role")[:1]
     return qs.annotate(
         role=Subquery(role),
-        total_items=_count_subquery(Item.objects.all()),
-        complete_items=_count_subquery(Item.objects.filter(is_complete=True)),
+        total_items=_count_subquery(Item.objects.exclude(source=Item.Source.IMPORT)),
+        complete_items=_count_subquery(
+            Item.objects.exclude(source=Item.Source.IMPORT).filter(is_complete=True)
+        ),
         my_done=_count_subquery(Ranking.objects.filter(user=user), outer_field="item__project"),
     ).order_by("-created_at", "-id")
 
@@ -91,9 +93,10 @@ def project_progress(*, project: Project) -> dict:
     """Items complete / total (queue items only: imported ones come ranked), labeler
     rankings stored, live leases and unresolved flags."""
     items = Item.objects.filter(project=project)
+    queued = ~Q(source=Item.Source.IMPORT)
     counts = items.aggregate(
-        total=Count("pk"),
-        complete=Count("pk", filter=Q(is_complete=True)),
+        total=Count("pk", filter=queued),
+        complete=Count("pk", filter=queued & Q(is_complete=True)),
         imported=Count("pk", filter=Q(source=Item.Source.IMPORT)),
     )
     total, complete = counts["total"], counts["complete"]

@@ -751,7 +751,8 @@ class DemoSeedResult:
             ]
         out = [
             f"Created the demo project {self.project.name!r} (id {self.project.pk}) with "
-            f"{self.project.items.count()} items."
+            f"{self.project.items.filter(source=Item.Source.QUEUE).count()} items to rank and "
+            "a reference ranking per prompt."
         ]
         for username, password in self.passwords.items():
             out.append(f"  login {username!r} password {password!r}  (shown once; store it now)")
@@ -764,7 +765,7 @@ class DemoSeedResult:
 def demo_seed() -> DemoSeedResult:
     """Create the demo project (about 20 prompts x 4 completions, one item each), an admin
     and a labeler with random passwords. Idempotent: a second call creates nothing."""
-    from labeling.demo_data import DEMO_INSTRUCTIONS, DEMO_PROMPTS
+    from labeling.demo_data import DEMO_INSTRUCTIONS, DEMO_PROMPTS, DEMO_REFERENCE_RANKING
 
     User = get_user_model()
     with transaction.atomic():
@@ -795,7 +796,20 @@ def demo_seed() -> DemoSeedResult:
             prompt = prompt_create(
                 project=project, text=entry["prompt"], metadata={"topic": entry["topic"]}
             )
-            for text in entry["completions"]:
+            completions = [
                 completion_create(prompt=prompt, text=text, model_name="demo")
+                for text in entry["completions"]
+            ]
             items_create_for_prompt(project=project, prompt=prompt)
+            # The author's reference ranking, stored as an import on an item of its own (not in
+            # the labeling queue), so a reward-model job can be launched before anyone labels.
+            reference = item_create(
+                project=project, prompt=prompt, completions=completions, source=Item.Source.IMPORT
+            )
+            Item.objects.filter(pk=reference.pk).update(is_complete=True)
+            Ranking.objects.create(
+                item=reference,
+                source=Ranking.Source.IMPORT,
+                groups=[[completions[i].pk for i in tier] for tier in DEMO_REFERENCE_RANKING],
+            )
     return DemoSeedResult(created=True, project=project, passwords=passwords)

@@ -281,6 +281,14 @@ def test_it_reports_a_bad_jsonl_line_by_number_and_stores_nothing(
     assert nothing_stored(project)
 
 
+def test_a_json_error_points_at_its_column_on_the_bad_line(project, admin_user):
+    data = b'{"prompt": "ok"}\n{"prompt": "broken"\n'
+    with pytest.raises(ImportFileError) as err:
+        import_file(project=project, fileobj=io.BytesIO(data), fmt="jsonl", user=admin_user)
+    assert err.value.line == 2
+    assert "at column 20" in err.value.message  # just after `{"prompt": "broken"`
+
+
 def test_it_reports_invalid_utf8_with_its_line(project, admin_user):
     data = b'{"prompt": "ok"}\n{"prompt": "caf\xe9"}\n'
     with pytest.raises(ImportFileError) as err:
