@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import os
+import re
 import socket
 import uuid
 from dataclasses import dataclass, field

@@ -7,7 +7,6 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     initial = True
 
     dependencies = [
@@ -16,195 +15,469 @@ class Migration(migrations.Migration):
 
     operations = [
         migrations.CreateModel(
-            name='Completion',
+            name="Completion",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('text', models.TextField()),
-                ('source', models.CharField(choices=[('import', 'Import'), ('model', 'Model')], default='import', max_length=16)),
-                ('checkpoint_id', models.BigIntegerField(blank=True, db_index=True, null=True)),
-                ('model_name', models.CharField(blank=True, max_length=500)),
-                ('generation', models.JSONField(blank=True, default=dict, help_text='Sampling settings, seed, token count.')),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("text", models.TextField()),
+                (
+                    "source",
+                    models.CharField(
+                        choices=[("import", "Import"), ("model", "Model")],
+                        default="import",
+                        max_length=16,
+                    ),
+                ),
+                ("checkpoint_id", models.BigIntegerField(blank=True, db_index=True, null=True)),
+                ("model_name", models.CharField(blank=True, max_length=500)),
+                (
+                    "generation",
+                    models.JSONField(
+                        blank=True, default=dict, help_text="Sampling settings, seed, token count."
+                    ),
+                ),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
             ],
             options={
-                'ordering': ['id'],
+                "ordering": ["id"],
             },
         ),
         migrations.CreateModel(
-            name='Item',
+            name="Item",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('source', models.CharField(choices=[('queue', 'Queue'), ('import', 'Import'), ('eval', 'Eval')], default='queue', max_length=16)),
-                ('ranking_count', models.PositiveIntegerField(default=0)),
-                ('is_complete', models.BooleanField(db_index=True, default=False)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "source",
+                    models.CharField(
+                        choices=[("queue", "Queue"), ("import", "Import"), ("eval", "Eval")],
+                        default="queue",
+                        max_length=16,
+                    ),
+                ),
+                ("ranking_count", models.PositiveIntegerField(default=0)),
+                ("is_complete", models.BooleanField(db_index=True, default=False)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
             ],
             options={
-                'ordering': ['id'],
+                "ordering": ["id"],
             },
         ),
         migrations.CreateModel(
-            name='ApiToken',
+            name="ApiToken",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(blank=True, max_length=100)),
-                ('key_hash', models.CharField(max_length=64, unique=True)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('last_used_at', models.DateTimeField(blank=True, null=True)),
-                ('user', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='api_tokens', to=settings.AUTH_USER_MODEL)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(blank=True, max_length=100)),
+                ("key_hash", models.CharField(max_length=64, unique=True)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("last_used_at", models.DateTimeField(blank=True, null=True)),
+                (
+                    "user",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="api_tokens",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
         ),
         migrations.CreateModel(
-            name='Flag',
+            name="Flag",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('reason', models.TextField()),
-                ('resolved', models.BooleanField(default=False)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('user', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('item', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='flags', to='labeling.item')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("reason", models.TextField()),
+                ("resolved", models.BooleanField(default=False)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "user",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "item",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="flags",
+                        to="labeling.item",
+                    ),
+                ),
             ],
         ),
         migrations.CreateModel(
-            name='ItemCompletion',
+            name="ItemCompletion",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('position', models.PositiveSmallIntegerField()),
-                ('completion', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='+', to='labeling.completion')),
-                ('item', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='item_completions', to='labeling.item')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("position", models.PositiveSmallIntegerField()),
+                (
+                    "completion",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="+",
+                        to="labeling.completion",
+                    ),
+                ),
+                (
+                    "item",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="item_completions",
+                        to="labeling.item",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['position'],
+                "ordering": ["position"],
             },
         ),
         migrations.AddField(
-            model_name='item',
-            name='completions',
-            field=models.ManyToManyField(related_name='items', through='labeling.ItemCompletion', to='labeling.completion'),
+            model_name="item",
+            name="completions",
+            field=models.ManyToManyField(
+                related_name="items", through="labeling.ItemCompletion", to="labeling.completion"
+            ),
         ),
         migrations.CreateModel(
-            name='Membership',
+            name="Membership",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('role', models.CharField(choices=[('labeler', 'Labeler'), ('admin', 'Admin')], default='labeler', max_length=16)),
-                ('user', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='memberships', to=settings.AUTH_USER_MODEL)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "role",
+                    models.CharField(
+                        choices=[("labeler", "Labeler"), ("admin", "Admin")],
+                        default="labeler",
+                        max_length=16,
+                    ),
+                ),
+                (
+                    "user",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="memberships",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
         ),
         migrations.CreateModel(
-            name='Project',
+            name="Project",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('name', models.CharField(max_length=200)),
-                ('instructions', models.TextField(blank=True, help_text='Markdown shown above every item.')),
-                ('k', models.PositiveSmallIntegerField(default=4, help_text='Responses shown per item (2 to 9).', validators=[django.core.validators.MinValueValidator(2), django.core.validators.MaxValueValidator(9)])),
-                ('annotations_per_item', models.PositiveSmallIntegerField(default=1, validators=[django.core.validators.MinValueValidator(1), django.core.validators.MaxValueValidator(50)])),
-                ('allow_ties', models.BooleanField(default=True)),
-                ('lease_seconds', models.PositiveIntegerField(default=1800)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('created_by', models.ForeignKey(null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='+', to=settings.AUTH_USER_MODEL)),
-                ('members', models.ManyToManyField(related_name='labeling_projects', through='labeling.Membership', to=settings.AUTH_USER_MODEL)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("name", models.CharField(max_length=200)),
+                (
+                    "instructions",
+                    models.TextField(blank=True, help_text="Markdown shown above every item."),
+                ),
+                (
+                    "k",
+                    models.PositiveSmallIntegerField(
+                        default=4,
+                        help_text="Responses shown per item (2 to 9).",
+                        validators=[
+                            django.core.validators.MinValueValidator(2),
+                            django.core.validators.MaxValueValidator(9),
+                        ],
+                    ),
+                ),
+                (
+                    "annotations_per_item",
+                    models.PositiveSmallIntegerField(
+                        default=1,
+                        validators=[
+                            django.core.validators.MinValueValidator(1),
+                            django.core.validators.MaxValueValidator(50),
+                        ],
+                    ),
+                ),
+                ("allow_ties", models.BooleanField(default=True)),
+                ("lease_seconds", models.PositiveIntegerField(default=1800)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "created_by",
+                    models.ForeignKey(
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="+",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "members",
+                    models.ManyToManyField(
+                        related_name="labeling_projects",
+                        through="labeling.Membership",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'ordering': ['-created_at'],
+                "ordering": ["-created_at"],
             },
         ),
         migrations.AddField(
-            model_name='membership',
-            name='project',
-            field=models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='memberships', to='labeling.project'),
+            model_name="membership",
+            name="project",
+            field=models.ForeignKey(
+                on_delete=django.db.models.deletion.CASCADE,
+                related_name="memberships",
+                to="labeling.project",
+            ),
         ),
         migrations.AddField(
-            model_name='item',
-            name='project',
-            field=models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='items', to='labeling.project'),
+            model_name="item",
+            name="project",
+            field=models.ForeignKey(
+                on_delete=django.db.models.deletion.CASCADE,
+                related_name="items",
+                to="labeling.project",
+            ),
         ),
         migrations.CreateModel(
-            name='Prompt',
+            name="Prompt",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('text', models.TextField(help_text='The prompt as plain text (for chat, the rendered turns).')),
-                ('messages', models.JSONField(blank=True, help_text='Chat turns: [{"role": "user", "content": "..."}, ...]', null=True)),
-                ('metadata', models.JSONField(blank=True, default=dict)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('project', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='prompts', to='labeling.project')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "text",
+                    models.TextField(
+                        help_text="The prompt as plain text (for chat, the rendered turns)."
+                    ),
+                ),
+                (
+                    "messages",
+                    models.JSONField(
+                        blank=True,
+                        help_text='Chat turns: [{"role": "user", "content": "..."}, ...]',
+                        null=True,
+                    ),
+                ),
+                ("metadata", models.JSONField(blank=True, default=dict)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "project",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="prompts",
+                        to="labeling.project",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['id'],
+                "ordering": ["id"],
             },
         ),
         migrations.AddField(
-            model_name='item',
-            name='prompt',
-            field=models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='items', to='labeling.prompt'),
+            model_name="item",
+            name="prompt",
+            field=models.ForeignKey(
+                on_delete=django.db.models.deletion.CASCADE,
+                related_name="items",
+                to="labeling.prompt",
+            ),
         ),
         migrations.AddField(
-            model_name='completion',
-            name='prompt',
-            field=models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='completions', to='labeling.prompt'),
+            model_name="completion",
+            name="prompt",
+            field=models.ForeignKey(
+                on_delete=django.db.models.deletion.CASCADE,
+                related_name="completions",
+                to="labeling.prompt",
+            ),
         ),
         migrations.CreateModel(
-            name='Ranking',
+            name="Ranking",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('source', models.CharField(choices=[('labeler', 'Labeler'), ('import', 'Import')], default='labeler', max_length=16)),
-                ('groups', models.JSONField()),
-                ('rationale', models.TextField(blank=True)),
-                ('seconds_spent', models.FloatField(blank=True, null=True)),
-                ('display_order', models.JSONField(blank=True, default=list)),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('item', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='rankings', to='labeling.item')),
-                ('user', models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='rankings', to=settings.AUTH_USER_MODEL)),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "source",
+                    models.CharField(
+                        choices=[("labeler", "Labeler"), ("import", "Import")],
+                        default="labeler",
+                        max_length=16,
+                    ),
+                ),
+                ("groups", models.JSONField()),
+                ("rationale", models.TextField(blank=True)),
+                ("seconds_spent", models.FloatField(blank=True, null=True)),
+                ("display_order", models.JSONField(blank=True, default=list)),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "item",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="rankings",
+                        to="labeling.item",
+                    ),
+                ),
+                (
+                    "user",
+                    models.ForeignKey(
+                        blank=True,
+                        null=True,
+                        on_delete=django.db.models.deletion.SET_NULL,
+                        related_name="rankings",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
             ],
             options={
-                'ordering': ['id'],
+                "ordering": ["id"],
             },
         ),
         migrations.CreateModel(
-            name='Assignment',
+            name="Assignment",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('status', models.CharField(choices=[('active', 'Active'), ('submitted', 'Submitted'), ('skipped', 'Skipped'), ('expired', 'Expired')], default='active', max_length=16)),
-                ('display_order', models.JSONField(help_text='Completion ids in the order this labeler sees them.')),
-                ('created_at', models.DateTimeField(auto_now_add=True)),
-                ('expires_at', models.DateTimeField(db_index=True)),
-                ('user', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='assignments', to=settings.AUTH_USER_MODEL)),
-                ('item', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='assignments', to='labeling.item')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                (
+                    "status",
+                    models.CharField(
+                        choices=[
+                            ("active", "Active"),
+                            ("submitted", "Submitted"),
+                            ("skipped", "Skipped"),
+                            ("expired", "Expired"),
+                        ],
+                        default="active",
+                        max_length=16,
+                    ),
+                ),
+                (
+                    "display_order",
+                    models.JSONField(
+                        help_text="Completion ids in the order this labeler sees them."
+                    ),
+                ),
+                ("created_at", models.DateTimeField(auto_now_add=True)),
+                ("expires_at", models.DateTimeField(db_index=True)),
+                (
+                    "user",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="assignments",
+                        to=settings.AUTH_USER_MODEL,
+                    ),
+                ),
+                (
+                    "item",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="assignments",
+                        to="labeling.item",
+                    ),
+                ),
             ],
             options={
-                'indexes': [models.Index(fields=['item', 'status', 'expires_at'], name='assignment_live_idx')],
-                'constraints': [models.UniqueConstraint(fields=('item', 'user'), name='one_assignment_per_item_user')],
+                "indexes": [
+                    models.Index(
+                        fields=["item", "status", "expires_at"], name="assignment_live_idx"
+                    )
+                ],
+                "constraints": [
+                    models.UniqueConstraint(
+                        fields=("item", "user"), name="one_assignment_per_item_user"
+                    )
+                ],
             },
         ),
         migrations.AddConstraint(
-            model_name='itemcompletion',
-            constraint=models.UniqueConstraint(fields=('item', 'completion'), name='item_completion_once'),
+            model_name="itemcompletion",
+            constraint=models.UniqueConstraint(
+                fields=("item", "completion"), name="item_completion_once"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='itemcompletion',
-            constraint=models.UniqueConstraint(fields=('item', 'position'), name='item_position_once'),
+            model_name="itemcompletion",
+            constraint=models.UniqueConstraint(
+                fields=("item", "position"), name="item_position_once"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='project',
-            constraint=models.CheckConstraint(condition=models.Q(('k__gte', 2), ('k__lte', 9)), name='project_k_2_to_9'),
+            model_name="project",
+            constraint=models.CheckConstraint(
+                condition=models.Q(("k__gte", 2), ("k__lte", 9)), name="project_k_2_to_9"
+            ),
         ),
         migrations.AddConstraint(
-            model_name='project',
-            constraint=models.CheckConstraint(condition=models.Q(('annotations_per_item__gte', 1)), name='project_annotations_at_least_1'),
+            model_name="project",
+            constraint=models.CheckConstraint(
+                condition=models.Q(("annotations_per_item__gte", 1)),
+                name="project_annotations_at_least_1",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='membership',
-            constraint=models.UniqueConstraint(fields=('project', 'user'), name='one_membership_per_user'),
+            model_name="membership",
+            constraint=models.UniqueConstraint(
+                fields=("project", "user"), name="one_membership_per_user"
+            ),
         ),
         migrations.AddIndex(
-            model_name='item',
-            index=models.Index(fields=['project', 'is_complete', 'id'], name='item_queue_idx'),
+            model_name="item",
+            index=models.Index(fields=["project", "is_complete", "id"], name="item_queue_idx"),
         ),
         migrations.AddConstraint(
-            model_name='ranking',
-            constraint=models.UniqueConstraint(condition=models.Q(('user__isnull', False)), fields=('item', 'user'), name='one_ranking_per_item_user'),
+            model_name="ranking",
+            constraint=models.UniqueConstraint(
+                condition=models.Q(("user__isnull", False)),
+                fields=("item", "user"),
+                name="one_ranking_per_item_user",
+            ),
         ),
         migrations.AddConstraint(
-            model_name='ranking',
-            constraint=models.CheckConstraint(condition=models.Q(('seconds_spent__isnull', True), ('seconds_spent__gte', 0), _connector='OR'), name='ranking_seconds_non_negative'),
+            model_name="ranking",
+            constraint=models.CheckConstraint(
+                condition=models.Q(
+                    ("seconds_spent__isnull", True), ("seconds_spent__gte", 0), _connector="OR"
+                ),
+                name="ranking_seconds_non_negative",
+            ),
         ),
     ]
