@@ -24,7 +24,9 @@ def env_bool(name: str, default: bool) -> bool:
         return True
     if lowered in {"0", "false", "no", "off"}:
         return False
-    raise ImproperlyConfiguredEnv(f"{name}={value!r} is not a boolean (use 1/0, true/false, yes/no)")
+    raise ImproperlyConfiguredEnv(
+        f"{name}={value!r} is not a boolean (use 1/0, true/false, yes/no)"
+    )
 
 
 def env_int(name: str, default: int) -> int:
@@ -77,7 +79,9 @@ def database_from_url(url: str) -> dict:
             "CONN_HEALTH_CHECKS": True,
             "OPTIONS": options,
         }
-    raise ImproperlyConfiguredEnv(f"DATABASE_URL scheme {parsed.scheme!r} is not supported (sqlite or postgres)")
+    raise ImproperlyConfiguredEnv(
+        f"DATABASE_URL scheme {parsed.scheme!r} is not supported (sqlite or postgres)"
+    )
 
 
 def secret_key(var_dir: Path, production: bool) -> str:

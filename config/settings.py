@@ -112,6 +112,10 @@ CACHES = {
 CHECKPOINT_DIR = Path(env_str("CHECKPOINT_DIR", str(VAR_DIR / "checkpoints")))
 # The base model offered by default on launch forms: a hub id or a local folder.
 DEFAULT_BASE_MODEL = env_str("DEFAULT_BASE_MODEL", str(VAR_DIR / "models" / "tiny-lm"))
+# The only folders a launch may name as a local base model (comma-separated; the
+# DEFAULT_BASE_MODEL folder is always allowed). Checkpoint folders never are: a job starts
+# from a checkpoint by choosing it as the parent checkpoint, scoped to its project.
+BASE_MODEL_DIRS = env_list("BASE_MODEL_DIRS", [str(VAR_DIR / "models")])
 
 LOGIN_THROTTLE_ATTEMPTS = env_int("LOGIN_THROTTLE_ATTEMPTS", 5)
 LOGIN_THROTTLE_WINDOW_S = env_int("LOGIN_THROTTLE_WINDOW_S", 300)

@@ -1,6 +1,10 @@
 from django.contrib import admin
 
 from labeling import models
+from labeling.forms import ThrottledAdminAuthenticationForm
+
+# The admin's own login page is throttled like the site's (labeling.forms.LoginThrottleMixin).
+admin.site.login_form = ThrottledAdminAuthenticationForm
 
 
 class MembershipInline(admin.TabularInline):

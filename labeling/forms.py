@@ -4,6 +4,7 @@ import hashlib
 
 from django import forms
 from django.conf import settings
+from django.contrib.admin.forms import AdminAuthenticationForm
 from django.contrib.auth.forms import AuthenticationForm
 from django.core.cache import cache
 
@@ -20,17 +21,16 @@ def client_ip(request) -> str:
     return request.META.get("REMOTE_ADDR", "") if request is not None else ""
 
 
-class ThrottledAuthenticationForm(AuthenticationForm):
+class LoginThrottleMixin:
     """Refuses to check a password after LOGIN_THROTTLE_ATTEMPTS failures for the same
-    username from the same IP within LOGIN_THROTTLE_WINDOW_S seconds (counted in the cache)."""
+    username (case-insensitive) from the same IP within LOGIN_THROTTLE_WINDOW_S seconds
+    (counted in the cache). Shared by every login form, so that one page's count holds on
+    the others."""
 
-    error_messages = {
-        **AuthenticationForm.error_messages,
-        "throttled": (
-            "Too many failed login attempts for this account from your address. "
-            "Wait %(minutes)s minute(s) and try again."
-        ),
-    }
+    throttled_message = (
+        "Too many failed login attempts for this account from your address. "
+        "Wait %(minutes)s minute(s) and try again."
+    )
 
     def clean(self):
         username = self.cleaned_data.get("username") or ""
@@ -53,6 +53,25 @@ class ThrottledAuthenticationForm(AuthenticationForm):
             raise
         cache.delete(key)
         return cleaned
+
+
+class ThrottledAuthenticationForm(LoginThrottleMixin, AuthenticationForm):
+    """The site's login form, throttled."""
+
+    error_messages = {
+        **AuthenticationForm.error_messages,
+        "throttled": LoginThrottleMixin.throttled_message,
+    }
+
+
+class ThrottledAdminAuthenticationForm(LoginThrottleMixin, AdminAuthenticationForm):
+    """The Django admin's login form (/django-admin/login/), throttled like the site's: an
+    unthrottled second login page would let anyone guess staff passwords without limit."""
+
+    error_messages = {
+        **AdminAuthenticationForm.error_messages,
+        "throttled": LoginThrottleMixin.throttled_message,
+    }
 
 
 class ProjectForm(forms.ModelForm):

@@ -55,6 +55,8 @@ from labeling.selectors import item_completion_texts, rankings_for_project
 
 HH_MARKER = "\n\nAssistant:"
 BATCH_RECORDS = 1000
+# The longest line an import reads (a record's text is far shorter; see _lines).
+MAX_LINE_BYTES = 16 * 1024 * 1024
 ANALYZE_AFTER_RECORDS = 5000
 FORMATS = ("jsonl", "csv")
 EXPORT_KINDS = ("rankings", "pairs", "hh")
@@ -279,8 +281,15 @@ def _record(obj: Any) -> _Record:
 
 
 def _lines(fileobj: IO[bytes]) -> Iterator[tuple[int, bytes]]:
-    """Physical lines split at b"\\n" only (a "\\r" stays part of its line), numbered from 1."""
-    for number, raw in enumerate(iter(fileobj.readline, b""), start=1):
+    """Physical lines split at b"\\n" only (a "\\r" stays part of its line), numbered from 1.
+    A line longer than MAX_LINE_BYTES is an error: read whole, one huge line (a binary file,
+    a file without line breaks) would have to fit in the web process's memory."""
+    limit = MAX_LINE_BYTES
+    for number, raw in enumerate(iter(lambda: fileobj.readline(limit + 1), b""), start=1):
+        if len(raw) > limit:
+            raise ImportFileError(
+                number, f"the line is longer than {limit:,} bytes (is this a JSONL or CSV file?)"
+            )
         if number == 1 and raw.startswith(_BOM):
             raw = raw[len(_BOM) :]
         yield number, raw

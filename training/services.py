@@ -128,18 +128,54 @@ class JobLaunchError(ValidationError):
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
+def base_model_dirs() -> list[Path]:
+    """The folders a local base model may live in (settings.BASE_MODEL_DIRS), resolved."""
+    roots = getattr(settings, "BASE_MODEL_DIRS", None) or []
+    return [Path(r).expanduser().resolve() for r in roots]
+
+
+def _local_model_allowed(folder: Path) -> bool:
+    """Whether a local folder may be loaded as a base model: inside one of BASE_MODEL_DIRS (or
+    the DEFAULT_BASE_MODEL folder itself), and never inside CHECKPOINT_DIR (a checkpoint is
+    chosen as a parent checkpoint, which is scoped to the project)."""
+    real = folder.expanduser().resolve()
+    checkpoints = Path(settings.CHECKPOINT_DIR).expanduser().resolve()
+    if real == checkpoints or real.is_relative_to(checkpoints):
+        return False
+    default = Path(settings.DEFAULT_BASE_MODEL or "").expanduser()
+    if settings.DEFAULT_BASE_MODEL and default.is_dir() and real == default.resolve():
+        return True
+    return any(real == root or real.is_relative_to(root) for root in base_model_dirs())
+
+
 def _check_base_model(base: str) -> None:
-    """A base model is a local folder that exists, or something shaped like a hub id
-    (``name`` or ``namespace/name``); anything else can only fail on the worker."""
-    if Path(base).expanduser().is_dir():
-        return
+    """A base model is a folder under BASE_MODEL_DIRS, or something shaped like a hub id
+    (``name`` or ``namespace/name``) that is not a folder elsewhere on this machine.
+
+    The field is typed by a project admin and loaded by the worker, so an arbitrary server
+    path would let one project read another project's checkpoint folders (transformers loads
+    an adapter folder with its adapter) or probe the server's file system. A folder outside
+    the allowed ones gets the same answer as a path that does not exist."""
+    refused = JobLaunchError(
+        f"Base model {base!r} is neither a folder of the model directories on this machine nor "
+        "a hub id such as 'Qwen/Qwen2.5-0.5B-Instruct'.",
+        field="base_model",
+    )
+    if "\x00" in base:
+        raise refused
+    folder = Path(base).expanduser()
+    try:
+        exists = folder.exists()
+        allowed = exists and folder.is_dir() and _local_model_allowed(folder)
+    except (OSError, ValueError):
+        raise refused from None
+    if exists:
+        if allowed:
+            return
+        raise refused
     looks_like_path = base.startswith(("/", ".", "~")) or "\\" in base or base.count("/") > 1
     if looks_like_path or not _HUB_ID.match(base):
-        raise JobLaunchError(
-            f"Base model {base!r} is neither a folder on this machine nor a hub id such as "
-            "'Qwen/Qwen2.5-0.5B-Instruct'.",
-            field="base_model",
-        )
+        raise refused
 
 
 def job_launch(

@@ -69,7 +69,8 @@ def test_launch_refuses_a_base_model_that_is_neither_a_folder_nor_a_hub_id(
     assert Job.objects.count() == 0
 
 
-def test_launch_accepts_an_existing_folder_or_a_hub_id(project, admin_user, tmp_path):
+def test_launch_accepts_an_existing_folder_or_a_hub_id(project, admin_user, tmp_path, settings):
+    settings.BASE_MODEL_DIRS = [str(tmp_path)]  # local folders only under the model directories
     for base in (str(tmp_path), "Qwen/Qwen2.5-0.5B-Instruct", "gpt2"):
         job = services.job_launch(
             kind="reward", project=project, config=dict(SMALL), user=admin_user, base_model=base
