@@ -60,24 +60,33 @@ def test_admin_launches_a_reward_model_job_and_watches_progress_and_chart(
     job = Job.objects.get(project=project)
     assert job.kind == "reward" and job.launched_by == admin and job.config["max_steps"] == 200
 
-    progress = "document.getElementById('job-progress').value"
-    page.wait_for_function(f"{progress} > 0", timeout=90_000)
+    # Functions, not expression strings: the page's CSP forbids eval, which Playwright uses
+    # for a bare expression.
+    progress = "() => document.getElementById('job-progress').value"
+    page.wait_for_function(
+        "() => document.getElementById('job-progress').value > 0", timeout=90_000
+    )
     first = page.evaluate(progress)
-    page.wait_for_function(f"{progress} > {first} || {progress} === 100", timeout=90_000)
+    page.wait_for_function(
+        "(first) => { const v = document.getElementById('job-progress').value;"
+        " return v > first || v === 100; }",
+        arg=first,
+        timeout=90_000,
+    )
     # The chart: a uPlot canvas in the "loss" group, fed by the polled points.
     page.wait_for_selector("#charts .tr-chart[data-group=loss] canvas", timeout=30_000)
     page.wait_for_function(
-        "Number(document.getElementById('charts').dataset.points) > 5", timeout=30_000
+        "() => Number(document.getElementById('charts').dataset.points) > 5", timeout=30_000
     )
     assert page.locator("#charts .tr-chart").count() >= 2  # loss, reward, perf, optim ...
 
     page.wait_for_function(
-        "document.getElementById('job').dataset.status === 'succeeded'", timeout=120_000
+        "() => document.getElementById('job').dataset.status === 'succeeded'", timeout=120_000
     )
     assert page.evaluate(progress) == 100
     assert page.locator("#job-status .tr-status").inner_text().strip() == "succeeded"
     assert "step 200/200" in page.locator("#job-log").inner_text()
     page.wait_for_selector("#job-checkpoints tr[data-checkpoint-id]", timeout=15_000)
     assert "reward" in page.locator("#job-checkpoints").inner_text()
-    drawn = int(page.evaluate("document.getElementById('charts').dataset.points"))
+    drawn = int(page.evaluate("() => document.getElementById('charts').dataset.points"))
     assert drawn == MetricPoint.objects.filter(job=job).count()  # every stored point is on a chart
