@@ -117,6 +117,24 @@ def django_setup(database_url: str) -> None:
     import django
 
     django.setup()
+    ensure_database()
+
+
+def ensure_database() -> None:
+    """Create the benchmark's PostgreSQL database when it does not exist yet."""
+    from django.db import connection
+
+    if connection.vendor != "postgresql":
+        return
+    import psycopg
+
+    params = connection.get_connection_params()
+    name = connection.settings_dict["NAME"]
+    admin = {k: v for k, v in params.items() if k in {"host", "port", "user", "password"}}
+    with psycopg.connect(dbname="postgres", autocommit=True, **admin) as conn:
+        exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone()
+        if not exists:
+            conn.execute(f'CREATE DATABASE "{name}"')
 
 
 def seed(*, labelers: int, items: int, k: int, annotations_per_item: int) -> tuple[int, list[str]]:
