@@ -42,17 +42,26 @@ LAUNCH_OVERRIDES: dict[str, dict] = {
     Job.Kind.SAMPLE: {"max_new_tokens": 48},
     Job.Kind.EVAL: {"max_new_tokens": 48},
 }
-# On the tiny random demo model (what `make run` builds) the RL kinds need the aggressive
-# settings the engine's own tests use (tests/rlhf/test_ppo.py, test_grpo.py) to show a rising
-# reward within minutes on a CPU; real models keep the literature defaults above.
+# On the tiny random demo model (what `make run` builds) the reward model and the RL kinds need
+# aggressive settings to show a rising reward within minutes on a CPU; real models keep the
+# literature defaults above. Measured on the demo project (20 prompts x 4 ranked completions):
+# - reward: at the literature rate (1e-4) the random model's reward head barely moves, so PPO
+#   chases noise (0.17 -> 0.24 over 40 steps); at 3e-3 it fits the rankings in ~40 steps
+#   (a few seconds) with a score spread of several units that the policy can climb.
+# - PPO/GRPO: 40 / 20 prompts per step (a multiple of the 20 demo prompts, so each step sees
+#   every prompt and the mean reward is not dominated by which prompts were drawn), 16-token
+#   responses, learning_rate 2e-2. Over 4 seeds the mean reward of the last 10 steps is
+#   0.6-1.6 above the first 10 with the KL settling at ~15-30 nats per response, in under
+#   30 s of 2-core CPU for the reward job and the RL job together.
 TINY_DEMO_OVERRIDES: dict[str, dict] = {
+    Job.Kind.REWARD: {"learning_rate": 3e-3, "max_steps": 40, "max_seq_len": 128},
     Job.Kind.PPO: {
-        "learning_rate": 1e-2, "batch_size": 32, "num_minibatches": 2, "ppo_epochs": 2, "max_new_tokens": 8,
+        "learning_rate": 2e-2, "batch_size": 40, "num_minibatches": 2, "ppo_epochs": 2, "max_new_tokens": 16,
         "max_seq_len": 128, "lora_r": 8, "lora_alpha": 16, "temperature": 1.0, "kl_coef": 0.01,
-        "max_steps": 40, "save_every": 10,
+        "max_steps": 80, "save_every": 10,
     },
     Job.Kind.GRPO: {
-        "learning_rate": 1e-2, "batch_size": 4, "num_generations": 8, "max_new_tokens": 8, "max_seq_len": 128,
+        "learning_rate": 2e-2, "batch_size": 20, "num_generations": 4, "max_new_tokens": 16, "max_seq_len": 128,
         "lora_r": 8, "lora_alpha": 16, "max_steps": 60, "save_every": 10,
     },
 }  # fmt: skip
@@ -173,8 +182,8 @@ class JobLaunchForm(forms.Form):
             del self.fields["max_prompts"]
         if kind in TINY_DEMO_OVERRIDES and is_tiny_demo_model(settings.DEFAULT_BASE_MODEL):
             self.fields["config"].help_text += (
-                " Prefilled with aggressive settings for the tiny demo model (learning_rate 1e-2, short"
-                " responses); for a real model start from the defaults in the rlhf/ dataclasses."
+                " Prefilled with aggressive settings for the tiny demo model (a high learning_rate;"
+                " short responses for RL); for a real model start from the defaults in the rlhf/ dataclasses."
             )
         if not self.is_bound:
             project = projects.filter(pk=self.initial.get("project")).first() or projects.first()

@@ -301,8 +301,9 @@ def test_api_checkpoints_carry_their_lineage(admin_client, admin_user, project):
     assert rows[0]["metrics"] == {"reward/accuracy": 0.8}
 
 
-@pytest.mark.parametrize("kind", ["ppo", "grpo"])
+@pytest.mark.parametrize("kind", ["reward", "ppo", "grpo"])
 def test_on_the_tiny_demo_model_rl_forms_prefill_the_settings_that_learn_fast(kind, tiny_model):
+    from labeling.demo_data import DEMO_PROMPTS
     from rlhf.config import config_from_dict
     from training.forms import TINY_DEMO_OVERRIDES, config_defaults
 
@@ -312,3 +313,6 @@ def test_on_the_tiny_demo_model_rl_forms_prefill_the_settings_that_learn_fast(ki
     config_from_dict(kind, {**demo, "model": tiny_model})  # the engine accepts them
     other = config_defaults(kind, base_model="Qwen/Qwen2.5-0.5B-Instruct")
     assert other["learning_rate"] != demo["learning_rate"]  # real models keep the literature rate
+    if kind != "reward":
+        # every RL step sees every demo prompt, so the reward curve is not prompt-mix noise
+        assert demo["batch_size"] % len(DEMO_PROMPTS) == 0
