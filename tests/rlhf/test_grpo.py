@@ -9,6 +9,7 @@ from rlhf.config import config_from_dict
 from rlhf.errors import ConfigError
 from rlhf.grpo import GRPOConfig, group_advantages, grpo_loss, train_grpo
 from rlhf.ppo import kl_k3
+from tests.rlhf.resume import full_and_resumed
 
 
 def test_group_advantages_normalise_each_group_by_its_own_mean_and_std():
@@ -119,32 +120,10 @@ def test_grpo_with_several_minibatches_resumes_to_the_same_metrics(tiny_model_di
         max_steps=3,
         seed=0,
     )
-    full: dict[int, dict] = {}
-    train_grpo(
-        cfg,
-        PROMPTS,
-        output_dir=tmp_path / "full",
-        reward_fn=text_length,
-        on_step=lambda s, m: full.__setitem__(s, m),
-    )
-    part: dict[int, dict] = {}
-    stopped = train_grpo(
-        cfg,
-        PROMPTS,
-        output_dir=tmp_path / "cut",
-        reward_fn=text_length,
-        on_step=lambda s, m: part.__setitem__(s, m),
-        should_stop=lambda: len(part) >= 1,
+    full, part, stopped, _ = full_and_resumed(
+        train_grpo, cfg, PROMPTS, tmp_path, stop_after=1, reward_fn=text_length
     )
     assert stopped.stopped and stopped.step == 1
-    train_grpo(
-        cfg,
-        PROMPTS,
-        output_dir=tmp_path / "cut",
-        reward_fn=text_length,
-        on_step=lambda s, m: part.__setitem__(s, m),
-        resume_from=tmp_path / "cut",
-    )
     for step in (2, 3):
         for key in ("objective/reward", "objective/kl", "loss/policy", "policy/clipfrac"):
             assert part[step][key] == pytest.approx(full[step][key], rel=1e-4, abs=1e-6), (

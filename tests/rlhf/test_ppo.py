@@ -31,6 +31,7 @@ from rlhf.sampling import (
     eos_token_ids,
     generate,
 )
+from tests.rlhf.resume import full_and_resumed
 
 # ------------------------------------------------------------------------------ pure helpers
 
@@ -370,34 +371,10 @@ def test_ppo_stop_and_resume_gives_the_same_metrics_as_an_uninterrupted_run(
     tiny_model_dir, tmp_path
 ):
     cfg = _small_cfg(tiny_model_dir, max_steps=4, adaptive_kl=True, kl_target=0.1, kl_horizon=100)
-    full: dict[int, dict] = {}
-    train_ppo(
-        cfg,
-        PROMPTS,
-        output_dir=tmp_path / "full",
-        reward_fn=text_length,
-        on_step=lambda s, m: full.__setitem__(s, m),
-    )
-
-    first: dict[int, dict] = {}
-    stopped = train_ppo(
-        cfg,
-        PROMPTS,
-        output_dir=tmp_path / "cut",
-        reward_fn=text_length,
-        on_step=lambda s, m: first.__setitem__(s, m),
-        should_stop=lambda: len(first) >= 2,
+    full, resumed, stopped, result = full_and_resumed(
+        train_ppo, cfg, PROMPTS, tmp_path, stop_after=2, reward_fn=text_length
     )
     assert stopped.stopped and stopped.step == 2
-    resumed: dict[int, dict] = {}
-    result = train_ppo(
-        cfg,
-        PROMPTS,
-        output_dir=tmp_path / "cut",
-        reward_fn=text_length,
-        on_step=lambda s, m: resumed.__setitem__(s, m),
-        resume_from=tmp_path / "cut",
-    )
     assert result.step == 4 and sorted(resumed) == [3, 4]
     for step in (3, 4):
         for key in (
