@@ -504,7 +504,35 @@ class _OrmWriter:
         return [obj.pk for obj in objs] if ids else []
 
 
-class _PostgresCopyWriter:
+class _RawWriter:
+    """What the COPY and executemany writers share: the column list (id first when the
+    caller needs new ids, created_at last when the model has it) and each row's values in
+    that order, with JSON columns encoded by `encode_json`."""
+
+    def __init__(self, alias: str):
+        self.connection = connections[alias]
+
+    def layout(self, model, columns: tuple[str, ...], *, ids: bool):
+        fields = {f.attname: f for f in model._meta.concrete_fields}
+        json_cols = {i for i, c in enumerate(columns) if isinstance(fields[c], JSONField)}
+        has_created = "created_at" in fields
+        names = (("id",) if ids else ()) + columns + (("created_at",) if has_created else ())
+        quoted = ", ".join(self.connection.ops.quote_name(n) for n in names)
+        return self.connection.ops.quote_name(model._meta.db_table), json_cols, has_created, quoted
+
+    def values(self, row, new_id, json_cols, has_created) -> list:
+        values = [
+            self.encode_json(v) if i in json_cols and v is not None else v
+            for i, v in enumerate(row)
+        ]
+        if new_id is not None:
+            values.insert(0, new_id)
+        if has_created:
+            values.append(self.now)
+        return values
+
+
+class _PostgresCopyWriter(_RawWriter):
     """Inserts rows with COPY ... FROM STDIN: on PostgreSQL about 4x less CPU than bulk_create
     and far fewer Python objects per row. New ids come from the table's sequence first, so
     the rows that refer to them can be written in the same batch."""
@@ -512,8 +540,8 @@ class _PostgresCopyWriter:
     def __init__(self, alias: str):
         from psycopg.types.json import Jsonb
 
-        self.jsonb = Jsonb
-        self.connection = connections[alias]
+        super().__init__(alias)
+        self.encode_json = Jsonb
         self.now = timezone.now()
 
     def insert(
@@ -521,43 +549,32 @@ class _PostgresCopyWriter:
     ) -> list[int]:
         if not rows:
             return []
-        quote = self.connection.ops.quote_name
-        table = model._meta.db_table
-        fields = {f.attname: f for f in model._meta.concrete_fields}
-        json_cols = {i for i, c in enumerate(columns) if isinstance(fields[c], JSONField)}
-        has_created = any(f.attname == "created_at" for f in model._meta.concrete_fields)
-        names = (("id",) if ids else ()) + columns + (("created_at",) if has_created else ())
+        table, json_cols, has_created, names = self.layout(model, columns, ids=ids)
         new_ids: list[int] = []
         with self.connection.cursor() as cursor:
             if ids:
                 cursor.execute(
                     "SELECT nextval(pg_get_serial_sequence(%s, 'id')) FROM generate_series(1, %s)",
-                    [quote(table), len(rows)],
+                    [table, len(rows)],
                 )
                 new_ids = sorted(r[0] for r in cursor.fetchall())
-            sql = f"COPY {quote(table)} ({', '.join(quote(n) for n in names)}) FROM STDIN"
-            with cursor.cursor.copy(sql) as copy:
+            with cursor.cursor.copy(f"COPY {table} ({names}) FROM STDIN") as copy:
                 for n, row in enumerate(rows):
-                    values = [
-                        self.jsonb(v) if i in json_cols and v is not None else v
-                        for i, v in enumerate(row)
-                    ]
-                    if ids:
-                        values.insert(0, new_ids[n])
-                    if has_created:
-                        values.append(self.now)
-                    copy.write_row(values)
+                    new_id = new_ids[n] if ids else None
+                    copy.write_row(self.values(row, new_id, json_cols, has_created))
         return new_ids
 
 
-class _SqliteWriter:
+class _SqliteWriter(_RawWriter):
     """Inserts rows with one executemany per table: on SQLite less CPU than bulk_create.
     New ids continue after both the table's largest id and its AUTOINCREMENT counter; that
     is safe because the import's transaction holds SQLite's single write lock (a concurrent
     writer would make the insert fail loudly, never collide silently)."""
 
+    encode_json = staticmethod(json.dumps)
+
     def __init__(self, alias: str):
-        self.connection = connections[alias]
+        super().__init__(alias)
         self.now = self.connection.ops.adapt_datetimefield_value(timezone.now())
 
     def insert(
@@ -565,38 +582,23 @@ class _SqliteWriter:
     ) -> list[int]:
         if not rows:
             return []
-        quote = self.connection.ops.quote_name
-        table = model._meta.db_table
-        fields = {f.attname: f for f in model._meta.concrete_fields}
-        json_cols = {i for i, c in enumerate(columns) if isinstance(fields[c], JSONField)}
-        has_created = "created_at" in fields
-        names = (("id",) if ids else ()) + columns + (("created_at",) if has_created else ())
+        table, json_cols, has_created, names = self.layout(model, columns, ids=ids)
         new_ids: list[int] = []
         with self.connection.cursor() as cursor:
             if ids:
                 cursor.execute(
-                    f"SELECT MAX(COALESCE((SELECT MAX(id) FROM {quote(table)}), 0), "
+                    f"SELECT MAX(COALESCE((SELECT MAX(id) FROM {table}), 0), "
                     "COALESCE((SELECT seq FROM sqlite_sequence WHERE name = %s), 0))",
-                    [table],
+                    [model._meta.db_table],
                 )
                 first = cursor.fetchone()[0] + 1
                 new_ids = list(range(first, first + len(rows)))
-            params = []
-            for n, row in enumerate(rows):
-                values = [
-                    json.dumps(v) if i in json_cols and v is not None else v
-                    for i, v in enumerate(row)
-                ]
-                if ids:
-                    values.insert(0, new_ids[n])
-                if has_created:
-                    values.append(self.now)
-                params.append(values)
-            cursor.executemany(
-                f"INSERT INTO {quote(table)} ({', '.join(quote(n) for n in names)}) "
-                f"VALUES ({', '.join(['%s'] * len(names))})",
-                params,
-            )
+            params = [
+                self.values(row, new_ids[n] if ids else None, json_cols, has_created)
+                for n, row in enumerate(rows)
+            ]
+            placeholders = ", ".join(["%s"] * len(params[0]))
+            cursor.executemany(f"INSERT INTO {table} ({names}) VALUES ({placeholders})", params)
         return new_ids
 
 
