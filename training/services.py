@@ -415,6 +415,17 @@ def job_stop_requested(*, job_id: int, token: str) -> Heartbeat:
     )
 
 
+def _owned_log_tail_for_update(*, job_id: int, token: str) -> str | None:
+    """Lock the job row while `token` still owns the running job and return its log tail;
+    None when the job is no longer ours (cancelled, failed, or claimed again)."""
+    return (
+        Job.objects.select_for_update()
+        .filter(pk=job_id, run_token=token, status=Job.Status.RUNNING)
+        .values_list("log_tail", flat=True)
+        .first()
+    )
+
+
 def metric_points_write(
     *,
     job_id: int,
@@ -433,12 +444,7 @@ def metric_points_write(
     if total_steps is not None and total_steps > 0:
         updates["total_steps"] = int(total_steps)
     with transaction.atomic():
-        row = (
-            Job.objects.select_for_update()
-            .filter(pk=job_id, run_token=token, status=Job.Status.RUNNING)
-            .values_list("log_tail", flat=True)
-            .first()
-        )
+        row = _owned_log_tail_for_update(job_id=job_id, token=token)
         if row is None:
             return False
         if log_lines:
@@ -501,12 +507,7 @@ def job_finish(
     if step is not None:
         updates["step"] = max(0, int(step))
     with transaction.atomic():
-        tail = (
-            Job.objects.select_for_update()
-            .filter(pk=job_id, run_token=token, status=Job.Status.RUNNING)
-            .values_list("log_tail", flat=True)
-            .first()
-        )
+        tail = _owned_log_tail_for_update(job_id=job_id, token=token)
         if tail is None:
             return False
         line = log_line or (f"{status}: {error}" if error else status)
