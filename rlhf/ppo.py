@@ -35,7 +35,8 @@ that the first minibatch's probability ratio is exactly 1.
 Speed and memory:
 
 - all prompts of a step are generated in ONE ``generate`` call under ``torch.no_grad`` with
-  the KV cache; with ``merge_for_generation`` the policy adapter is merged into the base
+  the KV cache, on CUDA a static one whose decoding step is compiled into a CUDA graph
+  (``generation_cache``); with ``merge_for_generation`` the policy adapter is merged into the base
   weights (no LoRA matmuls per decoded token) and the base weights are then restored exactly
   from a saved CPU copy (:class:`rlhf.sampling.MergedAdapter`), so the reference never drifts;
 - sampling is plain softmax sampling at ``temperature`` (no top-k/top-p), and the training
@@ -90,7 +91,14 @@ from rlhf.modeling import (
     next_token_logits,
     token_logprobs,
 )
-from rlhf.sampling import MergedAdapter, ended_with_eos, eos_token_ids, generate
+from rlhf.sampling import (
+    MergedAdapter,
+    check_generation_cache,
+    ended_with_eos,
+    eos_token_ids,
+    generate,
+    resolve_generation_cache,
+)
 
 # --------------------------------------------------------------------------------------------
 # Config
@@ -125,6 +133,11 @@ class RLConfig(BaseConfig):
     token), then restore the exact base weights from a saved copy
     (:class:`rlhf.sampling.MergedAdapter`)."""
 
+    generation_cache: str = "auto"
+    """KV cache of the rollouts: "static" (fixed shape, so on CUDA the decoding step is
+    compiled into a CUDA graph once, in the first step, and replayed every token after),
+    "dynamic" (the plain growing cache, no compile) or "auto" (static on CUDA, else dynamic)."""
+
     lora_dropout: float = 0.0
     """No dropout in RL, so log-probs at sampling and update time agree (Huang et al. 2024)."""
 
@@ -138,6 +151,7 @@ class RLConfig(BaseConfig):
 
     def validate(self) -> None:
         super().validate()
+        check_generation_cache(self.generation_cache)
         for name in ("num_minibatches", "max_new_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -794,6 +808,8 @@ def make_rollout(*, cfg, step: int, run: RLRun, repeats: int) -> Rollout:
             temperature=cfg.temperature,
             max_new_tokens=cfg.max_new_tokens,
             eos_ids=eos_ids,
+            cache=resolve_generation_cache(cfg.generation_cache, device),
+            max_cache_len=cfg.max_seq_len,  # one cache shape, one compiled graph, for the run
         )  # [B, R]; pad after the first EOS
     ended = ended_with_eos(responses, eos_ids)
     sync_device(device)

@@ -8,12 +8,18 @@ Speed: ``generate`` runs with a KV cache; a LoRA adapter is merged into the weig
 before generating (one matmul per layer instead of three), either into a private copy of
 the base model (:func:`sample`, which loads its own) or temporarily into a training
 model (:class:`MergedAdapter`, used by PPO and GRPO rollouts, which restores the exact base
-weights afterwards).
+weights afterwards). With ``cache="static"`` the KV cache has a fixed shape (batch x
+``max_cache_len``), and on CUDA transformers then compiles the decoding step with
+``torch.compile(mode="reduce-overhead")``: one CUDA graph replay per token instead of a
+Python call and a few hundred kernel launches per layer. The graph is compiled on the first
+call (tens of seconds) and reused while the batch size and ``max_cache_len`` stay the same,
+so rollouts pass a fixed ``max_cache_len`` (the run's ``max_seq_len``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -33,6 +39,25 @@ from rlhf.modeling import (
     resolve_device_dtype,
     source_adapter_dir,
 )
+
+log = logging.getLogger(__name__)
+
+GENERATION_CACHES = ("auto", "static", "dynamic")
+
+
+def check_generation_cache(value: str) -> None:
+    """ConfigError unless ``value`` is one of :data:`GENERATION_CACHES`."""
+    if value not in GENERATION_CACHES:
+        raise ConfigError(
+            f"generation_cache must be one of {', '.join(GENERATION_CACHES)}, got {value!r}"
+        )
+
+
+def resolve_generation_cache(value: str, device: torch.device | str) -> str:
+    """ "auto" -> "static" on CUDA (compiled decoding), "dynamic" elsewhere."""
+    if value == "auto":
+        return "static" if torch.device(device).type == "cuda" else "dynamic"
+    return value
 
 
 @dataclass
@@ -56,8 +81,14 @@ class SampleConfig(BaseConfig):
     chat_template: bool = False
     """Wrap prompts with the tokenizer's chat template (must match how the policy was trained)."""
 
+    generation_cache: str = "dynamic"
+    """KV cache of ``generate``: "dynamic" (grows per token), "static" (fixed shape; on CUDA
+    the decoding step is compiled into a CUDA graph, which costs a one-off compile of tens
+    of seconds and pays off on large sampling jobs) or "auto" (static on CUDA, else dynamic)."""
+
     def validate(self) -> None:
         super().validate()
+        check_generation_cache(self.generation_cache)
         if self.num_completions < 1:
             raise ConfigError(f"num_completions must be >= 1, got {self.num_completions}")
         if self.temperature < 0:
@@ -142,6 +173,9 @@ def generate(
     top_p: float = 1.0,
     max_new_tokens: int = 128,
     eos_ids: Sequence[int] | None = None,
+    cache: str = "dynamic",
+    max_cache_len: int | None = None,
+    compile: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample continuations of LEFT-padded prompts with a KV cache.
 
@@ -152,6 +186,12 @@ def generate(
     ``temperature`` (nucleus-filtered when ``top_p`` < 1): top-k, min-p, typical-p and
     repetition penalties that a model's own generation_config may set are switched off, so
     the distribution sampled is the one PPO/GRPO compute log-probs from (Huang et al. 2024).
+
+    ``cache`` "static" uses a fixed-shape KV cache of ``max_cache_len`` positions (default:
+    prompt + max_new_tokens) and lets transformers compile the decoding step (it does so on
+    CUDA; ``compile=True`` forces it on any device, ``False`` never). Should the static path
+    fail, for a reason other than memory, it is logged and this model falls back to the
+    dynamic cache for the rest of the process (same distribution, only slower).
     """
     eos = list(eos_ids) if eos_ids is not None else eos_token_ids(tokenizer, model)
     do_sample = temperature > 0
@@ -170,7 +210,35 @@ def generate(
     if num_completions > 1:  # K consecutive copies (greedy refuses num_return_sequences > 1)
         input_ids = input_ids.repeat_interleave(num_completions, dim=0)
         attention_mask = attention_mask.repeat_interleave(num_completions, dim=0)
-    out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    if cache not in ("static", "dynamic"):
+        raise ConfigError(f"cache must be static or dynamic, got {cache!r}")
+    static = cache == "static" and not getattr(model, "_rlhf_static_cache_failed", False)
+    if static:
+        kwargs.update(
+            cache_implementation="static",
+            max_cache_len=max(max_cache_len or 0, input_ids.shape[1] + max_new_tokens),
+        )
+        if compile is False:
+            kwargs["disable_compile"] = True
+        elif compile:
+            from transformers import CompileConfig
+
+            config = CompileConfig()
+            config._compile_all_devices = True  # transformers' switch for non-CUDA devices
+            kwargs["compile_config"] = config
+    try:
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:
+        if not static:
+            raise
+        # a compile or static-cache failure: log it and keep the run going
+        log.warning("static-cache generation failed (%r); using the dynamic cache", exc)
+        model._rlhf_static_cache_failed = True
+        for key in ("cache_implementation", "max_cache_len", "disable_compile", "compile_config"):
+            kwargs.pop(key, None)
+        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     completion = out[:, input_ids.shape[1] :]  # [B*K, N]
     mask = completion_mask_after_eos(completion, eos or None)
     return completion.masked_fill(mask == 0, tokenizer.pad_token_id), mask
@@ -250,6 +318,7 @@ def sample(
         "seed": cfg.seed,
     }
     K = cfg.num_completions
+    cache = resolve_generation_cache(cfg.generation_cache, device)
     n_batches = (len(rows) + cfg.batch_size - 1) // cfg.batch_size
     results: list[dict[str, Any]] = []
     for b in range(n_batches):
@@ -269,6 +338,8 @@ def sample(
                 temperature=cfg.temperature,
                 top_p=cfg.top_p,
                 max_new_tokens=cfg.max_new_tokens,
+                cache=cache,
+                max_cache_len=cfg.max_seq_len + cfg.max_new_tokens,
             )
         dt = time.perf_counter() - t0
         counts = mask.sum(dim=1).tolist()

@@ -391,6 +391,27 @@ def test_ppo_stop_and_resume_gives_the_same_metrics_as_an_uninterrupted_run(
 
 
 @pytest.mark.slow
+def test_ppo_rollouts_with_a_static_cache_give_the_same_run_as_the_dynamic_cache(
+    tiny_model_dir, tmp_path
+):
+    """generation_cache "static" (the CUDA default, compiled there) samples the same tokens."""
+    runs = {}
+    for cache in ("dynamic", "static"):
+        history = []
+        train_ppo(
+            _small_cfg(tiny_model_dir, max_steps=3, generation_cache=cache),
+            PROMPTS,
+            output_dir=tmp_path / cache,
+            reward_fn=text_length,
+            on_step=lambda step, m, h=history: h.append(m),
+        )
+        runs[cache] = [
+            (m["objective/reward"], m["objective/kl"], m["loss/policy"]) for m in history
+        ]
+    assert len(runs["static"]) == 3 and runs["static"] == runs["dynamic"]
+
+
+@pytest.mark.slow
 def test_ppo_stops_cleanly_on_a_nan_reward_without_writing_a_checkpoint(tiny_model_dir, tmp_path):
     cfg = _small_cfg(tiny_model_dir, max_steps=2)
     with pytest.raises(NonFiniteLossError, match="reward is nan at step 1"):
