@@ -100,6 +100,10 @@ class BaseConfig:
         """Raise ConfigError on values out of range. Subclasses call ``super().validate()``."""
         if not self.model:
             raise ConfigError("model is required: a hub id or a local model folder")
+        if isinstance(self.batch_size, str) and self.batch_size != "auto":
+            raise ConfigError(
+                f'batch_size must be a positive integer or "auto", got {self.batch_size!r}'
+            )
         _positive(
             self,
             "lora_r",
@@ -162,7 +166,7 @@ class OfflineConfig(BaseConfig):
 def _positive(cfg: Any, *names: str) -> None:
     for name in names:
         value = getattr(cfg, name)
-        if value == "auto":  # resolved at run time where a config allows it (SFT batch_size)
+        if value == "auto":  # resolved at run time where a config allows it (SFT, reward)
             continue
         if value <= 0:
             raise ConfigError(f"{name} must be > 0, got {value}")

@@ -36,6 +36,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -86,7 +87,7 @@ from rlhf.modeling import (
     source_adapter_dir,
     trainable_parameters,
 )
-from rlhf.sft import split_eval
+from rlhf.sft import resolve_auto_batch, split_eval
 
 # --------------------------------------------------------------------------------------------
 # Pure helpers: rankings -> pairs -> loss
@@ -203,6 +204,12 @@ def preference_rows(data: Sequence[dict]) -> list[PreferenceRow]:
 class RewardConfig(OfflineConfig):
     """Reward-model training. ``batch_size`` counts PROMPTS (each with all its K completions),
     as InstructGPT batches whole rankings (sec. 3.5; they use 64 prompts per batch)."""
+
+    batch_size: int | Literal["auto"] = 8
+    """Prompts per micro-batch, each with all its completions, or "auto": on a GPU the most
+    prompts (up to 64) whose activations fit in the free memory, a prompt counting as its K
+    completions padded to the longest sequence (:func:`rlhf.sft.pick_micro_batch`); 8 on a
+    CPU. The pick is saved in the checkpoints' config and a resumed run keeps it."""
 
     learning_rate: float = 1e-4
     """Peak AdamW rate. InstructGPT trains the full 6B RM at 9e-6; LoRA adapters need ~10x
@@ -482,13 +489,21 @@ def train_reward(
     )  # the pairwise loss ignores a shift; set by normalisation
     if cfg.init_adapter:  # e.g. the SFT policy, as InstructGPT starts its RM from the SFT model
         load_adapter_weights(peft_model, source_adapter_dir(cfg.init_adapter, ADAPTER), ADAPTER)
-    if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(peft_model)
 
     def encode(rs: Sequence[PreferenceRow]) -> list[list[list[int]]]:
         return [[encoder.encode(r.prompt, c) for c in r.completions] for r in rs]
 
     train_seqs, eval_seqs = encode(train_rows), encode(eval_rows)
+    cfg = resolve_auto_batch(  # a batch pads every sequence to the longest one
+        cfg,
+        peft_model,
+        device,
+        tokens_per_row=max(map(len, train_seqs), default=1)
+        * max((len(s) for seqs in train_seqs for s in seqs), default=1),
+        saved_config=resume.state.get("config"),
+    )
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(peft_model)
     params = trainable_parameters(peft_model) + [head.linear.weight]
     optimizer, scheduler = optimizer_and_schedule(params, cfg)
 

@@ -22,15 +22,15 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
 
 from rlhf.checkpoint import load_adapter_weights, load_training_state
-from rlhf.config import OfflineConfig
+from rlhf.config import BaseConfig, OfflineConfig
 from rlhf.data import IGNORE_INDEX, SFTCollator, collate_sft, validate_rows
-from rlhf.errors import ConfigError, DataError
+from rlhf.errors import DataError
 from rlhf.loop import (
     OnStep,
     ShouldStop,
@@ -70,15 +70,9 @@ class SFTConfig(OfflineConfig):
     (:func:`pick_micro_batch`); 8 on a CPU. The pick is saved in the checkpoints' config
     and a resumed run keeps it."""
 
-    def validate(self) -> None:
-        if isinstance(self.batch_size, str) and self.batch_size != AUTO:
-            raise ConfigError(
-                f'batch_size must be a positive integer or "auto", got {self.batch_size!r}'
-            )
-        super().validate()
-
 
 AUTO = "auto"
+C = TypeVar("C", bound=BaseConfig)
 AUTO_CPU_BATCH = 8
 """The micro-batch "auto" gives on a CPU (BaseConfig's default)."""
 
@@ -156,11 +150,11 @@ def pick_micro_batch(
 
 
 def resolve_auto_batch(
-    cfg: SFTConfig, model, device, *, tokens_per_row: int, saved_config: dict | None
-) -> SFTConfig:
-    """``cfg`` with batch_size "auto" replaced: the resumed run's pick, else
-    :func:`pick_micro_batch` on a GPU (from ``torch.cuda.mem_get_info`` with the model
-    loaded), else :data:`AUTO_CPU_BATCH`."""
+    cfg: C, model, device, *, tokens_per_row: int, saved_config: dict | None
+) -> C:
+    """``cfg`` (an SFT or reward config) with batch_size "auto" replaced: the resumed run's
+    pick, else :func:`pick_micro_batch` on a GPU (from ``torch.cuda.mem_get_info`` with the
+    PEFT ``model`` loaded; a row = ``tokens_per_row`` tokens), else :data:`AUTO_CPU_BATCH`."""
     if cfg.batch_size != AUTO:
         return cfg
     if saved_config and isinstance(saved_config.get("batch_size"), int):

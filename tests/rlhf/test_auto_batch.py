@@ -1,10 +1,12 @@
-"""SFT batch_size "auto": the pure micro-batch picker, the config, and the CPU fallback."""
+"""batch_size "auto" (SFT and reward model): the pure micro-batch picker, the configs, and
+the CPU fallback."""
 
 import pytest
 
 from rlhf.checkpoint import read_state
 from rlhf.config import config_from_dict
 from rlhf.errors import ConfigError
+from rlhf.reward import RewardConfig, train_reward
 from rlhf.sft import SFTConfig, activation_bytes_per_token, pick_micro_batch, train_sft
 
 # A Qwen2.5-0.5B-shaped model in bf16 with a 32k vocabulary, 512 tokens per row.
@@ -57,8 +59,11 @@ def test_sft_config_accepts_auto_batch_and_rejects_other_words():
     assert cfg.batch_size == "auto"
     with pytest.raises(ConfigError, match="batch_size"):
         config_from_dict("sft", {"model": "some/model", "batch_size": "big"})
+    assert config_from_dict("reward", {"model": "m", "batch_size": "auto"}).batch_size == "auto"
     with pytest.raises(ConfigError, match="batch_size"):
-        config_from_dict("reward", {"model": "some/model", "batch_size": "auto"})
+        config_from_dict("dpo", {"model": "some/model", "batch_size": "auto"})
+    with pytest.raises(ConfigError, match='batch_size must be a positive integer or "auto"'):
+        RewardConfig(model="m", batch_size="many").validate()
 
 
 @pytest.mark.slow
@@ -80,5 +85,35 @@ def test_auto_batch_on_a_cpu_uses_8_rows_and_a_resumed_run_keeps_the_pick(
     assert read_state(first.checkpoint_dir)["config"]["batch_size"] == 8
     assert cfg.batch_size == "auto"  # the caller's config is left alone
     resumed = train_sft(cfg, sft_rows, output_dir=tmp_path, resume_from=tmp_path)
+    assert resumed.step == 2
+    assert read_state(resumed.checkpoint_dir)["config"]["batch_size"] == 8
+
+
+@pytest.mark.slow
+def test_reward_auto_batch_on_a_cpu_uses_8_prompts_and_a_resumed_run_keeps_the_pick(
+    tiny_model_dir, tmp_path
+):
+    rows = [
+        {
+            "prompt": f"q{i}",
+            "completions": [f"please {i}", f"no {i}", "x"],
+            "ranking": [[0], [1, 2]],
+        }
+        for i in range(12)
+    ]
+    cfg = RewardConfig(
+        model=str(tiny_model_dir), batch_size="auto", max_steps=2, max_seq_len=32, device="cpu"
+    )
+    seen = []
+    first = train_reward(
+        cfg,
+        rows,
+        output_dir=tmp_path,
+        should_stop=lambda: len(seen) == 1,
+        on_step=lambda s, m: seen.append(m),
+    )
+    assert first.stopped and first.step == 1
+    assert read_state(first.checkpoint_dir)["config"]["batch_size"] == 8
+    resumed = train_reward(cfg, rows, output_dir=tmp_path, resume_from=tmp_path)
     assert resumed.step == 2
     assert read_state(resumed.checkpoint_dir)["config"]["batch_size"] == 8
