@@ -17,6 +17,9 @@ bf16 on a GPU (fp32 on CPU), and the same batch:
                    reward model just trained (shared base: adapter "reward")        -> s/step, split
                    rollout / scoring / training
 - ``ours_grpo``    rlhf.grpo.train_grpo, 1 prompt x 8 generations, TRL's length reward -> s/step
+- ``ours_rollout`` rollout generation alone (adapter merged), over rollout batch sizes (8 as
+                   TRL, 64 = PPO's default batch, 256) with the dynamic and the static
+                   (compiled on a GPU) KV cache                                  -> tokens/s
 - ``trl_sft``, ``trl_reward``, ``trl_grpo``: the peer's TRL runs, when ``trl`` is importable.
 
 Step times are wall-clock between consecutive ``on_step`` callbacks (CUDA-synchronised), i.e.
@@ -76,9 +79,29 @@ STEPS = {
         rl_steps=2,
         grpo_completion=16,
         ppo=dict(ppo_epochs=1, num_minibatches=1),
+        rollout_batches=[8, 32],
+        rollout_repeats=2,
     ),
-    "small": dict(warmup=3, steps=20, rl_warmup=1, rl_steps=4, grpo_completion=128, ppo={}),
-    "base": dict(warmup=3, steps=20, rl_warmup=1, rl_steps=4, grpo_completion=128, ppo={}),
+    "small": dict(
+        warmup=3,
+        steps=20,
+        rl_warmup=1,
+        rl_steps=4,
+        grpo_completion=128,
+        ppo={},
+        rollout_batches=[8, 64, 256],
+        rollout_repeats=3,
+    ),
+    "base": dict(
+        warmup=3,
+        steps=20,
+        rl_warmup=1,
+        rl_steps=4,
+        grpo_completion=128,
+        ppo={},
+        rollout_batches=[8, 64, 256],
+        rollout_repeats=3,
+    ),
 }
 
 # Goals from the engine issue (GPU, same run as TRL).
@@ -207,11 +230,13 @@ def bench_ours_sft(A, ctx):
 
 
 def bench_ours_reward(A, ctx):
+    from rlhf.checkpoint import read_state
     from rlhf.reward import RewardConfig, train_reward
 
     S, P, W, T = ctx["seq"], ctx["rm_prompt"], ctx["warmup"], ctx["steps"]
-    prompts_per_step = (2 * BATCH) // K  # 16 sequences per step, as TRL's 8 pairs
-    n = prompts_per_step * (W + T)
+    # default: 4 prompts = 16 sequences per step, as TRL's 8 pairs; or "auto" (free GPU memory)
+    given = ctx["rm_batch"]
+    n = (64 if given == "auto" else given) * (W + T)
     # prompt + completion + EOS = S tokens exactly (the EOS is appended by the encoder)
     rows = [
         {
@@ -225,7 +250,7 @@ def bench_ours_reward(A, ctx):
         RewardConfig,
         base_config(
             A,
-            batch_size=prompts_per_step,
+            batch_size=given,
             max_seq_len=S,
             max_steps=W + T,
             eval_fraction=0.0,
@@ -238,6 +263,7 @@ def bench_ours_reward(A, ctx):
     out = os.path.join(ctx["workdir"], "ours_reward")
     result = train_reward(cfg, rows, output_dir=out, on_step=clock)
     ctx["reward_checkpoint"] = str(result.checkpoint_dir)
+    prompts_per_step = read_state(result.checkpoint_dir)["config"]["batch_size"]
     step_s, _ = clock.timed(W)
     med = statistics.median(step_s)
     pairs = prompts_per_step * math.comb(K, 2)
@@ -255,6 +281,7 @@ def bench_ours_reward(A, ctx):
         sequences_per_s=prompts_per_step * K / med,
         tokens_per_s=prompts_per_step * K * S / med,
         peak_mem_gb=peak_gb(),
+        batch_picked="auto" if given == "auto" else "given",
     )
     peer.add_mfu(rec, rec["tokens_per_s"], A.n_matmul_rm, ctx)
     return rec
@@ -385,6 +412,73 @@ def bench_ours_grpo(A, ctx):
     return rec
 
 
+def bench_ours_rollout(A, ctx):
+    """Rollout generation alone, as PPO and GRPO run it (policy adapter merged, plain softmax
+    sampling at temperature 1, ``grpo_completion`` new tokens, no early EOS), over rollout
+    batch sizes and both KV caches: "dynamic" and "static" (compiled into a CUDA graph on a
+    GPU). The first call of each setting is warm-up (it includes the compile)."""
+    from rlhf.data import encode_prompts
+    from rlhf.modeling import load_policy
+    from rlhf.ppo import PPOConfig
+    from rlhf.sampling import MergedAdapter, generate
+
+    P, C = ctx["grpo_prompt"], ctx["grpo_completion"]
+    cfg = make_config(PPOConfig, base_config(A, max_new_tokens=C, max_seq_len=P + C + 8))
+    model, tok, device, _dtype = load_policy(cfg)
+    model.eval()
+    merger = MergedAdapter(model, "policy")
+    runs = []
+    for batch in ctx["rollout_batches"]:
+        query, qmask = encode_prompts(
+            tok,
+            [A.text(P) for _ in range(batch)],
+            max_len=P + 8,
+            chat_template=False,
+            device=device,
+        )
+        for cache in ("dynamic", "static"):
+            times, tokens = [], 0
+            for i in range(1 + ctx["rollout_repeats"]):
+                peer.sync()
+                t0 = time.perf_counter()
+                with merger.merged():
+                    _ids, mask = generate(
+                        model,
+                        tok,
+                        query,
+                        qmask,
+                        temperature=1.0,
+                        max_new_tokens=C,
+                        eos_ids=[],
+                        cache=cache,
+                        max_cache_len=cfg.max_seq_len,
+                    )
+                peer.sync()
+                if i:  # the first call is warm-up (and compile)
+                    times.append(time.perf_counter() - t0)
+                    tokens = int(mask.sum())
+            med = statistics.median(times)
+            runs.append(
+                dict(
+                    batch=batch,
+                    cache=cache,
+                    s_per_call=med,
+                    tokens_per_call=tokens,
+                    tokens_per_s=tokens / med,
+                )
+            )
+            log(f"rollout batch {batch} {cache}: {tokens / med:.1f} tok/s")
+    fell_back = bool(getattr(model, "_rlhf_static_cache_failed", False))
+    return dict(
+        bench="ours_rollout",
+        prompt_tokens=P,
+        new_tokens=C,
+        runs=runs,
+        static_fell_back_to_dynamic=fell_back,
+        peak_mem_gb=peak_gb(),
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # TRL side (the peer's own functions)
 # --------------------------------------------------------------------------------------------
@@ -412,14 +506,17 @@ def _trl(fn):
     return run
 
 
+# Each of ours next to TRL's, so that a run cut short (a time limit) still has whole pairs;
+# PPO scores with the reward model that ours_reward trains.
 BENCHES = [
     ("sft", "ours_sft", bench_ours_sft),
-    ("reward", "ours_reward", bench_ours_reward),
-    ("ppo", "ours_ppo", bench_ours_ppo),
-    ("grpo", "ours_grpo", bench_ours_grpo),
     ("trl_sft", "trl_sft", _trl(peer.bench_sft)),
+    ("reward", "ours_reward", bench_ours_reward),
     ("trl_reward", "trl_reward", _trl(peer.bench_reward)),
+    ("grpo", "ours_grpo", bench_ours_grpo),
     ("trl_grpo", "trl_grpo", _trl(peer.bench_grpo)),
+    ("rollout", "ours_rollout", bench_ours_rollout),
+    ("ppo", "ours_ppo", bench_ours_ppo),
 ]
 
 
@@ -466,12 +563,22 @@ def comparisons(results: dict) -> list[dict]:
         GOALS["reward"],
     )
     t = _ok(results, "trl_grpo")
-    trl_gen = t and t.get("completion_tokens_per_s")
+    # TRL's tokens per second inside generate (95% of its step), else per whole step
+    trl_gen = t and (t.get("gen_only_tokens_per_s") or t.get("completion_tokens_per_s"))
     for name in ("ours_ppo", "ours_grpo"):
         o = _ok(results, name)
         add(
-            f"{name[5:].upper()} rollout completion tok/s",
+            f"{name[5:].upper()} rollout completion tok/s (batch {BATCH})",
             o and (o.get("rollout_tokens_per_s") or o.get("perf_tokens_per_s")),
+            trl_gen,
+            "tok/s",
+            GOALS["generation"],
+        )
+    o = _ok(results, "ours_rollout")
+    for run in o["runs"] if o else []:
+        add(
+            f"rollout tok/s, batch {run['batch']}, {run['cache']} cache",
+            run["tokens_per_s"],
             trl_gen,
             "tok/s",
             GOALS["generation"],
@@ -543,6 +650,10 @@ def summary_table(results: dict, comps: list[dict]) -> str:
                 fmt(r.get("perf_score_s"), 3),
                 fmt(r.get("perf_train_s"), 3),
             )
+        elif name == "ours_rollout":
+            best = max(r["runs"], key=lambda x: x["tokens_per_s"])
+            thr, unit = best["tokens_per_s"], "gen tok/s"
+            note = f"best: batch {best['batch']}, {best['cache']} cache (all settings below)"
         elif name == "trl_grpo":
             thr, unit = r.get("completion_tokens_per_s"), "compl tok/s"
             note = f"generate {fmt(r.get('generate_s_per_step'), 3)} s"
@@ -632,6 +743,12 @@ def main() -> int:
         help='our SFT micro-batch (TRL: 8), or "auto" (from free GPU memory)',
     )
     ap.add_argument(
+        "--rm-batch",
+        type=lambda v: v if v == "auto" else int(v),
+        default=(2 * BATCH) // K,
+        help='our reward-model prompts per step (4 x K=4 = TRL\'s 16 sequences), or "auto"',
+    )
+    ap.add_argument(
         "--grad-ckpt",
         choices=["trl-default", "on", "off"],
         default="trl-default",
@@ -639,6 +756,11 @@ def main() -> int:
     )
     ap.add_argument(
         "--max-bench-s", type=float, default=None, help="TRL per-trainer wall guard (s)"
+    )
+    ap.add_argument(
+        "--rollout-batches",
+        default=None,
+        help="comma list of rollout batch sizes for ours_rollout (default: per size)",
     )
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument(
@@ -665,6 +787,9 @@ def main() -> int:
         args.max_bench_s if args.max_bench_s is not None else size.get("max_bench_s")
     )
     ctx["sft_batch"] = args.sft_batch
+    ctx["rm_batch"] = args.rm_batch
+    if args.rollout_batches:
+        ctx["rollout_batches"] = [int(b) for b in args.rollout_batches.split(",")]
     ctx["grad_ckpt"] = {"trl-default": None, "on": True, "off": False}[args.grad_ckpt]
     ctx["grad_ckpt_ours"] = False
     ctx["peak_tflops"] = peer.peak_tflops(None)
@@ -692,30 +817,33 @@ def main() -> int:
 
     wanted = {x.strip() for x in args.only.split(",") if x.strip()}
     results: dict[str, dict] = {}
-    for key, name, fn in BENCHES:
-        if key not in wanted:
-            continue
-        peer.cleanup()
-        log(f"--- {name} ---")
-        t0 = time.time()
-        try:
-            rec = fn(A, ctx)
-            rec["status"] = "ok"
-        except SkipBench as exc:
-            rec = dict(bench=name, status="skipped", reason=str(exc))
-            log(f"{name} SKIPPED: {exc}")
-        except Exception as exc:  # one failure must not hide the others
-            rec = dict(
-                bench=name,
-                status="error",
-                error=f"{type(exc).__name__}: {exc}"[:2000],
-                traceback=traceback.format_exc()[-4000:],
-            )
-            log(f"{name} FAILED: {type(exc).__name__}: {exc}")
-        rec["wall_s"] = round(time.time() - t0, 2)
-        rec = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in rec.items()}
-        results[name] = rec
-        print(json.dumps(rec, default=str), flush=True)
+    try:
+        for key, name, fn in BENCHES:
+            if key not in wanted:
+                continue
+            peer.cleanup()
+            log(f"--- {name} ---")
+            t0 = time.time()
+            try:
+                rec = fn(A, ctx)
+                rec["status"] = "ok"
+            except SkipBench as exc:
+                rec = dict(bench=name, status="skipped", reason=str(exc))
+                log(f"{name} SKIPPED: {exc}")
+            except Exception as exc:  # one failure must not hide the others
+                rec = dict(
+                    bench=name,
+                    status="error",
+                    error=f"{type(exc).__name__}: {exc}"[:2000],
+                    traceback=traceback.format_exc()[-4000:],
+                )
+                log(f"{name} FAILED: {type(exc).__name__}: {exc}")
+            rec["wall_s"] = round(time.time() - t0, 2)
+            rec = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in rec.items()}
+            results[name] = rec
+            print(json.dumps(rec, default=str), flush=True)
+    except KeyboardInterrupt:  # a time limit (timeout --signal=INT): report what finished
+        log("INTERRUPTED; writing the results measured so far")
     peer.cleanup()
 
     comps = comparisons(results)

@@ -37,17 +37,25 @@ from pathlib import Path
 from rlhf.runner import run
 work = Path(sys.argv[1]); model = str(work / "tiny")
 ranked = [{"prompt": f"q{i}", "completions": [f"please answer {i}", f"no {i}"], "ranking": [[0], [1]]} for i in range(32)]
+prompts = [{"prompt": f"q{i}"} for i in range(8)]
+length = {"reward_fn": lambda p, c: float(len(c)) / 64}
 for kind, data, extra in [
     ("sft", [{"prompt": f"q{i}", "completion": f"answer {i}"} for i in range(32)], {}),
     ("reward", ranked, {}),
     ("dpo", ranked, {}),
-    ("grpo", [{"prompt": f"q{i}"} for i in range(8)], {"reward_fn": lambda p, c: float(len(c)) / 64}),
+    ("grpo", prompts, length),  # rollouts with the static KV cache, compiled on a GPU
+    ("ppo", prompts, length),
 ]:
     t = time.perf_counter()
     res = run(kind, {"model": model, "max_steps": 4, "batch_size": 4}, data, output_dir=work / kind, **extra)
     print(json.dumps({"smoke": kind, "ok": True, "step": res.step, "s": round(time.perf_counter() - t, 2)}))
 PY
 
-# 2. The benchmark, ours and TRL's in the same run.
-"$PY" benchmarks/engine.py --size "$SIZE" --out "$OUT/engine-bench.json" 2>&1 | tee "$OUT/engine-bench.txt"
+# 2. The benchmark, ours and TRL's in the same run: our SFT and reward micro-batches picked
+# from the free GPU memory ("auto"), TRL with its defaults. Each result is printed (and kept
+# in engine-bench.txt) as soon as it is measured, so a run cut short by the time limit still
+# reports the pairs it finished.
+timeout --signal=INT "${BENCH_LIMIT_S:-470}" "$PY" benchmarks/engine.py --size "$SIZE" \
+  --sft-batch auto --rm-batch auto --out "$OUT/engine-bench.json" 2>&1 \
+  | tee "$OUT/engine-bench.txt"
 echo "done: $OUT"
