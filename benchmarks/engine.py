@@ -182,12 +182,12 @@ def peak_gb():
 # --------------------------------------------------------------------------------------------
 
 
-def bench_ours_sft(A, ctx):
+def bench_ours_sft(A, ctx, *, batch=None, name="ours_sft"):
     from rlhf.checkpoint import read_state
     from rlhf.sft import SFTConfig, train_sft
 
     S, P, W, T = ctx["seq"], ctx["sft_prompt"], ctx["warmup"], ctx["steps"]
-    B = ctx["sft_batch"]  # an int, or "auto" (picked from free GPU memory by the engine)
+    asked = B = batch or ctx["sft_batch"]  # an int, or "auto" (picked from free GPU memory)
     n_rows = (64 if B == "auto" else B) * (W + T)
     # prompt + completion + EOS > S tokens, so every example is truncated to exactly S: no padding
     rows = [{"prompt": A.text(P), "completion": A.text(S - P + 8)} for _ in range(n_rows)]
@@ -204,15 +204,13 @@ def bench_ours_sft(A, ctx):
     )
     clock = StepClock()
     clock.start()
-    result = train_sft(
-        cfg, rows, output_dir=os.path.join(ctx["workdir"], "ours_sft"), on_step=clock
-    )
+    result = train_sft(cfg, rows, output_dir=os.path.join(ctx["workdir"], name), on_step=clock)
     ran = read_state(result.checkpoint_dir)["config"]  # the resolved batch and checkpointing
     B = ran["batch_size"]
     step_s, _ = clock.timed(W)
     med = statistics.median(step_s)
     rec = dict(
-        bench="ours_sft",
+        bench=name,
         seq_len=S,
         batch=B,
         tokens_per_step=B * S,
@@ -223,10 +221,18 @@ def bench_ours_sft(A, ctx):
         samples_per_s=B / med,
         peak_mem_gb=peak_gb(),
         gradient_checkpointing=ran["gradient_checkpointing"],
-        batch_picked="auto" if ctx["sft_batch"] == "auto" else "given",
+        batch_picked="auto" if asked == "auto" else "given",
     )
     peer.add_mfu(rec, rec["tokens_per_s"], A.n_matmul_lm, ctx)
     return rec
+
+
+def bench_ours_sft_same_batch(A, ctx):
+    """Our SFT at TRL's batch (8), when ours_sft ran at another (e.g. "auto"): the like-for-like
+    SFT ratio, and the SFT peak memory PPO's (rollout batch 8) is held against."""
+    if ctx["sft_batch"] == BATCH:
+        raise SkipBench(f"ours_sft already ran at batch {BATCH}")
+    return bench_ours_sft(A, ctx, batch=BATCH, name=f"ours_sft_b{BATCH}")
 
 
 def bench_ours_reward(A, ctx):
@@ -510,6 +516,7 @@ def _trl(fn):
 # PPO scores with the reward model that ours_reward trains.
 BENCHES = [
     ("sft", "ours_sft", bench_ours_sft),
+    ("sft8", f"ours_sft_b{BATCH}", bench_ours_sft_same_batch),
     ("trl_sft", "trl_sft", _trl(peer.bench_sft)),
     ("reward", "ours_reward", bench_ours_reward),
     ("trl_reward", "trl_reward", _trl(peer.bench_reward)),
@@ -552,11 +559,22 @@ def comparisons(results: dict) -> list[dict]:
             )
         )
 
-    o, t = _ok(results, "ours_sft"), _ok(results, "trl_sft")
-    add("SFT tokens/s", o and o["tokens_per_s"], t and t["tokens_per_s"], "tok/s", GOALS["sft"])
+    t = _ok(results, "trl_sft")
+    for name in ("ours_sft", f"ours_sft_b{BATCH}"):
+        o = _ok(results, name)
+        if o or name == "ours_sft":
+            add(
+                "SFT tokens/s (ours batch {}{})".format(
+                    o["batch"] if o else "?", ", auto" if o and o["batch_picked"] == "auto" else ""
+                ),
+                o and o["tokens_per_s"],
+                t and t["tokens_per_s"],
+                "tok/s",
+                GOALS["sft"],
+            )
     o, t = _ok(results, "ours_reward"), _ok(results, "trl_reward")
     add(
-        "RM comparisons/s (ours K=4)",
+        f"RM comparisons/s (ours K=4, {o['prompts_per_step'] if o else '?'} prompts)",
         o and o["comparisons_per_s"],
         t and t["pairs_per_s"],
         "cmp/s",
@@ -592,12 +610,16 @@ def comparisons(results: dict) -> list[dict]:
         None,
         higher_is_better=False,
     )
-    o, s = _ok(results, "ours_ppo"), _ok(results, "ours_sft")
+    o = _ok(results, "ours_ppo")
+    # the SFT run at PPO's batch (8 rows): ours_sft_b8, or ours_sft when that ran at 8
+    s = _ok(results, f"ours_sft_b{BATCH}") or (
+        _ok(results, "ours_sft") if (_ok(results, "ours_sft") or {}).get("batch") == BATCH else None
+    )
     if o and s and o.get("peak_mem_gb") and s.get("peak_mem_gb"):
         r = o["peak_mem_gb"] / s["peak_mem_gb"]
         out.append(
             dict(
-                metric="PPO peak / our SFT peak",
+                metric=f"PPO peak / our SFT peak (batch {BATCH})",
                 ours=o["peak_mem_gb"],
                 trl=None,
                 unit="GB",
@@ -629,7 +651,7 @@ def summary_table(results: dict, comps: list[dict]) -> str:
                 )
             )
             continue
-        if name in ("ours_sft", "trl_sft"):
+        if name in ("ours_sft", f"ours_sft_b{BATCH}", "trl_sft"):
             thr, unit, note = (
                 r.get("tokens_per_s"),
                 "tok/s",
