@@ -51,6 +51,7 @@ Speed and memory:
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -99,6 +100,8 @@ from rlhf.sampling import (
     generate,
     resolve_generation_cache,
 )
+
+log = logging.getLogger(__name__)
 
 # --------------------------------------------------------------------------------------------
 # Config
@@ -609,6 +612,11 @@ def start_rl_run(
         reward_model=reward_model,
         reward_fn=reward_fn,
     )
+    if resolve_generation_cache(cfg.generation_cache, device) == "static" and device.type == "cuda":
+        log.info(
+            "rollouts use a static KV cache: the first step compiles the decoding step into a "
+            "CUDA graph (tens of seconds), later steps replay it"
+        )
     return RLRun(
         prompts=[r["prompt"] for r in rows],
         resume=resume,
