@@ -6,7 +6,15 @@ ALLOWED_HOSTS are required and the HTTPS hardening below is on.
 
 from pathlib import Path
 
-from config.env import database_from_url, env_bool, env_int, env_list, env_str, secret_key
+from config.env import (
+    ImproperlyConfiguredEnv,
+    database_from_url,
+    env_bool,
+    env_int,
+    env_list,
+    env_str,
+    secret_key,
+)
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = Path(env_str("VAR_DIR", str(BASE_DIR / "var")))
@@ -15,6 +23,11 @@ DEBUG = env_bool("DEBUG", True)
 PRODUCTION = not DEBUG
 SECRET_KEY = secret_key(VAR_DIR, production=PRODUCTION)
 ALLOWED_HOSTS = env_list("ALLOWED_HOSTS", [] if PRODUCTION else ["localhost", "127.0.0.1", "[::1]"])
+if PRODUCTION and not ALLOWED_HOSTS:  # else every request would get a 400, with no hint why
+    raise ImproperlyConfiguredEnv(
+        "ALLOWED_HOSTS must be set when DEBUG is off (production mode): the host names the "
+        "studio is served under, comma-separated (e.g. ALLOWED_HOSTS=studio.example.org)"
+    )
 CSRF_TRUSTED_ORIGINS = env_list("CSRF_TRUSTED_ORIGINS", [])
 
 INSTALLED_APPS = [

@@ -53,6 +53,15 @@ def test_production_mode_refuses_to_start_without_a_secret_key(tmp_path):
     assert not (tmp_path / "secret_key").exists()
 
 
+def test_production_mode_refuses_to_start_without_allowed_hosts(tmp_path):
+    env = {"DEBUG": "0", "SECRET_KEY": secrets.token_urlsafe(60)}
+    result = manage("check", env=env, tmp_path=tmp_path)
+    assert result.returncode != 0
+    assert "ALLOWED_HOSTS must be set when DEBUG is off" in result.stderr
+    result = manage("check", env={**env, "ALLOWED_HOSTS": " , "}, tmp_path=tmp_path)
+    assert "ALLOWED_HOSTS must be set" in result.stderr  # blanks are not host names
+
+
 def test_local_mode_generates_a_secret_key_once_and_keeps_it(tmp_path):
     for _ in range(2):
         assert manage("check", env={"DEBUG": "1"}, tmp_path=tmp_path).returncode == 0
