@@ -11,6 +11,7 @@ import torch
 from rlhf.checkpoint import read_state
 from rlhf.dpo import DPOConfig, dpo_loss, preference_pairs, sequence_logps, train_dpo
 from rlhf.reward import preference_rows
+from tests.rlhf.resume import full_and_resumed
 
 
 def test_dpo_loss_matches_a_hand_computed_value():
@@ -204,27 +205,13 @@ def test_a_stopped_and_resumed_dpo_run_gives_the_same_metrics(tiny_model_dir, tm
     cfg = dpo_config(
         tiny_model_dir, max_steps=4, batch_size=4, lora_dropout=0.1, eval_every=0, eval_fraction=0.0
     )
-    full = []
-    train_dpo(
-        cfg, rows, output_dir=tmp_path / "full", on_step=lambda s, m: full.append(m["loss/dpo"])
-    )
-    part = []
-    stopped = train_dpo(
-        cfg,
-        rows,
-        output_dir=tmp_path / "part",
-        on_step=lambda s, m: part.append(m["loss/dpo"]),
-        should_stop=lambda: len(part) == 2,
-    )
+    full, resumed, stopped, result = full_and_resumed(train_dpo, cfg, rows, tmp_path, stop_after=2)
     assert stopped.stopped and stopped.step == 2
-    train_dpo(
-        cfg,
-        rows,
-        output_dir=tmp_path / "part",
-        resume_from=tmp_path / "part",
-        on_step=lambda s, m: part.append(m["loss/dpo"]),
-    )
-    assert part == pytest.approx(full, rel=1e-5, abs=1e-7)
+    assert result.step == 4 and sorted(resumed) == [3, 4]
+    for step in (3, 4):
+        assert resumed[step]["loss/dpo"] == pytest.approx(
+            full[step]["loss/dpo"], rel=1e-5, abs=1e-7
+        )
 
 
 @pytest.mark.slow

@@ -24,6 +24,7 @@ from rlhf.reward import (
     ranking_pairs,
     train_reward,
 )
+from tests.rlhf.resume import full_and_resumed
 
 
 def softplus_neg(d: float) -> float:
@@ -343,28 +344,15 @@ def test_a_stopped_and_resumed_run_gives_the_same_metrics_as_an_uninterrupted_on
     cfg = tiny_config(
         tiny_model_dir, max_steps=4, batch_size=4, eval_fraction=0.0, lora_dropout=0.1
     )
-    full = []
-    train_reward(
-        cfg, rows, output_dir=tmp_path / "full", on_step=lambda s, m: full.append(m["loss/reward"])
-    )
-    part = []
-    stopped = train_reward(
-        cfg,
-        rows,
-        output_dir=tmp_path / "part",
-        on_step=lambda s, m: part.append(m["loss/reward"]),
-        should_stop=lambda: len(part) == 2,
+    full, resumed, stopped, result = full_and_resumed(
+        train_reward, cfg, rows, tmp_path, stop_after=2
     )
     assert stopped.stopped and stopped.step == 2
-    resumed = train_reward(
-        cfg,
-        rows,
-        output_dir=tmp_path / "part",
-        resume_from=tmp_path / "part",
-        on_step=lambda s, m: part.append(m["loss/reward"]),
-    )
-    assert resumed.step == 4 and not resumed.stopped
-    assert part == pytest.approx(full, rel=1e-5, abs=1e-7)
+    assert result.step == 4 and not result.stopped and sorted(resumed) == [3, 4]
+    for step in (3, 4):
+        assert resumed[step]["loss/reward"] == pytest.approx(
+            full[step]["loss/reward"], rel=1e-5, abs=1e-7
+        )
 
 
 # ---------------------------------------------------------------- real pretrained weights
