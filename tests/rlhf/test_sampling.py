@@ -97,48 +97,6 @@ def test_sampling_from_a_checkpoint_uses_its_adapter(tiny_model_dir, tmp_path):
     assert result.step == 40
 
 
-def test_merged_adapter_generates_like_the_unmerged_model_and_restores_the_base(tiny_model_dir):
-    torch.manual_seed(0)
-    model = load_causal_lm(tiny_model_dir, device="cpu", dtype=torch.float32)
-    model = add_lora(
-        model, BaseConfig(model=str(tiny_model_dir), lora_r=4, lora_alpha=8, lora_dropout=0.0)
-    )
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.3)
-    model.eval()
-    tok = load_tokenizer(tiny_model_dir)
-    tok.padding_side = "left"
-    batch = tok(["Say hello.", "Name a fruit please"], return_tensors="pt", padding=True)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    plain, _ = generate(
-        model,
-        tok,
-        batch.input_ids,
-        batch.attention_mask,
-        num_completions=2,
-        temperature=0.0,
-        max_new_tokens=8,
-    )
-    model.train()
-    with merged_adapter(model):
-        assert not model.training
-        merged, mask = generate(
-            model,
-            tok,
-            batch.input_ids,
-            batch.attention_mask,
-            num_completions=2,
-            temperature=0.0,
-            max_new_tokens=8,
-        )
-    assert model.training
-    assert torch.equal(plain, merged) and mask.shape == merged.shape
-    after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-
-
 def _adapted_tiny_model(tiny_model_dir):
     """The tiny model with a LoRA adapter of random (non-zero) weights, in eval mode, and
     a left-padded batch of two prompts."""
@@ -170,6 +128,20 @@ def _greedy(model, tok, batch, **kw):
         eos_ids=[],  # all 10 tokens, so every decoding step is compared
         **kw,
     )
+
+
+def test_merged_adapter_generates_like_the_unmerged_model_and_restores_the_base(tiny_model_dir):
+    model, tok, batch = _adapted_tiny_model(tiny_model_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plain, _ = _greedy(model, tok, batch)
+    model.train()
+    with merged_adapter(model):
+        assert not model.training
+        merged, mask = _greedy(model, tok, batch)
+    assert model.training
+    assert torch.equal(plain, merged) and mask.shape == merged.shape
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_static_cache_generates_the_same_tokens_as_the_dynamic_cache(tiny_model_dir):
