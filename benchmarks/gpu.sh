@@ -55,7 +55,7 @@ PY
 # from the free GPU memory ("auto"), TRL with its defaults. Each result is printed (and kept
 # in engine-bench.txt) as soon as it is measured, so a run cut short by the time limit still
 # reports the pairs it finished.
-timeout --signal=INT "${BENCH_LIMIT_S:-470}" "$PY" benchmarks/engine.py --size "$SIZE" \
+timeout --signal=INT "${BENCH_LIMIT_S:-450}" "$PY" benchmarks/engine.py --size "$SIZE" \
   --sft-batch auto --rm-batch auto --out "$OUT/engine-bench.json" 2>&1 \
   | tee "$OUT/engine-bench.txt"
 echo "done: $OUT"
