@@ -705,7 +705,8 @@ def item_skip(*, user, item_id) -> Assignment:
 
 
 def item_flag(*, user, item_id, reason: str) -> Flag:
-    """Report a problem with an item (shown on the admin dashboard) and give it back."""
+    """Report a problem with an item (shown on the admin dashboard) and give it back. A
+    labeler flags items handed to them; project admins flag any item of their projects."""
     reason = (reason or "").strip()
     if not reason:
         raise LabelingError("Say what is wrong with the item.")
@@ -713,6 +714,14 @@ def item_flag(*, user, item_id, reason: str) -> Flag:
         raise LabelingError("The reason is limited to 2,000 characters.")
     with transaction.atomic():
         item = _item_for_member(user=user, item_id=item_id)
+        if not (
+            user.is_superuser
+            or Assignment.objects.filter(item=item, user=user).exists()
+            or Membership.objects.filter(
+                project_id=item.project_id, user=user, role=Membership.Role.ADMIN
+            ).exists()
+        ):
+            raise NotAssigned(f"Item {item.pk} was not handed to you, so you cannot flag it.")
         flag = Flag.objects.create(item=item, user=user, reason=reason)
         Assignment.objects.filter(item=item, user=user, status=Assignment.Status.ACTIVE).update(
             status=Assignment.Status.SKIPPED

@@ -185,8 +185,9 @@ def test_usernames_flag_reasons_and_rationales_are_escaped_on_the_dashboard(
 ):
     evil = make_user('<img src=x onerror="alert(1)">')
     services.membership_set(project=project, user=evil, role=Membership.Role.LABELER)
-    (item,) = make_items(project, 1)
-    services.item_flag(user=evil, item_id=item.pk, reason="<script>alert('flag')</script>")
+    make_items(project, 1)
+    lease = services.assignment_next(project=project, user=evil)
+    services.item_flag(user=evil, item_id=lease.item_id, reason="<script>alert('flag')</script>")
     client = Client()
     client.force_login(admin_user)
     page = client.get(reverse("labeling:project_dashboard", args=[project.pk])).content.decode()

@@ -156,6 +156,17 @@ def test_flag_stores_the_reason_and_gives_the_item_back(project, labeler, make_i
     assert Assignment.objects.get(pk=lease.pk).status == Assignment.Status.SKIPPED
 
 
+def test_only_items_handed_to_a_labeler_can_be_flagged_by_them(project, labeler, make_items):
+    first, second = make_items(project, 2)
+    lease = services.assignment_next(project=project, user=labeler)
+    other = second if lease.item_id == first.pk else first
+    with pytest.raises(NotAssigned, match="was not handed to you"):
+        services.item_flag(user=labeler, item_id=other.pk, reason="guessing ids")
+    assert not Flag.objects.exists()
+    admin = project.memberships.get(role=Membership.Role.ADMIN).user
+    assert services.item_flag(user=admin, item_id=other.pk, reason="duplicate prompt").item == other
+
+
 def test_flag_needs_a_reason(project, labeler, make_items):
     (item,) = make_items(project, 1)
     with pytest.raises(LabelingError, match="Say what is wrong"):
