@@ -20,6 +20,7 @@ from ninja.files import UploadedFile
 from ninja.responses import Status
 from ninja.security import django_auth
 
+from config.ids import Id
 from labeling import selectors, services
 from labeling.auth import api_token_create, token_hash
 from labeling.importexport import EXPORT_KINDS, FORMATS, ImportFileError, export_jsonl, import_file
@@ -100,7 +101,7 @@ class ItemOut(Schema):
 
 
 class NextIn(Schema):
-    exclude_item_id: int | None = None
+    exclude_item_id: Id | None = None
     html: bool = False
 
 
@@ -109,10 +110,10 @@ class NextOut(Schema):
 
 
 class RankingIn(Schema):
-    groups: list[list[int]]
+    groups: list[list[Id]]
     rationale: str = ""
     seconds_spent: float | None = None
-    display_order: list[int] | None = None
+    display_order: list[Id] | None = None
 
 
 class RankingOut(Schema):
@@ -174,7 +175,7 @@ def project_list(request):
     return list(selectors.project_list_for_user(user=request.auth))
 
 
-@router.get("/projects/{project_id}", response={200: ProjectDetailOut, 404: ErrorOut})
+@router.get("/projects/{id:project_id}", response={200: ProjectDetailOut, 404: ErrorOut})
 def project_detail(request, project_id: int):
     user = request.auth
     project = selectors.project_get_for_user(user=user, project_id=project_id)
@@ -195,7 +196,7 @@ def project_detail(request, project_id: int):
 
 
 @router.post(
-    "/projects/{project_id}/next",
+    "/projects/{id:project_id}/next",
     response={200: NextOut, **ERRORS},
     summary="Lease the next item to rank ({item: null} when none is left)",
 )
@@ -240,7 +241,7 @@ def item_next(request, project_id: int, payload: NextIn | None = None):
 
 
 @router.post(
-    "/items/{item_id}/ranking",
+    "/items/{id:item_id}/ranking",
     response={200: RankingOut, **ERRORS},
     summary="Submit your ranking: groups of completion ids, best first (a group is a tie)",
 )
@@ -258,7 +259,7 @@ def ranking_submit(request, item_id: int, payload: RankingIn):
         return _refused(e)
 
 
-@router.post("/items/{item_id}/skip", response={200: SkipOut, **ERRORS})
+@router.post("/items/{id:item_id}/skip", response={200: SkipOut, **ERRORS})
 def item_skip(request, item_id: int):
     try:
         assignment = services.item_skip(user=request.auth, item_id=item_id)
@@ -267,7 +268,7 @@ def item_skip(request, item_id: int):
     return {"item_id": assignment.item_id, "status": assignment.status}
 
 
-@router.post("/items/{item_id}/flag", response={200: FlagOut, **ERRORS})
+@router.post("/items/{id:item_id}/flag", response={200: FlagOut, **ERRORS})
 def item_flag(request, item_id: int, payload: FlagIn):
     try:
         flag = services.item_flag(user=request.auth, item_id=item_id, reason=payload.reason)
@@ -280,7 +281,7 @@ def item_flag(request, item_id: int, payload: FlagIn):
 
 
 @router.post(
-    "/projects/{project_id}/import",
+    "/projects/{id:project_id}/import",
     response={200: ImportOut, 400: ErrorOut, 404: ErrorOut},
     summary="Import a JSONL or CSV file (project admins); a bad line stores nothing",
 )
@@ -309,7 +310,7 @@ def project_import(
 
 
 @router.get(
-    "/projects/{project_id}/export",
+    "/projects/{id:project_id}/export",
     response={200: None, 400: ErrorOut, 404: ErrorOut},
     summary="Download rankings, pairs or HH pairs as JSONL (project admins); streamed",
     openapi_extra={

@@ -12,6 +12,7 @@ from django.db.models import Count, IntegerField, OuterRef, Q, QuerySet, Subquer
 from django.db.models.functions import Coalesce
 from django.http import Http404
 
+from config.ids import as_id
 from labeling.agreement import kendall_tau_b, pair_counts
 from labeling.models import (
     Assignment,
@@ -64,10 +65,9 @@ def project_get_for_user(*, user, project_id, admin: bool = False) -> Project:
     """The project if `user` is a member (an admin member when `admin`); Http404 otherwise,
     so a labeler cannot even learn that another project exists. Sets `project.role` and
     `project.is_admin` for the templates."""
-    try:
-        project_id = int(project_id)
-    except (TypeError, ValueError):
-        raise Http404("No such project.") from None
+    project_id = as_id(project_id)
+    if project_id is None:
+        raise Http404("No such project.")
     if not user.is_authenticated:
         raise Http404("No such project.")
     # One query (asked on every API call and page): the project with the user's role in it

@@ -26,6 +26,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
+from config.ids import as_id
 from labeling.models import (
     Assignment,
     Completion,
@@ -327,11 +328,13 @@ def assignment_next(
     finds and locks a candidate (SKIP LOCKED), one that recounts it under the lock and reads
     its completion ids, and the INSERT (plus an UPDATE only when expired leases are found).
     """
+    if exclude_item_id is not None:  # an id no item can have excludes nothing
+        exclude_item_id = as_id(exclude_item_id)
     now = timezone.now()
     db_now = connection.ops.adapt_datetimefield_value(now)
     own_params = [user.pk, Assignment.Status.ACTIVE.value, db_now, project.pk]
     if exclude_item_id is not None:
-        own_params.append(int(exclude_item_id))
+        own_params.append(exclude_item_id)
     own = list(
         Assignment.objects.raw(
             _OWN_LEASE_SQL.format(
@@ -352,7 +355,7 @@ def assignment_next(
         user.pk,
         user.pk,
     ]
-    skip: list[int] = [] if exclude_item_id is None else [int(exclude_item_id)]
+    skip: list[int] = [] if exclude_item_id is None else [exclude_item_id]
     for _ in range(_MAX_ROUNDS):
         with transaction.atomic(), connection.cursor() as cursor:
             # Lock a candidate nobody else holds: labelers skip each other's items, not wait.
@@ -407,11 +410,10 @@ def _lease_if_room(*, item_id: int, user, project: Project, now) -> Assignment |
 
 
 def _item_for_member(*, user, item_id, lock: bool = False) -> Item:
-    try:
-        item_id = int(item_id)
-    except (TypeError, ValueError):
-        raise ItemNotFound(f"{item_id!r} is not an item id.") from None
-    qs = Item.objects.filter(pk=item_id)
+    item_pk = as_id(item_id)
+    if item_pk is None:
+        raise ItemNotFound(f"{item_id!r} is not an item id.")
+    qs = Item.objects.filter(pk=item_pk)
     if not user.is_superuser:
         qs = qs.filter(project__memberships__user=user)
     if lock:
@@ -505,10 +507,9 @@ def ranking_submit(
     rationale = (rationale or "").strip()
     if len(rationale) > 10_000:
         raise LabelingError("The rationale is limited to 10,000 characters.")
-    try:
-        item_pk = int(item_id)
-    except (TypeError, ValueError):
-        raise ItemNotFound(f"{item_id!r} is not an item id.") from None
+    item_pk = as_id(item_id)
+    if item_pk is None:
+        raise ItemNotFound(f"{item_id!r} is not an item id.")
 
     try:
         with transaction.atomic():

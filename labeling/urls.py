@@ -4,34 +4,35 @@ everything else lives in the "labeling" namespace."""
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
+import config.ids  # noqa: F401  (registers the <id:...> URL converter)
 from labeling import views
 
 page_patterns = [
     path("", views.home, name="home"),
     path("projects/new/", views.project_create_view, name="project_create"),
-    path("projects/<int:project_id>/", views.project_dashboard, name="project_dashboard"),
-    path("projects/<int:project_id>/members/", views.member_add, name="member_add"),
-    path("projects/<int:project_id>/import/", views.project_import, name="project_import"),
-    path("projects/<int:project_id>/export/", views.project_export, name="project_export"),
+    path("projects/<id:project_id>/", views.project_dashboard, name="project_dashboard"),
+    path("projects/<id:project_id>/members/", views.member_add, name="member_add"),
+    path("projects/<id:project_id>/import/", views.project_import, name="project_import"),
+    path("projects/<id:project_id>/export/", views.project_export, name="project_export"),
     path(
-        "projects/<int:project_id>/flags/<int:flag_id>/resolve/",
+        "projects/<id:project_id>/flags/<id:flag_id>/resolve/",
         views.flag_resolve_view,
         name="flag_resolve",
     ),
-    path("projects/<int:project_id>/label/", views.label, name="label"),
-    path("projects/<int:project_id>/label/next/", views.label_next, name="label_next"),
+    path("projects/<id:project_id>/label/", views.label, name="label"),
+    path("projects/<id:project_id>/label/next/", views.label_next, name="label_next"),
     path(
-        "projects/<int:project_id>/items/<int:item_id>/submit/",
+        "projects/<id:project_id>/items/<id:item_id>/submit/",
         views.item_submit,
         name="item_submit",
     ),
     path(
-        "projects/<int:project_id>/items/<int:item_id>/skip/",
+        "projects/<id:project_id>/items/<id:item_id>/skip/",
         views.item_skip_view,
         name="item_skip",
     ),
     path(
-        "projects/<int:project_id>/items/<int:item_id>/flag/",
+        "projects/<id:project_id>/items/<id:item_id>/flag/",
         views.item_flag_view,
         name="item_flag",
     ),

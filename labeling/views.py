@@ -19,6 +19,7 @@ from django.shortcuts import redirect, render
 from django.template.loader import render_to_string
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from config.ids import as_id
 from labeling import selectors, services
 from labeling.forms import ImportForm, MemberForm, ProjectForm, ThrottledAuthenticationForm
 from labeling.services import LabelingError
@@ -203,9 +204,11 @@ def label_next(request, project_id):
     """The item after `after` (the one on screen), rendered, for the page to preload."""
     project = selectors.project_get_for_user(user=request.user, project_id=project_id)
     try:
-        after = _json_body(request).get("after")
-        after = int(after) if after is not None else None
-    except (LabelingError, TypeError, ValueError):
+        raw = _json_body(request).get("after")
+    except LabelingError:
+        raw = "not json"
+    after = as_id(raw) if raw is not None else None
+    if raw is not None and after is None:
         return JsonResponse({"error": "`after` must be an item id.", "code": "invalid"}, status=400)
     assignment = services.assignment_next(project=project, user=request.user, exclude_item_id=after)
     return JsonResponse(

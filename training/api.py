@@ -7,9 +7,12 @@ session auth with CSRF, or a bearer token (labeling.auth).
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 
 from ninja import Field, Router, Schema, Status
+from pydantic import ConfigDict, StrictBool, StrictInt
 
+from config.ids import MAX_ID, Id, QueryId
 from training import selectors, services
 from training.models import Checkpoint, Job
 
@@ -17,23 +20,29 @@ router = Router(tags=["training"])
 
 
 class LaunchIn(Schema):
+    model_config = ConfigDict(extra="forbid")  # a misspelt option is an error, not ignored
+
     kind: str = Field(description="sft, reward, ppo, dpo, grpo, sample or eval")
-    project_id: int
+    project_id: Id
     config: dict = Field(
         default_factory=dict, description="Engine config fields (see rlhf/ dataclasses)."
     )
     base_model: str | None = None
-    parent_checkpoint_id: int | None = Field(
+    parent_checkpoint_id: Id | None = Field(
         None, description="Start from this policy checkpoint (eval: A)."
     )
-    compare_checkpoint_id: int | None = Field(
+    compare_checkpoint_id: Id | None = Field(
         None, description="Eval only: checkpoint B (null: base model)."
     )
-    reward_checkpoint_id: int | None = None
+    reward_checkpoint_id: Id | None = None
     reward_rule: str = ""
-    max_prompts: int | None = None
-    send_to_labelers: bool = False
-    max_attempts: int | None = None
+    max_prompts: Annotated[StrictInt, Field(ge=1)] | None = Field(
+        None, description="Use only the first N prompts (null: all)."
+    )
+    send_to_labelers: StrictBool = Field(
+        False, description="Eval only: send the A-vs-B pairs to labelers as items."
+    )
+    max_attempts: Annotated[StrictInt, Field(ge=1, le=services.MAX_ATTEMPTS)] | None = None
 
 
 class JobOut(Schema):
@@ -142,23 +151,23 @@ def launch_job(request, payload: LaunchIn):
 
 
 @router.get("/training/jobs", response=list[JobOut])
-def list_jobs(request, project_id: int | None = None, limit: int = 100):
+def list_jobs(request, project_id: QueryId | None = None, limit: int = 100):
     return list(
         selectors.jobs_for_user(user=request.user, project_id=project_id)[: max(1, min(limit, 500))]
     )
 
 
-@router.get("/training/jobs/{job_id}", response=JobOut)
+@router.get("/training/jobs/{id:job_id}", response=JobOut)
 def get_job(request, job_id: int):
     return selectors.job_get_for_user(user=request.user, job_id=job_id)
 
 
-@router.get("/training/jobs/{job_id}/metrics", response=MetricsOut)
-def get_job_metrics(request, job_id: int, after: int = 0):
+@router.get("/training/jobs/{id:job_id}/metrics", response=MetricsOut)
+def get_job_metrics(request, job_id: int, after: Annotated[int, Field(ge=0, le=MAX_ID)] = 0):
     job = selectors.job_get_for_user(user=request.user, job_id=job_id)
-    points = selectors.metric_points_after(job=job, after=max(0, after))
+    points = selectors.metric_points_after(job=job, after=after)
     return {
-        "cursor": points[-1][0] if points else max(0, after),
+        "cursor": points[-1][0] if points else after,
         "more": len(points) >= 5000,
         "series": selectors.metric_series(points),
         "status": job.status,
@@ -167,19 +176,19 @@ def get_job_metrics(request, job_id: int, after: int = 0):
     }
 
 
-@router.post("/training/jobs/{job_id}/cancel", response=JobOut)
+@router.post("/training/jobs/{id:job_id}/cancel", response=JobOut)
 def cancel_job(request, job_id: int):
     job = selectors.job_get_for_user(user=request.user, job_id=job_id)
     return services.job_cancel(job=job)
 
 
 @router.get("/training/checkpoints", response=list[CheckpointOut])
-def list_checkpoints(request, project_id: int | None = None, role: str | None = None):
+def list_checkpoints(request, project_id: QueryId | None = None, role: str | None = None):
     return list(
         selectors.checkpoints_for_user(user=request.user, project_id=project_id, role=role)[:500]
     )
 
 
-@router.get("/training/checkpoints/{checkpoint_id}", response=CheckpointOut)
+@router.get("/training/checkpoints/{id:checkpoint_id}", response=CheckpointOut)
 def get_checkpoint(request, checkpoint_id: int):
     return selectors.checkpoint_get_for_user(user=request.user, checkpoint_id=checkpoint_id)

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from django.db.models import Count, Prefetch, QuerySet
 from django.http import Http404
 
+from config.ids import as_id
 from labeling.models import Completion, ItemCompletion, Membership, Project, Prompt, Ranking
 from training.models import Checkpoint, Job, MetricPoint
 
@@ -36,8 +37,8 @@ def projects_admin_for_user(*, user) -> QuerySet[Project]:
 
 def project_admin_get(*, user, project_id) -> Project:
     try:
-        return projects_admin_for_user(user=user).get(pk=int(project_id))
-    except (Project.DoesNotExist, TypeError, ValueError):
+        return projects_admin_for_user(user=user).get(pk=as_id(project_id))
+    except Project.DoesNotExist:
         raise Http404("No such project.") from None
 
 
@@ -52,8 +53,8 @@ def jobs_for_user(*, user, project_id: int | None = None) -> QuerySet[Job]:
 
 def job_get_for_user(*, user, job_id) -> Job:
     try:
-        return jobs_for_user(user=user).get(pk=int(job_id))
-    except (Job.DoesNotExist, TypeError, ValueError):
+        return jobs_for_user(user=user).get(pk=as_id(job_id))
+    except Job.DoesNotExist:
         raise Http404("No such job.") from None
 
 
@@ -72,8 +73,8 @@ def checkpoints_for_user(
 
 def checkpoint_get_for_user(*, user, checkpoint_id) -> Checkpoint:
     try:
-        return checkpoints_for_user(user=user).get(pk=int(checkpoint_id))
-    except (Checkpoint.DoesNotExist, TypeError, ValueError):
+        return checkpoints_for_user(user=user).get(pk=as_id(checkpoint_id))
+    except Checkpoint.DoesNotExist:
         raise Http404("No such checkpoint.") from None
 
 

@@ -102,6 +102,10 @@ def recover_every_s() -> int:
     return _setting("TRAINING_RECOVER_EVERY_S", 30)
 
 
+MAX_ATTEMPTS = 20
+"""The most attempts a job may be given (each resumes from the latest checkpoint)."""
+
+
 def default_max_attempts() -> int:
     return _setting("TRAINING_MAX_ATTEMPTS", 3)
 
@@ -275,6 +279,19 @@ def job_launch(
     elif reward_checkpoint is not None or reward_rule:
         raise JobLaunchError(f"A {kind} job takes no reward.", field="reward")
 
+    if options.get("send_to_labelers") and kind != Job.Kind.EVAL:
+        raise JobLaunchError(
+            "Only an evaluation sends its A-vs-B pairs to labelers.", field="send_to_labelers"
+        )
+    if kind == Job.Kind.SAMPLE:  # every item of the project shows K completions
+        k = config.get("num_completions", project.k)
+        if k != project.k:
+            raise JobLaunchError(
+                f"num_completions is {k!r}, but the items of {project.name} show "
+                f"K = {project.k} completions: use {project.k}.",
+                field="config",
+            )
+        config = {**config, "num_completions": project.k}
     try:
         cfg = config_from_dict(
             ENGINE_KIND[kind], {**config, "model": base, "init_adapter": init_adapter}
@@ -294,8 +311,8 @@ def job_launch(
     rows = selectors.input_rows(input_kind=input_kind, ids=ids)
 
     attempts = max_attempts if max_attempts is not None else default_max_attempts()
-    if attempts < 1:
-        raise JobLaunchError("max_attempts must be at least 1.")
+    if not 1 <= attempts <= MAX_ATTEMPTS:
+        raise JobLaunchError(f"max_attempts must be between 1 and {MAX_ATTEMPTS}.")
     with transaction.atomic():
         job = Job.objects.create(
             kind=kind,

@@ -16,6 +16,7 @@ from django.shortcuts import redirect, render
 from django.urls import reverse
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
+from config.ids import MAX_ID, as_id
 from training import selectors, services
 from training.forms import JobLaunchForm
 from training.models import Checkpoint, Job
@@ -89,8 +90,8 @@ def job_launch(request, kind: str):
             user=request.user, project_id=request.GET["project"]
         ).pk
     for name in ("parent_checkpoint", "compare_checkpoint"):
-        if request.GET.get(name, "").isdigit():
-            initial[name] = int(request.GET[name])
+        if as_id(request.GET.get(name, "")) is not None:
+            initial[name] = as_id(request.GET[name])
     if request.method == "POST":
         form = JobLaunchForm(request.POST, kind=kind, user=request.user)
         if form.is_valid():
@@ -149,7 +150,7 @@ def job_metrics(request, job_id: int):
     """
     job = selectors.job_get_for_user(user=request.user, job_id=job_id)
     try:
-        after = max(0, int(request.GET.get("after", "0")))
+        after = min(max(0, int(request.GET.get("after", "0"))), MAX_ID)
     except ValueError:
         return JsonResponse({"error": "after must be an integer cursor"}, status=400)
     points = selectors.metric_points_after(job=job, after=after)
@@ -208,8 +209,8 @@ def job_cancel(request, job_id: int):
 @require_GET
 def job_compare(request):
     _require_admin_somewhere(request.user)
-    ids = [int(x) for x in request.GET.getlist("jobs") if x.isdigit()]
-    ids += [int(x) for x in request.GET.get("ids", "").split(",") if x.strip().isdigit()]
+    raw = request.GET.getlist("jobs") + request.GET.get("ids", "").split(",")
+    ids = [i for i in map(as_id, raw) if i is not None]
     jobs = list(selectors.jobs_for_user(user=request.user).filter(pk__in=ids))
     recent = selectors.jobs_for_user(user=request.user).exclude(kind__in=[Job.Kind.SAMPLE])[:50]
     compare = [

@@ -265,3 +265,44 @@ def test_a_large_upload_is_imported_from_its_temporary_file(project, admin_user,
     assert response.status_code == 200, response.content
     assert response.json()["prompts"] == 30_000
     assert Prompt.objects.filter(project=project).count() == 30_000
+
+
+HUGE = 10**20  # beyond a 64-bit integer: the database driver would overflow on it
+
+
+def test_ids_beyond_64_bits_are_not_found_or_refused_never_a_server_error(
+    project, labeler, make_items
+):
+    (item,) = make_items(project, 1)
+    api = Api(labeler)
+    for path in (f"/projects/{HUGE}", f"/projects/{HUGE}/export"):
+        assert api.get(path).status_code == 404, path
+    for path in (f"/projects/{HUGE}/next", f"/items/{HUGE}/skip", f"/items/{HUGE}/ranking"):
+        assert api.post(path, {"groups": [[1]]}).status_code == 404, path
+    assert api.post(f"/projects/{project.pk}/next", {"exclude_item_id": HUGE}).status_code == 422
+    lease = api.post(f"/projects/{project.pk}/next").json()["item"]
+    shown = lease["display_order"]
+    response = api.post(f"/items/{item.pk}/ranking", {"groups": [[HUGE], shown]})
+    assert response.status_code == 422 and not Ranking.objects.exists()
+
+
+def test_a_json_true_is_not_the_id_1(project, labeler, make_items):
+    (item,) = make_items(project, 1)
+    api = Api(labeler)
+    shown = api.post(f"/projects/{project.pk}/next").json()["item"]["display_order"]
+    groups = [[True], *[[c] for c in shown]]  # lax parsing would have made it the id 1
+    assert api.post(f"/items/{item.pk}/ranking", {"groups": groups}).status_code == 422
+    assert not Ranking.objects.exists()
+
+
+def test_pages_with_ids_beyond_64_bits_are_404(project, labeler):
+    client = Client()
+    client.force_login(labeler)
+    assert client.get(f"/projects/{HUGE}/").status_code == 404
+    assert client.get(f"/projects/{HUGE}/label/").status_code == 404
+    response = client.post(
+        f"/projects/{project.pk}/label/next/",
+        json.dumps({"after": HUGE}),
+        content_type="application/json",
+    )
+    assert response.status_code == 400 and response.json()["code"] == "invalid"

@@ -316,3 +316,40 @@ def test_on_the_tiny_demo_model_rl_forms_prefill_the_settings_that_learn_fast(ki
     if kind != "reward":
         # every RL step sees every demo prompt, so the reward curve is not prompt-mix noise
         assert demo["batch_size"] % len(DEMO_PROMPTS) == 0
+
+
+def test_api_launch_refuses_unknown_options_and_ids_beyond_64_bits(admin_client, project):
+    def launch(**body):
+        return admin_client.post(
+            "/api/training/jobs",
+            {"kind": "reward", "project_id": project.pk, "config": {}, **body},
+            content_type="application/json",
+        )
+
+    assert launch(max_prompt=5).status_code == 422  # a misspelt option is not ignored
+    assert launch(project_id=10**20).status_code == 422
+    assert launch(reward_checkpoint_id=True).status_code == 422
+    assert launch(max_prompts=True).status_code == 422
+    assert launch(max_attempts=10**9).status_code == 422
+    response = launch(send_to_labelers=True)
+    assert response.status_code == 400 and response.json()["field"] == "send_to_labelers"
+    assert Job.objects.count() == 0
+    assert admin_client.get("/api/training/jobs", {"project_id": 10**20}).status_code == 422
+    assert admin_client.get(f"/api/training/jobs/{10**20}").status_code == 404
+    assert admin_client.get(f"/training/jobs/{10**20}/").status_code == 404
+    assert admin_client.get("/training/compare/", {"ids": f"{10**20},x"}).status_code == 200
+
+
+def test_a_sampling_job_draws_the_projects_k_completions_per_prompt(admin_client, project):
+    def launch(config):
+        return admin_client.post(
+            "/api/training/jobs",
+            {"kind": "sample", "project_id": project.pk, "base_model": "tiny", "config": config},
+            content_type="application/json",
+        )
+
+    response = launch({"num_completions": project.k + 1})
+    assert response.status_code == 400 and f"K = {project.k}" in response.json()["detail"]
+    response = launch({"max_new_tokens": 4})
+    assert response.status_code == 201, response.content
+    assert response.json()["config"]["num_completions"] == project.k
