@@ -30,8 +30,8 @@ Export (streamed JSONL, one JSON object per line, loadable with datasets.load_da
     rankings  one row per ranking (or, with consensus, one Borda-count ranking per item)
     pairs     {"prompt", "chosen", "rejected"} for every pair of completions in different groups
               of every ranking: C(K,2) pairs minus tied pairs
-    hh        {"chosen", "rejected"} as full dialogues: prompt text + completion; exporting an
-              imported HH file gives back its pairs byte for byte
+    hh        {"chosen", "rejected"} as full dialogues: "\n\nHuman: prompt\n\nAssistant:
+              completion"; exporting an imported HH file gives back its pairs byte for byte
 """
 
 from __future__ import annotations
@@ -827,9 +827,19 @@ def export_rows(
                     }
                 else:
                     yield {
-                        "chosen": prompt + item_texts[better],
-                        "rejected": prompt + item_texts[worse],
+                        "chosen": hh_dialogue(prompt, item_texts[better]),
+                        "rejected": hh_dialogue(prompt, item_texts[worse]),
                     }
+
+
+def hh_dialogue(prompt: str, completion: str) -> str:
+    """One Anthropic HH dialogue: a prompt imported from HH already holds its turns up to the
+    final "\n\nAssistant:" and is kept byte for byte; any other prompt becomes one human
+    turn: "\n\nHuman: {prompt}\n\nAssistant: {completion}"."""
+    if prompt.endswith(HH_MARKER):
+        return prompt + completion
+    space = "" if completion[:1].isspace() else " "
+    return f"\n\nHuman: {prompt}{HH_MARKER}{space}{completion}"
 
 
 def export_jsonl(

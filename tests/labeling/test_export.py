@@ -167,6 +167,19 @@ def test_hh_round_trip_is_byte_for_byte(project, admin_user):
     assert b"".join(export_jsonl(project=project, kind="hh")) == original
 
 
+def test_hh_export_of_plain_pairs_is_hh_dialogues_that_import_back(project, admin_user):
+    plain = [{"prompt": "Capital of France?", "chosen": "Paris.", "rejected": " Lyon."}]
+    import_file(project=project, fileobj=io.BytesIO(jsonl_bytes(plain)), user=admin_user)
+    exported = b"".join(export_jsonl(project=project, kind="hh"))
+    assert json.loads(exported) == {
+        "chosen": "\n\nHuman: Capital of France?\n\nAssistant: Paris.",
+        "rejected": "\n\nHuman: Capital of France?\n\nAssistant: Lyon.",
+    }
+    other = services.project_create(name="From the HH file", created_by=admin_user)
+    import_file(project=other, fileobj=io.BytesIO(exported), user=admin_user)
+    assert b"".join(export_jsonl(project=other, kind="hh")) == exported
+
+
 def test_export_is_scoped_to_the_project(project, admin_user):
     other = services.project_create(name="Other", created_by=admin_user)
     import_file(
