@@ -43,9 +43,10 @@ def project_list_for_user(*, user) -> QuerySet[Project]:
         if user.is_superuser
         else Project.objects.filter(memberships__user=user)
     )
-    role = Membership.objects.filter(project=OuterRef("pk"), user=user).values("role")[:1]
+    role = Subquery(Membership.objects.filter(project=OuterRef("pk"), user=user).values("role")[:1])
     return qs.annotate(
-        role=Subquery(role),
+        # a superuser who is not a member administers every project (as project_get_for_user)
+        role=Coalesce(role, Value(Membership.Role.ADMIN)) if user.is_superuser else role,
         total_items=_count_subquery(Item.objects.exclude(source=Item.Source.IMPORT)),
         complete_items=_count_subquery(
             Item.objects.exclude(source=Item.Source.IMPORT).filter(is_complete=True)

@@ -463,7 +463,10 @@ def ranking_validate(
     expected = set(completion_ids)
     foreign = seen - expected
     if foreign:
-        raise InvalidRanking(f"Completion(s) {_ids(foreign)} are not part of the item{where}.")
+        raise InvalidRanking(
+            f"Completion(s) {_ids(foreign)} are not part of "
+            + (f"item {item_id}." if item_id is not None else "the item.")
+        )
     missing = expected - seen
     if missing:
         raise InvalidRanking(
@@ -723,7 +726,10 @@ def item_flag(*, user, item_id, reason: str) -> Flag:
             ).exists()
         ):
             raise NotAssigned(f"Item {item.pk} was not handed to you, so you cannot flag it.")
-        flag = Flag.objects.create(item=item, user=user, reason=reason)
+        # one open flag per person and item: a repeated report (a double click) is the same one
+        flag = Flag.objects.filter(item=item, user=user, resolved=False).first()
+        if flag is None:
+            flag = Flag.objects.create(item=item, user=user, reason=reason)
         Assignment.objects.filter(item=item, user=user, status=Assignment.Status.ACTIVE).update(
             status=Assignment.Status.SKIPPED
         )

@@ -49,6 +49,15 @@ def test_project_list_shows_only_the_users_projects_with_progress(
     assert other.pk in {p.pk for p in selectors.project_list_for_user(user=admin_user)}
 
 
+def test_a_superuser_administers_every_project_in_the_list(project, labeler, make_user):
+    boss = make_user("root", is_superuser=True)
+    services.membership_set(project=project, user=boss, role=Membership.Role.LABELER)
+    other = services.project_create(name="Not a member", created_by=labeler)
+    roles = {p.pk: p.role for p in selectors.project_list_for_user(user=boss)}
+    assert roles == {project.pk: "labeler", other.pk: "admin"}  # a membership says what it is
+    assert selectors.project_get_for_user(user=boss, project_id=other.pk).role == "admin"
+
+
 def test_project_get_for_user_raises_404_for_a_non_member(project, make_user):
     with pytest.raises(Http404):
         selectors.project_get_for_user(user=make_user("eve"), project_id=project.pk)

@@ -167,6 +167,17 @@ def test_only_items_handed_to_a_labeler_can_be_flagged_by_them(project, labeler,
     assert services.item_flag(user=admin, item_id=other.pk, reason="duplicate prompt").item == other
 
 
+def test_flagging_an_item_twice_keeps_one_open_flag(project, labeler, make_items):
+    make_items(project, 1)
+    lease = services.assignment_next(project=project, user=labeler)
+    first = services.item_flag(user=labeler, item_id=lease.item_id, reason="empty answers")
+    again = services.item_flag(user=labeler, item_id=lease.item_id, reason="empty answers!")
+    assert again.pk == first.pk and Flag.objects.count() == 1
+    services.flag_resolve(project=project, flag_id=first.pk)
+    later = services.item_flag(user=labeler, item_id=lease.item_id, reason="still empty")
+    assert later.pk != first.pk and Flag.objects.filter(resolved=False).count() == 1
+
+
 def test_flag_needs_a_reason(project, labeler, make_items):
     (item,) = make_items(project, 1)
     with pytest.raises(LabelingError, match="Say what is wrong"):

@@ -56,7 +56,7 @@ def test_it_rejects_a_ranking_with_a_foreign_completion(project, labeler, make_i
     lease, ids = _leased(project, labeler, make_items, n=2)
     other_item = Item.objects.exclude(pk=lease.item_id).get()
     foreign = other_item.item_completions.first().completion_id
-    with pytest.raises(InvalidRanking, match=f"{foreign} are not part of the item"):
+    with pytest.raises(InvalidRanking, match=f"{foreign} are not part of item {lease.item_id}\\."):
         services.ranking_submit(
             user=labeler, item_id=lease.item_id, groups=[[i] for i in ids] + [[foreign]]
         )
