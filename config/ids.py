@@ -1,9 +1,10 @@
 """Database ids as they come in from URLs, query strings and JSON bodies.
 
 Ids are positive 64-bit integers. A larger number would overflow the database driver
-(a 500) before any lookup, so URLs only match ids of up to 18 digits (anything longer is a
-404, like an id that does not exist) and JSON/query ids are checked by pydantic (a 422
-naming the field). JSON ids are strict: ``true`` is not the id 1.
+(a 500) before any lookup, so every selector parses ids with :func:`as_id` (anything else
+is a 404, like an id that does not exist), page URLs only match ids of up to 18 digits, and
+ids in JSON bodies and query strings are checked by pydantic (a 422 naming the field).
+JSON ids are strict: ``true`` is not the id 1.
 """
 
 from typing import Annotated
@@ -21,7 +22,7 @@ QueryId = Annotated[int, Field(ge=1, le=MAX_ID)]
 
 
 class IdConverter:
-    """``<id:name>`` in Django URL patterns and ``{id:name}`` in django-ninja paths."""
+    """``<id:name>`` in Django URL patterns."""
 
     regex = "[0-9]{1,18}"  # 10**18 - 1 < 2**63 - 1
 

@@ -22,7 +22,7 @@ from ninja.security import django_auth
 
 from config.ids import Id
 from labeling import selectors, services
-from labeling.auth import api_token_create, token_hash
+from labeling.auth import api_token_create, api_token_revoke, api_tokens_for_user, token_hash
 from labeling.importexport import EXPORT_KINDS, FORMATS, ImportFileError, export_jsonl, import_file
 from labeling.models import ApiToken
 from labeling.services import LabelingError
@@ -154,6 +154,13 @@ class TokenIn(Schema):
     name: str = ""
 
 
+class TokenInfoOut(Schema):
+    id: int
+    name: str
+    created_at: datetime
+    last_used_at: datetime | None
+
+
 class TokenOut(Schema):
     id: int
     name: str
@@ -175,7 +182,7 @@ def project_list(request):
     return list(selectors.project_list_for_user(user=request.auth))
 
 
-@router.get("/projects/{id:project_id}", response={200: ProjectDetailOut, 404: ErrorOut})
+@router.get("/projects/{project_id}", response={200: ProjectDetailOut, 404: ErrorOut})
 def project_detail(request, project_id: int):
     user = request.auth
     project = selectors.project_get_for_user(user=user, project_id=project_id)
@@ -196,7 +203,7 @@ def project_detail(request, project_id: int):
 
 
 @router.post(
-    "/projects/{id:project_id}/next",
+    "/projects/{project_id}/next",
     response={200: NextOut, **ERRORS},
     summary="Lease the next item to rank ({item: null} when none is left)",
 )
@@ -241,7 +248,7 @@ def item_next(request, project_id: int, payload: NextIn | None = None):
 
 
 @router.post(
-    "/items/{id:item_id}/ranking",
+    "/items/{item_id}/ranking",
     response={200: RankingOut, **ERRORS},
     summary="Submit your ranking: groups of completion ids, best first (a group is a tie)",
 )
@@ -259,7 +266,7 @@ def ranking_submit(request, item_id: int, payload: RankingIn):
         return _refused(e)
 
 
-@router.post("/items/{id:item_id}/skip", response={200: SkipOut, **ERRORS})
+@router.post("/items/{item_id}/skip", response={200: SkipOut, **ERRORS})
 def item_skip(request, item_id: int):
     try:
         assignment = services.item_skip(user=request.auth, item_id=item_id)
@@ -268,7 +275,7 @@ def item_skip(request, item_id: int):
     return {"item_id": assignment.item_id, "status": assignment.status}
 
 
-@router.post("/items/{id:item_id}/flag", response={200: FlagOut, **ERRORS})
+@router.post("/items/{item_id}/flag", response={200: FlagOut, **ERRORS})
 def item_flag(request, item_id: int, payload: FlagIn):
     try:
         flag = services.item_flag(user=request.auth, item_id=item_id, reason=payload.reason)
@@ -281,7 +288,7 @@ def item_flag(request, item_id: int, payload: FlagIn):
 
 
 @router.post(
-    "/projects/{id:project_id}/import",
+    "/projects/{project_id}/import",
     response={200: ImportOut, 400: ErrorOut, 404: ErrorOut},
     summary="Import a JSONL or CSV file (project admins); a bad line stores nothing",
 )
@@ -310,7 +317,7 @@ def project_import(
 
 
 @router.get(
-    "/projects/{id:project_id}/export",
+    "/projects/{project_id}/export",
     response={200: None, 400: ErrorOut, 404: ErrorOut},
     summary="Download rankings, pairs or HH pairs as JSONL (project admins); streamed",
     openapi_extra={
@@ -346,3 +353,19 @@ def token_create(request, payload: TokenIn | None = None):
     raw = api_token_create(user=request.auth, name=name)
     row = ApiToken.objects.get(key_hash=token_hash(raw))
     return Status(201, {"id": row.pk, "name": row.name, "token": raw})
+
+
+@router.get("/tokens", response=list[TokenInfoOut], summary="Your API tokens (not their values)")
+def token_list(request):
+    return list(api_tokens_for_user(user=request.auth))
+
+
+@router.delete(
+    "/tokens/{token_id}",
+    response={204: None, 404: ErrorOut},
+    summary="Revoke one of your API tokens (a script may revoke the token it uses)",
+)
+def token_revoke(request, token_id: int):
+    if not api_token_revoke(user=request.auth, token_id=token_id):
+        return Status(404, {"detail": "You have no token with that id.", "code": "not_found"})
+    return Status(204, None)

@@ -8,6 +8,7 @@ from django.contrib.auth import get_user_model
 from django.utils import timezone
 from ninja.security import HttpBearer, django_auth
 
+from config.ids import as_id
 from labeling.models import ApiToken
 
 LAST_USED_RESOLUTION = timedelta(seconds=60)
@@ -20,8 +21,21 @@ def token_hash(raw: str) -> str:
 def api_token_create(*, user, name: str = "") -> str:
     """Create a token and return the raw value; only its hash is stored."""
     raw = secrets.token_urlsafe(32)
-    ApiToken.objects.create(user=user, name=name, key_hash=token_hash(raw))
+    ApiToken.objects.create(user=user, name=name[:100], key_hash=token_hash(raw))
     return raw
+
+
+def api_tokens_for_user(*, user):
+    """The user's own tokens, newest first (never anyone else's)."""
+    return ApiToken.objects.filter(user=user).order_by("-created_at", "-id")
+
+
+def api_token_revoke(*, user, token_id) -> bool:
+    """Delete one of the user's own tokens; False when they have no token with that id."""
+    token_id = as_id(token_id)
+    return token_id is not None and bool(
+        ApiToken.objects.filter(user=user, pk=token_id).delete()[0]
+    )
 
 
 # The token's user in one cheap query (run on every scripted request): a raw query skips

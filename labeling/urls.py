@@ -9,6 +9,7 @@ from labeling import views
 
 page_patterns = [
     path("", views.home, name="home"),
+    path("account/tokens/", views.api_tokens, name="api_tokens"),
     path("projects/new/", views.project_create_view, name="project_create"),
     path("projects/<id:project_id>/", views.project_dashboard, name="project_dashboard"),
     path("projects/<id:project_id>/members/", views.member_add, name="member_add"),

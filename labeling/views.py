@@ -17,10 +17,12 @@ from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import redirect, render
 from django.template.loader import render_to_string
+from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from config.ids import as_id
 from labeling import selectors, services
+from labeling.auth import api_token_create, api_token_revoke, api_tokens_for_user
 from labeling.forms import ImportForm, MemberForm, ProjectForm, ThrottledAuthenticationForm
 from labeling.services import LabelingError
 
@@ -269,3 +271,25 @@ def item_flag_view(request, project_id, item_id):
     except LabelingError as e:
         return _error(e)
     return JsonResponse({"flag_id": flag.pk})
+
+
+@never_cache  # the page that shows a new token's value must not be kept by any cache
+@login_required
+@require_http_methods(["GET", "POST"])
+def api_tokens(request):
+    """The user's API tokens: create one (its value is shown on this response only, never
+    stored) or revoke one. Scripts send a token as `Authorization: Bearer <token>`."""
+    created = None
+    if request.method == "POST":
+        if request.POST.get("action") == "revoke":
+            if api_token_revoke(user=request.user, token_id=request.POST.get("token_id")):
+                messages.success(request, "Token revoked: scripts using it now get 401.")
+            else:
+                messages.error(request, "You have no such token.")
+            return redirect("labeling:api_tokens")
+        created = api_token_create(user=request.user, name=request.POST.get("name", "").strip())
+    return render(
+        request,
+        "labeling/api_tokens.html",
+        {"tokens": api_tokens_for_user(user=request.user), "created": created},
+    )

@@ -114,6 +114,7 @@ class CheckpointOut(Schema):
 
 class ErrorOut(Schema):
     detail: str
+    code: str | None = None
     field: str | None = None
 
 
@@ -123,7 +124,7 @@ def _checkpoint(user, checkpoint_id: int | None) -> Checkpoint | None:
     return selectors.checkpoint_get_for_user(user=user, checkpoint_id=checkpoint_id)
 
 
-@router.post("/training/jobs", response={201: JobOut, 400: ErrorOut})
+@router.post("/training/jobs", response={201: JobOut, 400: ErrorOut, 404: ErrorOut})
 def launch_job(request, payload: LaunchIn):
     project = selectors.project_admin_get(user=request.user, project_id=payload.project_id)
     options = {}
@@ -157,12 +158,12 @@ def list_jobs(request, project_id: QueryId | None = None, limit: int = 100):
     )
 
 
-@router.get("/training/jobs/{id:job_id}", response=JobOut)
+@router.get("/training/jobs/{job_id}", response={200: JobOut, 404: ErrorOut})
 def get_job(request, job_id: int):
     return selectors.job_get_for_user(user=request.user, job_id=job_id)
 
 
-@router.get("/training/jobs/{id:job_id}/metrics", response=MetricsOut)
+@router.get("/training/jobs/{job_id}/metrics", response={200: MetricsOut, 404: ErrorOut})
 def get_job_metrics(request, job_id: int, after: Annotated[int, Field(ge=0, le=MAX_ID)] = 0):
     job = selectors.job_get_for_user(user=request.user, job_id=job_id)
     points = selectors.metric_points_after(job=job, after=after)
@@ -176,7 +177,7 @@ def get_job_metrics(request, job_id: int, after: Annotated[int, Field(ge=0, le=M
     }
 
 
-@router.post("/training/jobs/{id:job_id}/cancel", response=JobOut)
+@router.post("/training/jobs/{job_id}/cancel", response={200: JobOut, 404: ErrorOut})
 def cancel_job(request, job_id: int):
     job = selectors.job_get_for_user(user=request.user, job_id=job_id)
     return services.job_cancel(job=job)
@@ -189,6 +190,6 @@ def list_checkpoints(request, project_id: QueryId | None = None, role: str | Non
     )
 
 
-@router.get("/training/checkpoints/{id:checkpoint_id}", response=CheckpointOut)
+@router.get("/training/checkpoints/{checkpoint_id}", response={200: CheckpointOut, 404: ErrorOut})
 def get_checkpoint(request, checkpoint_id: int):
     return selectors.checkpoint_get_for_user(user=request.user, checkpoint_id=checkpoint_id)

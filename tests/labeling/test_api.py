@@ -276,7 +276,9 @@ def test_ids_beyond_64_bits_are_not_found_or_refused_never_a_server_error(
     (item,) = make_items(project, 1)
     api = Api(labeler)
     for path in (f"/projects/{HUGE}", f"/projects/{HUGE}/export"):
-        assert api.get(path).status_code == 404, path
+        response = api.get(path)
+        assert response.status_code == 404, path
+        assert response.json() == {"detail": "No such project.", "code": "not_found"}
     for path in (f"/projects/{HUGE}/next", f"/items/{HUGE}/skip", f"/items/{HUGE}/ranking"):
         assert api.post(path, {"groups": [[1]]}).status_code == 404, path
     assert api.post(f"/projects/{project.pk}/next", {"exclude_item_id": HUGE}).status_code == 422
@@ -306,3 +308,45 @@ def test_pages_with_ids_beyond_64_bits_are_404(project, labeler):
         content_type="application/json",
     )
     assert response.status_code == 400 and response.json()["code"] == "invalid"
+
+
+def test_people_list_and_revoke_their_own_tokens_only(labeler, outsider):
+    mine, theirs = Api(labeler), Api(outsider)
+    listed = mine.get("/tokens").json()
+    assert len(listed) == 1 and "token" not in listed[0] and listed[0]["last_used_at"]
+    other_id = theirs.get("/tokens").json()[0]["id"]
+    assert mine.client.delete(f"/api/tokens/{other_id}", headers=mine.headers).status_code == 404
+    assert theirs.get("/projects").status_code == 200  # untouched
+    own_id = listed[0]["id"]
+    assert mine.client.delete(f"/api/tokens/{own_id}", headers=mine.headers).status_code == 204
+    assert mine.get("/projects").status_code == 401  # a revoked token is refused at once
+    assert not ApiToken.objects.filter(pk=own_id).exists()
+
+
+def test_the_tokens_page_shows_a_new_token_once_and_revokes_with_csrf(labeler, outsider):
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(labeler)
+    page = browser.get("/account/tokens/")
+    assert page.status_code == 200 and 'id="no-tokens"' in page.content.decode()
+    csrf = page.cookies["csrftoken"].value
+    assert browser.post("/account/tokens/", {"name": "x"}).status_code == 403  # no CSRF token
+    created = browser.post(
+        "/account/tokens/", {"name": "import script", "csrfmiddlewaretoken": csrf}
+    )
+    assert "no-store" in created["Cache-Control"]
+    html = created.content.decode()
+    raw = html.split('id="new-token-value">')[1].split("<")[0]
+    token = ApiToken.objects.get(user=labeler)
+    assert token.key_hash == token_hash(raw) and token.name == "import script"
+    assert raw not in browser.get("/account/tokens/").content.decode()  # shown once
+    foreign = ApiToken.objects.get(key_hash=token_hash(api_token_create(user=outsider)))
+    browser.post(
+        "/account/tokens/",
+        {"action": "revoke", "token_id": foreign.pk, "csrfmiddlewaretoken": csrf},
+    )
+    assert ApiToken.objects.filter(pk=foreign.pk).exists()
+    response = browser.post(
+        "/account/tokens/",
+        {"action": "revoke", "token_id": token.pk, "csrfmiddlewaretoken": csrf},
+    )
+    assert response.status_code == 302 and not ApiToken.objects.filter(user=labeler).exists()
