@@ -186,9 +186,11 @@ def completion_create(
         raise LabelingError("A completion's text must be a string.")
     if source not in Completion.Source.values:
         raise LabelingError(f"Unknown completion source {source!r}.")
+    # Sampled text can decode to a NUL byte, which PostgreSQL cannot store: it is shown as the
+    # replacement character instead (imports refuse NUL before they get here).
     return Completion.objects.create(
         prompt=prompt,
-        text=text,
+        text=text.replace("\x00", "\ufffd"),
         source=source,
         checkpoint_id=checkpoint_id,
         model_name=model_name or "",

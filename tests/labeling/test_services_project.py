@@ -96,3 +96,12 @@ def test_items_create_for_prompt_groups_unused_completions_by_k(project):
     assert len(services.items_create_for_prompt(project=project, prompt=prompt)) == 1
     shown = [ic.completion_id for item in Item.objects.all() for ic in item.item_completions.all()]
     assert len(shown) == len(set(shown)) == 12
+
+
+def test_a_sampled_completion_with_a_nul_byte_is_stored_with_a_replacement_character(project):
+    prompt = services.prompt_create(project=project, text="Say something.")
+    c = services.completion_create(
+        prompt=prompt, text="ab\x00cd", source=Completion.Source.MODEL, model_name="m"
+    )
+    c.refresh_from_db()  # PostgreSQL refuses a NUL in text; the test database is PostgreSQL in CI
+    assert c.text == "ab\ufffdcd"
