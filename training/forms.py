@@ -164,9 +164,12 @@ class JobLaunchForm(forms.Form):
             self.fields["parent_checkpoint"].label = "Start from policy checkpoint"
         if kind in services.NEEDS_REWARD:
             rules = [(f"rule:{r.name}", r.label) for r in REWARD_RULES.values()]
+            reward_models = list(
+                selectors.checkpoints_for_user(user=user, role=Checkpoint.Role.REWARD)
+            )
             models = [
                 (f"checkpoint:{c.pk}", f"#{c.pk} {c.name or 'reward model'} ({c.project.name})")
-                for c in selectors.checkpoints_for_user(user=user, role=Checkpoint.Role.REWARD)
+                for c in reward_models
             ]
             choices = []
             if models:
@@ -174,8 +177,6 @@ class JobLaunchForm(forms.Form):
             choices.append(("Built-in rules", rules))
             self.fields["reward"].choices = choices
             self.fields["reward"].required = True
-            # The length rule is the one even the tiny demo model learns within minutes.
-            self.fields["reward"].initial = models[0][0] if models else "rule:length"
         else:
             del self.fields["reward"]
         if kind not in (Job.Kind.SAMPLE, Job.Kind.EVAL, Job.Kind.PPO, Job.Kind.GRPO):
@@ -191,6 +192,13 @@ class JobLaunchForm(forms.Form):
             self.initial.setdefault(
                 "config", json.dumps(config_defaults(kind, project=project), indent=2)
             )
+            if "reward" in self.fields:
+                offered = {v for _, group in self.fields["reward"].choices for v, _ in group}
+                if self.initial.get("reward") not in offered:
+                    # the project's newest reward model, else the length rule (the one even
+                    # the tiny demo model learns within minutes)
+                    own = [c for c in reward_models if project and c.project_id == project.pk]
+                    self.initial["reward"] = f"checkpoint:{own[0].pk}" if own else "rule:length"
 
     def clean_config(self) -> dict:
         raw = self.cleaned_data["config"]

@@ -8,6 +8,7 @@ CSRF (Django's middleware).
 from __future__ import annotations
 
 import json
+from urllib.parse import urlencode
 
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
@@ -92,6 +93,8 @@ def job_launch(request, kind: str):
     for name in ("parent_checkpoint", "compare_checkpoint"):
         if as_id(request.GET.get(name, "")) is not None:
             initial[name] = as_id(request.GET[name])
+    if request.GET.get("reward"):  # "checkpoint:N" or "rule:NAME"; the form keeps it if offered
+        initial["reward"] = request.GET["reward"]
     if request.method == "POST":
         form = JobLaunchForm(request.POST, kind=kind, user=request.user)
         if form.is_valid():
@@ -124,16 +127,38 @@ def _engine_unavailable(kind: str) -> str:
     return ""
 
 
+def checkpoint_actions(c: Checkpoint) -> list[tuple[str, str]]:
+    """(label, url) of the jobs to launch from a checkpoint, for its row on the job page and
+    the rows that page adds while it polls: a policy is sampled, trained further or
+    evaluated; a reward model scores a PPO run (preselected on the form)."""
+
+    def launch(kind: str, **query) -> str:
+        return f"{reverse('training:job_launch', args=[kind])}?{urlencode({'project': c.project_id, **query})}"
+
+    if c.role == Checkpoint.Role.POLICY:
+        return [
+            ("sample", launch("sample", parent_checkpoint=c.pk)),
+            ("PPO", launch("ppo", parent_checkpoint=c.pk)),
+            ("evaluate", launch("eval", parent_checkpoint=c.pk)),
+        ]
+    if c.role == Checkpoint.Role.REWARD:
+        return [("PPO with it", launch("ppo", reward=f"checkpoint:{c.pk}"))]
+    return []
+
+
 @login_required
 @require_GET
 def job_detail(request, job_id: int):
     job = selectors.job_get_for_user(user=request.user, job_id=job_id)
+    checkpoints = list(job.checkpoints.all())
+    for c in checkpoints:
+        c.actions = checkpoint_actions(c)
     return render(
         request,
         "training/job_detail.html",
         {
             "job": job,
-            "checkpoints": job.checkpoints.all(),
+            "checkpoints": checkpoints,
             "config_json": json.dumps(job.config, indent=2),
             "result_json": json.dumps(job.result, indent=2) if job.result else "",
         },
@@ -169,6 +194,7 @@ def job_metrics(request, job_id: int):
                     "step": c.step,
                     "path": c.path,
                     "url": reverse("training:checkpoint_detail", args=[c.pk]),
+                    "actions": [{"label": t, "url": u} for t, u in checkpoint_actions(c)],
                 }
                 for c in job.checkpoints.all()
             ],

@@ -53,7 +53,15 @@
       var link = document.createElement("a");
       link.href = c.url;
       link.textContent = "#" + c.id + " " + c.name;
-      var cells = [link, c.role, String(c.step), c.path, ""];
+      var actions = document.createElement("span");
+      (c.actions || []).forEach(function (a, i) {
+        if (i) actions.appendChild(document.createTextNode(" · "));
+        var al = document.createElement("a");
+        al.href = a.url;
+        al.textContent = a.label;
+        actions.appendChild(al);
+      });
+      var cells = [link, c.role, String(c.step), c.path, actions];
       cells.forEach(function (v) {
         var td = document.createElement("td");
         if (typeof v === "string") td.textContent = v; else td.appendChild(v);

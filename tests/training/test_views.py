@@ -10,6 +10,7 @@ import pytest
 from django.test import Client
 from django.urls import reverse
 
+from labeling.models import Membership
 from training import services
 from training.models import Checkpoint, Job, MetricPoint
 
@@ -353,3 +354,33 @@ def test_a_sampling_job_draws_the_projects_k_completions_per_prompt(admin_client
     response = launch({"max_new_tokens": 4})
     assert response.status_code == 201, response.content
     assert response.json()["config"]["num_completions"] == project.k
+
+
+def test_a_reward_checkpoints_ppo_link_preselects_it_on_the_launch_form(
+    admin_client, admin_user, project, other_project
+):
+    # a newer reward model in another project the admin also runs must not be preselected
+    Membership.objects.create(project=other_project, user=admin_user, role=Membership.Role.ADMIN)
+    own = services.checkpoint_register(
+        job=a_job(project, admin_user), path="/c/own-rm", role="reward", step=4
+    )
+    services.checkpoint_register(
+        job=a_job(other_project, admin_user), path="/c/other-rm", role="reward", step=4
+    )
+    job_page = admin_client.get(reverse("training:job_detail", args=[own.job_id])).content.decode()
+    link = f"{launch_url('ppo')}?project={project.pk}&amp;reward=checkpoint%3A{own.pk}"
+    assert f'<a href="{link}">PPO with it</a>' in job_page
+    metrics = admin_client.get(reverse("training:job_metrics", args=[own.job_id])).json()
+    assert metrics["checkpoints"][0]["actions"] == [
+        {"label": "PPO with it", "url": link.replace("&amp;", "&")}
+    ]
+    form = admin_client.get(link.replace("&amp;", "&")).content.decode()
+    assert f'<option value="checkpoint:{own.pk}" selected>' in form
+    plain = admin_client.get(f"{launch_url('ppo')}?project={project.pk}").content.decode()
+    assert f'<option value="checkpoint:{own.pk}" selected>' in plain  # the project's own RM
+
+
+def test_the_job_list_filter_has_no_inline_script(admin_client, project):
+    page = admin_client.get(reverse("training:home")).content.decode()
+    assert 'id="project-filter"' in page and "onchange" not in page
+    assert 'id="project-filter-go"' in page and "js/training_list.js" in page
