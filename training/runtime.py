@@ -6,7 +6,10 @@
   every 500 points, and at every checkpoint step), together with the progress and new log lines, in one owner-guarded
   transaction (``services.metric_points_write``);
 - ``should_stop()`` reads the cancel flag and the job's ownership from the database at most
-  once a second, so checking it every step costs nothing on fast steps;
+  once a second, so checking it every step costs nothing on fast steps; it is also true at
+  once when the worker is shutting down (:data:`WORKER_STOPPING`, set by SIGTERM in the pool
+  process, see training.worker): the engine then saves a checkpoint and the job goes back to
+  the queue (``released``);
 - a heartbeat thread proves the worker is alive every ``TRAINING_HEARTBEAT_S`` seconds, also
   during a long step or while the base model loads; if the process dies (kill -9), the
   heartbeat stops and ``services.jobs_recover_stale`` takes the job back.
@@ -16,7 +19,9 @@ Log records of the ``rlhf`` logger are copied into the job's log tail while it r
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import threading
 import time
 
@@ -25,6 +30,36 @@ from django.db import close_old_connections, connection
 from training import services
 
 logger = logging.getLogger(__name__)
+
+WORKER_STOPPING = threading.Event()
+"""Set when this worker process is asked to stop (a warm shutdown: ``docker stop``, Ctrl-C
+of ``manage.py studio``): the running job stops at its next step with a checkpoint."""
+
+
+def request_stop(signum=None, frame=None) -> None:
+    """Signal handler (SIGTERM in a pool process): stop the running job at its next step."""
+    WORKER_STOPPING.set()
+
+
+@contextlib.contextmanager
+def stop_on_sigterm():
+    """While a job runs in a pool process, SIGTERM asks it to stop at its next step instead of
+    ending the process mid-step (billiard's own handler). In the worker's main process (the
+    solo pool, or a direct call) Celery's handler stays: its warm shutdown calls
+    :func:`request_stop` through training.worker."""
+    from billiard.process import current_process
+
+    if (
+        current_process().name == "MainProcess"
+        or threading.current_thread() is not threading.main_thread()
+    ):
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, request_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _JobLogHandler(logging.Handler):
@@ -62,6 +97,7 @@ class JobMonitor:
         self.step_offset = 0  # evaluation runs several engine calls on one progress bar
         self.lost = False  # the job was taken from this worker: stop and write nothing more
         self.cancelled = False
+        self.released = False  # stopped because the worker is shutting down: back to the queue
         self._points: list[tuple[int, str, float]] = []
         self._lines: list[str] = []
         self._last_flush = time.monotonic()
@@ -140,6 +176,9 @@ class JobMonitor:
             self.flush()
 
     def should_stop(self) -> bool:
+        if WORKER_STOPPING.is_set() and not (self.lost or self.cancelled):
+            self.released = True
+            return True
         now = time.monotonic()
         if (
             not (self.lost or self.cancelled)

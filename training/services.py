@@ -737,21 +737,27 @@ def jobs_release_host(*, host: str) -> list[int]:
             "id", flat=True
         )
     )
-    released = []
-    for job_id in ids:
-        if Job.objects.filter(pk=job_id, status=Job.Status.RUNNING).update(
+    line = "worker stopped; queued to resume from the latest checkpoint"
+    return [job_id for job_id in ids if job_release(job_id=job_id, token=None, line=line)]
+
+
+def job_release(*, job_id: int, token: str | None, line: str) -> bool:
+    """Put a running job back in the queue, this attempt not counted: its worker is shutting
+    down on purpose, and the next worker resumes it from its latest checkpoint. Guarded by
+    the run token when one is given. Returns whether it was released."""
+    rows = Job.objects.filter(pk=job_id, status=Job.Status.RUNNING)
+    if token is not None:
+        rows = rows.filter(run_token=token)
+    with transaction.atomic():
+        released = rows.update(
             status=Job.Status.QUEUED,
             run_token="",
             worker="",
             attempts=Greatest(F("attempts") - 1, 0),
-        ):
-            job_log(
-                job_id=job_id,
-                token=None,
-                line="worker stopped; queued to resume from the latest checkpoint",
-            )
-            released.append(job_id)
-    return released
+        )
+        if released:
+            job_log(job_id=job_id, token=None, line=line)
+    return bool(released)
 
 
 def jobs_requeue_waiting(*, older_than_s: float = 0) -> list[int]:

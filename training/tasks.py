@@ -22,7 +22,7 @@ from celery import shared_task
 from training import selectors, services
 from training.models import Checkpoint, Job
 from training.rewards import reward_rule_get
-from training.runtime import JobMonitor
+from training.runtime import JobMonitor, stop_on_sigterm
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ def job_run(job_id: int) -> str:
         save_every=int(job.config.get("save_every") or 0),
     )
     status, error, result = Job.Status.FAILED, "", {}
-    with monitor:
+    with monitor, stop_on_sigterm():
         monitor.log(f"attempt {job.attempts} of {job.max_attempts} on {job.worker}")
         monitor.flush()
         try:
@@ -67,6 +67,14 @@ def job_run(job_id: int) -> str:
     if monitor.lost:
         logger.warning("job %s: taken from this worker (stale heartbeat); not finishing it", job_id)
         return "lost"
+    if status == RELEASED:
+        services.job_release(
+            job_id=job_id,
+            token=token,
+            line=f"worker shutting down: stopped at step {monitor.step}; queued to resume "
+            "from the latest checkpoint",
+        )
+        return RELEASED
     services.job_finish(
         job_id=job_id,
         token=token,
@@ -86,6 +94,15 @@ def jobs_recover_stale() -> dict:
 
 class DataChangedError(RuntimeError):
     pass
+
+
+RELEASED = "released"
+"""What a kind returns when it stopped because the worker is shutting down (not a job status:
+the job goes back to the queue)."""
+
+
+def _stopped(monitor: JobMonitor) -> str:
+    return RELEASED if monitor.released else Job.Status.CANCELLED
 
 
 # --------------------------------------------------------------------------- kinds
@@ -135,6 +152,8 @@ def _run_training(job: Job, rows: list[dict], monitor: JobMonitor) -> tuple[str,
     if monitor.lost:
         return Job.Status.FAILED, {}
     monitor.step = result.step
+    if result.stopped and monitor.released:  # its checkpoint is where the next worker resumes
+        return RELEASED, {}
     summary = {"step": result.step, "metrics": _finite(result.metrics)}
     if result.checkpoint_dir is not None:
         ckpt = services.checkpoint_register(
@@ -185,6 +204,8 @@ def _run_sample(job: Job, rows: list[dict], monitor: JobMonitor) -> tuple[str, d
     monitor.flush()
     if monitor.lost:
         return Job.Status.FAILED, {}
+    if monitor.released:  # sampling keeps no checkpoint: the next worker samples again
+        return RELEASED, {}
     if monitor.cancelled:
         return Job.Status.CANCELLED, {"prompts_sampled": len(samples)}
     stored = services.samples_store(
@@ -212,7 +233,7 @@ def _run_eval(job: Job, rows: list[dict], monitor: JobMonitor) -> tuple[str, dic
     sides = {}
     for side, ckpt in (("a", a), ("b", b)):
         if monitor.should_stop():
-            return Job.Status.CANCELLED, {}
+            return _stopped(monitor), {}
         cfg = dataclasses.replace(base_cfg, init_adapter=ckpt.path if ckpt else None)
         monitor.log(f"sampling side {side.upper()}: {ckpt.name if ckpt else job.base_model}")
         sides[side] = run(
@@ -224,6 +245,8 @@ def _run_eval(job: Job, rows: list[dict], monitor: JobMonitor) -> tuple[str, dic
             should_stop=monitor.should_stop,
         )
         monitor.set_progress(1 if side == "a" else 2, 3)
+    if monitor.released or monitor.cancelled:  # a side is incomplete
+        return _stopped(monitor), {}
     prompts, texts_a, texts_b, prompt_ids = [], [], [], []
     for pid, row, sa, sb in zip(job.input_ids, rows, sides["a"], sides["b"], strict=False):
         for ca, cb in zip(sa["completions"], sb["completions"], strict=False):

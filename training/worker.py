@@ -1,4 +1,4 @@
-"""Stale-job recovery inside every Celery worker.
+"""Stale-job recovery and warm shutdown inside every Celery worker.
 
 When a worker is ready it re-sends the task of every queued job (a broker that restarted
 without persistence may have lost it; duplicates are harmless, only one claim wins) and
@@ -6,15 +6,24 @@ starts a daemon thread that runs ``services.jobs_recover_stale`` every
 ``TRAINING_RECOVER_EVERY_S`` seconds. The thread lives in the worker's main process, so it
 keeps running while the pool's child executes a long training job, and it needs no beat
 process. Several workers may all run it: every change it makes is a compare-and-set.
+
+When a worker is stopped (SIGTERM: ``docker stop``, Ctrl-C of ``manage.py studio``), its
+running job stops at its next step, saves a checkpoint and goes back to the queue, so the
+next worker resumes it there; the attempt is not counted.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 
-from celery.signals import worker_ready, worker_shutdown
+from billiard.process import active_children
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 from django.db import close_old_connections, connection
+
+from training.runtime import request_stop
 
 logger = logging.getLogger(__name__)
 
@@ -83,3 +92,18 @@ def _start_recovery(sender=None, **kwargs) -> None:
 @worker_shutdown.connect
 def _stop_recovery(sender=None, **kwargs) -> None:
     _stop.set()
+
+
+@worker_shutting_down.connect
+def _tell_the_running_job(sig=None, how=None, **kwargs) -> None:
+    """A warm shutdown (SIGTERM or Ctrl-C of the worker, e.g. ``docker stop``) waits for the
+    running task: tell it to stop at its next step, in this process (solo pool) and in the
+    pool processes, which the signal did not reach when only the worker got it."""
+    if how != "Warm":
+        return
+    request_stop()
+    for child in active_children():
+        try:
+            os.kill(child.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass

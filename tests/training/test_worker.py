@@ -260,6 +260,36 @@ def test_a_job_whose_worker_is_killed_resumes_from_its_last_checkpoint(worker, p
     assert sorted(steps) == list(range(1, max(steps) + 1))
 
 
+def test_a_stopped_worker_checkpoints_its_job_at_the_next_step_and_the_next_worker_resumes(
+    worker, project, admin_user
+):
+    from rlhf.checkpoint import latest_checkpoint, read_state
+
+    job = launch(project, admin_user, "sft", ENDLESS)
+    wait_for(lambda: running(job.pk).step >= 7, timeout=90, message="the job to run a few steps")
+    worker.terminate(timeout=60)  # SIGTERM to the worker only: a warm shutdown
+    released = job_state(job.pk)
+    assert released.status == Job.Status.QUEUED and released.attempts == 0, _details(job.pk)
+    assert "worker shutting down: stopped at step" in released.log_tail
+    stopped_at = int(released.log_tail.split("stopped at step ")[1].split(";")[0])
+    assert stopped_at >= 7
+    assert int(read_state(latest_checkpoint(job.output_dir))["step"]) == stopped_at
+    assert not Checkpoint.objects.filter(job=job).exists()  # not registered: the run goes on
+    worker.start()
+    wait_for(
+        lambda: (j := running(job.pk)).step > stopped_at and j.status == Job.Status.RUNNING,
+        timeout=60,
+        message="the next worker to resume the job past the step it stopped at",
+        details=lambda: _details(job.pk),
+    )
+    assert f"resuming from step-{stopped_at:07d}" in job_state(job.pk).log_tail
+    assert job_state(job.pk).attempts == 1
+    services.job_cancel(job=job_state(job.pk))
+    job = finished(job.pk, timeout=30)
+    steps = list(MetricPoint.objects.filter(job=job, key="loss/sft").values_list("step", flat=True))
+    assert sorted(steps) == list(range(1, max(steps) + 1)), "a step missing or recorded twice"
+
+
 def test_a_redelivered_task_does_not_run_a_job_that_is_already_running(worker, project, admin_user):
     """What the broker does after its visibility timeout: deliver the same message again while
     the job runs. The second delivery's claim fails and it leaves the job alone."""

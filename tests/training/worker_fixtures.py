@@ -124,6 +124,12 @@ class WorkerProcess:
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=10)
 
+    def terminate(self, *, timeout: float = 60) -> None:
+        """SIGTERM to the worker's main process only, as ``docker stop`` sends it, and wait
+        for the warm shutdown to finish."""
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=timeout)
+
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
