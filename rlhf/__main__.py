@@ -62,24 +62,27 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "tiny-model":
-        from rlhf.modeling import build_tiny_model
-
-        path = build_tiny_model(
-            args.dir,
-            vocab_size=args.vocab_size,
-            hidden_size=args.hidden_size,
-            num_layers=args.num_layers,
-            num_heads=args.num_heads,
-            seed=args.seed,
-        )
-        print(path)
-        return 0
     try:
+        if args.command == "tiny-model":
+            from rlhf.modeling import build_tiny_model
+
+            path = build_tiny_model(
+                args.dir,
+                vocab_size=args.vocab_size,
+                hidden_size=args.hidden_size,
+                num_layers=args.num_layers,
+                num_heads=args.num_heads,
+                seed=args.seed,
+            )
+            print(path)
+            return 0
         return _run(args)
     except TrainingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C twice: the last complete checkpoint stays as it was
+        print("\naborted; the last complete checkpoint is kept", file=sys.stderr)
+        return 130
 
 
 def _run(args) -> int:
@@ -107,7 +110,13 @@ def _run(args) -> int:
 
     resume_from = None
     if args.command == "sample":
+        if args.resume:
+            raise ConfigError("--resume is for training runs; sample writes its file afresh")
         resume_from = args.checkpoint
+    elif args.checkpoint:
+        raise ConfigError(
+            "--checkpoint is for sample; a training run starts from init_adapter in its config"
+        )
     elif args.resume:
         resume_from = latest_checkpoint(out)
         if resume_from is None:
@@ -155,7 +164,8 @@ def _run(args) -> int:
         signal.signal(signal.SIGINT, previous)
 
     if args.command == "sample":
-        print(f"wrote {len(result)} prompts to {out / SAMPLES_FILE}")
+        stopped = " (stopped early)" if stop["requested"] and len(result) < len(data) else ""
+        print(f"wrote {len(result)} of {len(data)} prompts to {out / SAMPLES_FILE}{stopped}")
         return 130 if stop["requested"] else 0
     print(
         f"checkpoint: {result.checkpoint_dir} (step {result.step}{', stopped' if result.stopped else ''})"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -100,6 +101,12 @@ class BaseConfig:
         """Raise ConfigError on values out of range. Subclasses call ``super().validate()``."""
         if not self.model:
             raise ConfigError("model is required: a hub id or a local model folder")
+        for f in dataclasses.fields(self):  # NaN passes every < and > check below
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.name} must be a finite number, got {value}")
+        if not self.target_modules:
+            raise ConfigError('target_modules must name at least one module, or be "all-linear"')
         if isinstance(self.batch_size, str) and self.batch_size != "auto":
             raise ConfigError(
                 f'batch_size must be a positive integer or "auto", got {self.batch_size!r}'

@@ -43,9 +43,18 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file")
+    if path.is_dir():
+        raise DataError(f"{path} is a folder; give a JSONL file")
     rows = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:  # a byte-order mark on the first line is not part of the data
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as exc:
+                raise DataError(
+                    f"{path} line {lineno}: not UTF-8 text (byte {exc.start + 1} of the line); "
+                    "save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -59,6 +68,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
                     f"{path} line {lineno}: expected a JSON object, got {type(row).__name__}"
                 )
             row.setdefault("_line", lineno)
+            row.setdefault("_file", str(path))
             rows.append(row)
     if not rows:
         raise DataError(f"{path}: no rows")
@@ -76,27 +86,30 @@ def write_jsonl(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> None
 
 
 def strip_meta(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows without bookkeeping keys (``_line``)."""
+    """Rows without bookkeeping keys (``_line``, ``_file``)."""
     return [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]
 
 
 # ---------------------------------------------------------------------------- validation
 
 
-def _where(row: dict[str, Any], index: int) -> str:
-    return f"line {row['_line']}" if "_line" in row else f"row {index}"
+def where(row: dict[str, Any], index: int) -> str:
+    """Where a row came from, for an error message: "FILE line N" (read_jsonl), else "row I"."""
+    if "_line" not in row:
+        return f"row {index}"
+    return f"{row['_file']} line {row['_line']}" if "_file" in row else f"line {row['_line']}"
 
 
 def _require_str(row: dict[str, Any], index: int, key: str, *, allow_empty: bool = False) -> None:
     if key not in row:
-        raise DataError(f"{_where(row, index)}: missing field {key!r}")
+        raise DataError(f"{where(row, index)}: missing field {key!r}")
     value = row[key]
     if not isinstance(value, str):
         raise DataError(
-            f"{_where(row, index)}: field {key!r} must be a string, got {type(value).__name__}"
+            f"{where(row, index)}: field {key!r} must be a string, got {type(value).__name__}"
         )
     if not allow_empty and not value.strip():
-        raise DataError(f"{_where(row, index)}: field {key!r} is empty")
+        raise DataError(f"{where(row, index)}: field {key!r} is empty")
 
 
 def validate_ranking(ranking: Any, num_completions: int, *, where: str = "row") -> list[list[int]]:
@@ -138,7 +151,7 @@ def normalize_preference_row(row: dict[str, Any], index: int = 0) -> dict[str, A
 
     ``{"prompt","chosen","rejected"}`` becomes completions [chosen, rejected], ranking [[0],[1]].
     """
-    where = _where(row, index)
+    at = where(row, index)
     _require_str(row, index, "prompt")
     if "completions" in row:
         comps = row["completions"]
@@ -147,12 +160,10 @@ def normalize_preference_row(row: dict[str, Any], index: int = 0) -> dict[str, A
             or len(comps) < 2
             or not all(isinstance(c, str) for c in comps)
         ):
-            raise DataError(f"{where}: 'completions' must be a list of at least two strings")
+            raise DataError(f"{at}: 'completions' must be a list of at least two strings")
         if "ranking" not in row:
-            raise DataError(
-                f"{where}: missing field 'ranking' (groups best first, e.g. [[0], [1]])"
-            )
-        ranking = validate_ranking(row["ranking"], len(comps), where=where)
+            raise DataError(f"{at}: missing field 'ranking' (groups best first, e.g. [[0], [1]])")
+        ranking = validate_ranking(row["ranking"], len(comps), where=at)
         return {"prompt": row["prompt"], "completions": list(comps), "ranking": ranking}
     if "chosen" in row or "rejected" in row:
         _require_str(row, index, "chosen")
@@ -162,7 +173,7 @@ def normalize_preference_row(row: dict[str, Any], index: int = 0) -> dict[str, A
             "completions": [row["chosen"], row["rejected"]],
             "ranking": [[0], [1]],
         }
-    raise DataError(f"{where}: expected 'completions' + 'ranking' or 'chosen' + 'rejected'")
+    raise DataError(f"{at}: expected 'completions' + 'ranking' or 'chosen' + 'rejected'")
 
 
 def validate_rows(kind: str, rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

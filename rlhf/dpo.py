@@ -234,7 +234,7 @@ def train_dpo(
     output_dir = Path(output_dir)
     seed_everything(cfg.seed)
 
-    resume = resume_point(resume_from, "dpo")
+    resume = resume_point(resume_from, "dpo", cfg)
     model, tokenizer, device, _dtype = load_policy(cfg, adapter_name=ADAPTER)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -303,6 +303,7 @@ def train_dpo(
         parent=resume.parent(cfg),
         reference=reference,
     )
+    resume.check_data(run_lineage)
     pairs_per_step = cfg.batch_size * cfg.grad_accum_steps
 
     def eval_metrics() -> dict[str, float]:

@@ -19,3 +19,7 @@ class NonFiniteLossError(TrainingError):
 
 class OutOfMemoryError(TrainingError):
     """The device ran out of memory; the message names what to reduce."""
+
+
+class RewardFunctionError(TrainingError):
+    """A PPO/GRPO reward function raised or returned something that is not a number."""

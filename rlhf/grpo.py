@@ -290,12 +290,14 @@ def _grpo_step(
                 losses.append(float(loss.detach()))
                 clipfracs.append(float(stats["clipfrac"]))
                 kls.append(float(stats["kl_k3"]))
-            optimizer_step(optimizer, scheduler, params, max_grad_norm=cfg.max_grad_norm, step=step)
+            _, lr = optimizer_step(
+                optimizer, scheduler, params, max_grad_norm=cfg.max_grad_norm, step=step
+            )
     sync_device(device)
     train_s = time.perf_counter() - t2
 
     return {
-        **rollout_metrics(ro, scheduler=scheduler, score_s=score_s, train_s=train_s),
+        **rollout_metrics(ro, lr=lr, score_s=score_s, train_s=train_s),
         "objective/reward_std": float(ro.scores.view(-1, G).std(dim=1).mean()),
         "objective/kl": float((kl_k1(old_logprobs, ref_logprobs) * mask).sum(1).mean()),
         "objective/entropy": float(masked_mean(entropy, mask)),

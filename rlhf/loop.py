@@ -201,6 +201,43 @@ class Resume:
         """The run's parent checkpoint: kept from the resumed run, else cfg.init_adapter."""
         return self.state.get("lineage", {}).get("parent", getattr(cfg, "init_adapter", None))
 
+    def check_data(self, run_lineage: dict[str, Any]) -> None:
+        """ConfigError when the data differ from those of the run being resumed."""
+        saved = self.state.get("lineage", {}) if self.checkpoint is not None else {}
+        if saved.get("data_hash") not in (None, run_lineage.get("data_hash")):
+            raise ConfigError(
+                f"the data differ from those of the run in {self.checkpoint.parent} "
+                f"({saved.get('num_rows')} rows then, {run_lineage.get('num_rows')} now): resume "
+                "with the same data, or start a new run in a new folder"
+            )
+
+    def check_config(self, cfg) -> None:
+        """ConfigError when the run would not continue the one it resumes: another base model
+        or adapter shape, or a max_steps below the step already reached. Fields such as
+        max_steps (upwards), learning_rate or save_every may change."""
+        if self.checkpoint is None:
+            return
+        old = self.state.get("config", {})
+        changed = [
+            f"{name} {old[name]!r} -> {getattr(cfg, name)!r}"
+            for name in RESUME_FIXED
+            if name in old and hasattr(cfg, name) and old[name] != getattr(cfg, name)
+        ]
+        if changed:
+            raise ConfigError(
+                f"{'; '.join(changed)}: these must stay as they were in the run being resumed "
+                f"({self.checkpoint}); start a new run to change them"
+            )
+        if self.step > cfg.max_steps:
+            raise ConfigError(
+                f"the run being resumed is at step {self.step}, past max_steps={cfg.max_steps}; "
+                "raise max_steps to train further"
+            )
+
+
+RESUME_FIXED = ("model", "lora_r", "lora_alpha", "target_modules", "base_kind", "pooling")
+"""Config fields a resumed run must keep: they decide the model and the adapter's shape."""
+
 
 _KIND_NAMES = {
     "sft": "an SFT",
@@ -211,9 +248,10 @@ _KIND_NAMES = {
 }
 
 
-def resume_point(resume_from: str | Path | None, kind: str) -> Resume:
+def resume_point(resume_from: str | Path | None, kind: str, cfg=None) -> Resume:
     """The checkpoint to resume (a checkpoint folder or a run folder = its latest) and its
-    state.json; ConfigError when it was written by another kind of run."""
+    state.json; ConfigError when it was written by another kind of run, or (given ``cfg``)
+    when the config cannot continue it (:meth:`Resume.check_config`)."""
     if resume_from is None:
         return Resume()
     from rlhf.checkpoint import read_state, resolve_checkpoint
@@ -224,7 +262,10 @@ def resume_point(resume_from: str | Path | None, kind: str) -> Resume:
         raise ConfigError(
             f"{ckpt} is a {state.get('kind')!r} checkpoint, not {_KIND_NAMES.get(kind, kind)} one"
         )
-    return Resume(ckpt, state)
+    resume = Resume(ckpt, state)
+    if cfg is not None:
+        resume.check_config(cfg)
+    return resume
 
 
 def optimizer_step(

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -36,6 +37,8 @@ from rlhf.errors import ConfigError
 
 # peft asks transformers a deprecated question on every get_peft_model; the answer is still right.
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------- device / dtype
 
@@ -84,11 +87,27 @@ def resolve_device_dtype(cfg: BaseConfig) -> tuple[torch.device, torch.dtype]:
 # ---------------------------------------------------------------------------- loading
 
 
+@contextlib.contextmanager
+def loading_model(name_or_path: str | os.PathLike):
+    """Turn a failed ``from_pretrained`` (a missing folder, a folder that is not a model, a hub
+    id that cannot be reached offline) into a ConfigError that says what to give instead."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError, ImportError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ConfigError(
+            f"cannot load the model {str(name_or_path)!r} ({reason}); give a folder saved with "
+            "save_pretrained (config.json, weights and tokenizer files) or a hub id this "
+            "machine can download (not with HF_HUB_OFFLINE=1)"
+        ) from exc
+
+
 def load_tokenizer(name_or_path: str | os.PathLike):
     """AutoTokenizer with a pad token (falls back to eos) and right padding for training."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(name_or_path))
+    with loading_model(name_or_path):
+        tok = AutoTokenizer.from_pretrained(str(name_or_path))
     if tok.pad_token is None:
         if tok.eos_token is not None:
             tok.pad_token = tok.eos_token
@@ -105,12 +124,13 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": dtype}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(name_or_path), attn_implementation="sdpa", **kwargs
-        )
-    except (ValueError, ImportError):  # an architecture without SDPA support
-        model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
+    with loading_model(name_or_path):
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(name_or_path), attn_implementation="sdpa", **kwargs
+            )
+        except (ValueError, ImportError):  # an architecture without SDPA support
+            model = AutoModelForCausalLM.from_pretrained(str(name_or_path), **kwargs)
     return model.to(device)
 
 
@@ -208,6 +228,7 @@ def add_lora(
     )
     if init:
         path = source_adapter_dir(init, adapter_name)
+        _warn_if_lora_differs(path, cfg)
         if isinstance(model, PeftModel):
             model.load_adapter(str(path), adapter_name=adapter_name, is_trainable=trainable)
         else:
@@ -216,16 +237,47 @@ def add_lora(
             )
     else:
         lcfg = lora_config(cfg)
-        if isinstance(model, PeftModel):
-            model.add_adapter(adapter_name, lcfg)
-        else:
-            model = get_peft_model(model, lcfg, adapter_name=adapter_name)
+        try:
+            if isinstance(model, PeftModel):
+                model.add_adapter(adapter_name, lcfg)
+            else:
+                model = get_peft_model(model, lcfg, adapter_name=adapter_name)
+        except ValueError as exc:  # e.g. target_modules that match no layer of this model
+            raise ConfigError(f"target_modules {cfg.target_modules!r}: {exc}") from exc
     model.set_adapter(adapter_name)
     if not trainable:
         for name, p in model.named_parameters():
             if f".{adapter_name}." in name:
                 p.requires_grad_(False)
     return model
+
+
+def _warn_if_lora_differs(path: Path, cfg: BaseConfig) -> None:
+    """An adapter loaded to start from keeps its own shape (rank, scale, modules): say so when
+    the run's config asks for another one, which is then not used."""
+    try:
+        saved = json.loads((path / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return
+    asked = {"r": cfg.lora_r, "lora_alpha": cfg.lora_alpha, "target_modules": cfg.target_modules}
+    differs = []
+    for key, value in asked.items():
+        have = saved.get(key)
+        if key == "target_modules":
+            if value == "all-linear" or have is None:
+                continue
+            have, value = (
+                sorted(have if isinstance(have, list) else [have]),
+                sorted(value if isinstance(value, list) else [value]),
+            )
+        if have != value:
+            differs.append(f"{key} {have} (config: {value})")
+    if differs:
+        logger.warning(
+            "the adapter in %s keeps its own %s; the config's values are not used",
+            path,
+            ", ".join(differs),
+        )
 
 
 def trainable_parameters(model) -> list[nn.Parameter]:
@@ -548,6 +600,11 @@ def build_tiny_model(
                 return path
         except (OSError, ValueError):
             pass
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path} is a file; give a folder for the tiny model")
+    if path.is_dir() and not marker.exists() and any(path.iterdir()):
+        # only a folder this function built (with other arguments) is ever replaced
+        raise ConfigError(f"{path} is not empty and holds no tiny model; choose another folder")
     if hidden_size % num_heads:
         raise ConfigError(
             f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})"

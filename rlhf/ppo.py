@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -63,7 +64,7 @@ import torch
 from rlhf.checkpoint import load_head, load_training_state, read_state, resolve_checkpoint
 from rlhf.config import BaseConfig
 from rlhf.data import encode_prompts, validate_rows
-from rlhf.errors import ConfigError, NonFiniteLossError
+from rlhf.errors import ConfigError, NonFiniteLossError, RewardFunctionError
 from rlhf.loop import (
     OnStep,
     Resume,
@@ -571,9 +572,32 @@ class Rewarder:
     def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
         if self.reward_fn is not None:
             return torch.tensor(
-                [float(self.reward_fn(p, c)) for p, c in zip(prompts, completions, strict=True)]
+                [
+                    call_reward_fn(self.reward_fn, p, c)
+                    for p, c in zip(prompts, completions, strict=True)
+                ]
             )
         return torch.as_tensor(self.scorer(list(prompts), list(completions))).detach().float().cpu()
+
+
+def call_reward_fn(fn: Callable[[str, str], float], prompt: str, completion: str) -> float:
+    """``fn(prompt, completion)`` as a float; RewardFunctionError, naming the completion, when
+    it raises or returns something that is not a number (NaN is caught by check_scores)."""
+    try:
+        value = fn(prompt, completion)
+    except Exception as exc:
+        raise RewardFunctionError(
+            f"the reward function raised {type(exc).__name__}: {exc} "
+            f"(completion {completion[:60]!r}); the last good checkpoint is kept"
+        ) from exc
+    try:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real | torch.Tensor):
+            raise TypeError
+        return float(value)  # a tensor only when it holds one number
+    except (TypeError, ValueError, RuntimeError):
+        raise RewardFunctionError(
+            f"the reward function returned {value!r} ({type(value).__name__}), not a number"
+        ) from None
 
 
 @dataclass
@@ -601,7 +625,7 @@ def start_rl_run(
     cfg.validate()
     rows = validate_rows(kind, data)
     seed_everything(cfg.seed)
-    resume = resume_point(resume_from, kind)
+    resume = resume_point(resume_from, kind, cfg)
     model, tokenizer, device, _dtype = load_policy(cfg, init_from=resume.checkpoint)
     model.eval()
     rewarder = Rewarder(
@@ -617,6 +641,8 @@ def start_rl_run(
             "rollouts use a static KV cache: the first step compiles the decoding step into a "
             "CUDA graph (tens of seconds), later steps replay it"
         )
+    run_lineage = lineage(cfg, rows, parent=resume.parent(cfg), reward=rewarder.description)
+    resume.check_data(run_lineage)
     return RLRun(
         prompts=[r["prompt"] for r in rows],
         resume=resume,
@@ -624,7 +650,7 @@ def start_rl_run(
         tokenizer=tokenizer,
         device=device,
         rewarder=rewarder,
-        lineage=lineage(cfg, rows, parent=resume.parent(cfg), reward=rewarder.description),
+        lineage=run_lineage,
         eos_ids=eos_token_ids(tokenizer, model),
         merger=MergedAdapter(model, "policy") if cfg.merge_for_generation else None,
     )
@@ -842,15 +868,16 @@ def make_rollout(*, cfg, step: int, run: RLRun, repeats: int) -> Rollout:
     )
 
 
-def rollout_metrics(ro: Rollout, *, scheduler, score_s: float, train_s: float) -> dict:
-    """The metrics PPO and GRPO share: mean score, response lengths, learning rate, timings
-    and generated tokens per second of rollout."""
+def rollout_metrics(ro: Rollout, *, lr: float, score_s: float, train_s: float) -> dict:
+    """The metrics PPO and GRPO share: mean score, response lengths, the learning rate the
+    step's updates used (as SFT, reward and DPO report it), timings and generated tokens per
+    second of rollout."""
     mask = ro.response_mask
     return {
         "objective/reward": float(ro.scores.mean()),
         "response/length": float(mask.sum(1).mean()),
         "response/ended_with_eos": float(ro.ended.float().mean()),
-        "optim/lr": float(scheduler.get_last_lr()[0]),
+        "optim/lr": float(lr),
         "perf/rollout_s": ro.rollout_s,
         "perf/score_s": score_s,
         "perf/train_s": train_s,
@@ -975,7 +1002,9 @@ def _ppo_step(
                 stats["clip"].append(float(clipfrac))
                 stats["vclip"].append(float(vclip))
                 stats["approxkl"].append(float(approxkl))
-            optimizer_step(optimizer, scheduler, params, max_grad_norm=cfg.max_grad_norm, step=step)
+            _, lr = optimizer_step(
+                optimizer, scheduler, params, max_grad_norm=cfg.max_grad_norm, step=step
+            )
     model.set_adapter("policy")
     sync_device(device)
     train_s = time.perf_counter() - t2
@@ -986,7 +1015,7 @@ def _ppo_step(
     kl_ctl.update(mean_kl, B)
 
     return {
-        **rollout_metrics(ro, scheduler=scheduler, score_s=score_s, train_s=train_s),
+        **rollout_metrics(ro, lr=lr, score_s=score_s, train_s=train_s),
         "objective/rlhf_reward": float((scores - kl_coef * seq_kl).mean()),
         "objective/kl": mean_kl,
         "objective/entropy": float(masked_mean(entropy, mask)),

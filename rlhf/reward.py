@@ -81,6 +81,7 @@ from rlhf.modeling import (
     load_causal_lm,
     load_frozen_adapter,
     load_tokenizer,
+    loading_model,
     lora_config,
     pick_device_dtype,
     resolve_device_dtype,
@@ -259,7 +260,8 @@ def detect_base_kind(name_or_path: str) -> str:
     """ "causal" for decoder LMs (``*ForCausalLM`` architectures or ``is_decoder``), else "encoder"."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(name_or_path))
+    with loading_model(name_or_path):
+        config = AutoConfig.from_pretrained(str(name_or_path))
     if getattr(config, "is_encoder_decoder", False):
         raise ConfigError(
             f"{name_or_path}: encoder-decoder models are not supported as reward models"
@@ -382,7 +384,8 @@ def load_reward_base(name_or_path: str, base_kind: str, *, device, dtype):
         return load_causal_lm(name_or_path, device=device, dtype=dtype)
     from transformers import AutoModel
 
-    return AutoModel.from_pretrained(str(name_or_path), dtype=dtype).to(device)
+    with loading_model(name_or_path):
+        return AutoModel.from_pretrained(str(name_or_path), dtype=dtype).to(device)
 
 
 def _task_type(base_kind: str) -> str:
@@ -481,7 +484,7 @@ def train_reward(
     output_dir = Path(output_dir)
     seed_everything(cfg.seed)
 
-    resume = resume_point(resume_from, "reward")
+    resume = resume_point(resume_from, "reward", cfg)
     rm, encoder, device = build_reward_model(cfg)
     peft_model, head = rm.peft_model, rm.head
     head.linear.bias.requires_grad_(
@@ -517,6 +520,7 @@ def train_reward(
         [{"prompt": r.prompt, "completions": r.completions, "ranking": r.groups} for r in rows],
         parent=resume.parent(cfg),
     )
+    resume.check_data(run_lineage)
     eval_bs = cfg.eval_batch_size or cfg.batch_size
     prompts_per_step = cfg.batch_size * cfg.grad_accum_steps
 

@@ -58,22 +58,41 @@ def load_reward_fn(spec: str) -> Callable[[str, str], float]:
     module_name, _, func_name = spec.rpartition(":")
     if not module_name or not func_name:
         raise ConfigError(f"reward function must look like 'module:function', got {spec!r}")
-    if module_name.endswith(".py"):
-        path = Path(module_name)
-        if not path.exists():
-            raise ConfigError(f"reward function file {path} does not exist")
-        module_spec = importlib.util.spec_from_file_location(f"_reward_fn_{path.stem}", path)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        try:
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            if not path.is_file():
+                raise ConfigError(f"reward function file {path} does not exist")
+            module_spec = importlib.util.spec_from_file_location(f"_reward_fn_{path.stem}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
             module = importlib.import_module(module_name)
-        except ImportError as exc:
-            raise ConfigError(f"cannot import reward module {module_name!r}: {exc}") from exc
+    except ConfigError:
+        raise
+    except Exception as exc:  # a syntax error, a failing import inside the module, ...
+        raise ConfigError(
+            f"cannot import reward module {module_name!r}: {type(exc).__name__}: {exc}"
+        ) from exc
     fn = getattr(module, func_name, None)
     if not callable(fn):
         raise ConfigError(f"{module_name} has no function {func_name!r}")
     return fn
+
+
+def check_output_dir(output_dir: str | os.PathLike, *, resuming: bool) -> None:
+    """Refuse, before any work, an output folder that is a file, or that already holds a run's
+    checkpoints when this run does not resume it: its checkpoints would mix with the new
+    ones and "the latest checkpoint" of the folder could be the old run's."""
+    from rlhf.checkpoint import latest_checkpoint
+
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"the output folder {out} is a file; choose a folder")
+    if not resuming and out.is_dir() and latest_checkpoint(out) is not None:
+        raise ConfigError(
+            f"{out} already holds checkpoints of a run; resume it (--resume) or choose a new folder"
+        )
 
 
 def coerce_config(kind: str, config: BaseConfig | dict[str, Any]) -> BaseConfig:
@@ -116,6 +135,7 @@ def run(
     fn = _import(_ENTRY_POINTS[kind])
     if isinstance(reward_fn, str):
         reward_fn = load_reward_fn(reward_fn)
+    check_output_dir(output_dir, resuming=resume_from is not None and kind != "sample")
 
     if kind == "sample":
         from rlhf.data import write_jsonl

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from rlhf.checkpoint import load_adapter_weights, load_training_state
 from rlhf.config import BaseConfig, OfflineConfig
-from rlhf.data import IGNORE_INDEX, SFTCollator, collate_sft, validate_rows
+from rlhf.data import IGNORE_INDEX, SFTCollator, collate_sft, validate_rows, where
 from rlhf.errors import DataError
 from rlhf.loop import (
     OnStep,
@@ -257,15 +257,15 @@ def train_sft(
     output_dir = Path(output_dir)
     seed_everything(cfg.seed)
 
-    resume = resume_point(resume_from, "sft")
+    resume = resume_point(resume_from, "sft", cfg)
     model, tokenizer, device, _dtype = load_policy(cfg, adapter_name=ADAPTER)
     collator = SFTCollator(tokenizer, max_seq_len=cfg.max_seq_len, chat_template=cfg.chat_template)
     examples = [collator.encode(r) for r in rows]
     for i, (ids, p_len) in enumerate(examples):
         if len(ids) <= p_len:
-            where = f"line {data[i]['_line']}" if "_line" in data[i] else f"row {i}"
+            at = where(data[i], i)
             raise DataError(
-                f"{where}: no completion tokens left after truncation to max_seq_len={cfg.max_seq_len}"
+                f"{at}: no completion tokens left after truncation to max_seq_len={cfg.max_seq_len}"
             )
     cfg = resolve_auto_batch(
         cfg,
@@ -292,6 +292,7 @@ def train_sft(
         load_training_state(resume.checkpoint, optimizer, scheduler)  # also the RNG states
 
     run_lineage = lineage(cfg, rows, parent=resume.parent(cfg))
+    resume.check_data(run_lineage)
     eval_bs = cfg.eval_batch_size or cfg.batch_size
     rows_per_step = cfg.batch_size * cfg.grad_accum_steps
 

@@ -360,6 +360,7 @@ def test_ppo_with_a_rule_based_reward_raises_the_reward_while_kl_stays_bounded(
     ):
         assert math.isfinite(history[-1][key]), key
     assert history[-1]["progress/total_steps"] == 30
+    assert history[-1]["optim/lr"] > 0  # the rate the last updates used, as SFT reports it
     ckpt = result.checkpoint_dir
     assert (ckpt / "policy" / "adapter_model.safetensors").exists()
     assert (ckpt / "value" / "adapter_model.safetensors").exists()
