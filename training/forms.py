@@ -67,6 +67,12 @@ TINY_DEMO_OVERRIDES: dict[str, dict] = {
 }  # fmt: skip
 # Fields the form sets elsewhere (base model / checkpoint choice) or that rarely change.
 HIDDEN_FIELDS = set(services.RESERVED_CONFIG_FIELDS)
+# Fields of the shared base config that only training uses: not offered on the sampling and
+# evaluation forms (the engine would accept and ignore them).
+TRAINING_ONLY_FIELDS = {
+    "lora_r", "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "grad_accum_steps",
+    "max_steps", "warmup_ratio", "max_grad_norm", "weight_decay", "save_every",
+}  # fmt: skip
 # How many completions per prompt a sampling job draws: the project's K.
 SAMPLES_PER_PROMPT_FIELDS = ("num_samples", "num_completions", "k", "n")
 
@@ -85,8 +91,11 @@ def config_defaults(kind: str, *, project=None, base_model: str | None = None) -
     cls = config_class(services.ENGINE_KIND[kind])
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     values = {}
+    hidden = HIDDEN_FIELDS | (
+        TRAINING_ONLY_FIELDS if kind in (Job.Kind.SAMPLE, Job.Kind.EVAL) else set()
+    )
     for f in dataclasses.fields(cls):
-        if not f.init or f.name in HIDDEN_FIELDS:
+        if not f.init or f.name in hidden:
             continue
         if f.default is not dataclasses.MISSING:
             values[f.name] = f.default

@@ -68,7 +68,9 @@ def test_every_kind_prefills_a_config_that_launches(admin_client, project, kind)
 
 def test_sampling_defaults_to_the_projects_k_completions_per_prompt(admin_client, project):
     form = admin_client.get(launch_url("sample")).context["form"]
-    assert json.loads(form.initial["config"])["num_completions"] == project.k
+    config = json.loads(form.initial["config"])
+    assert config["num_completions"] == project.k
+    assert "learning_rate" not in config and "max_steps" not in config  # training-only fields
 
 
 def test_a_bad_config_is_refused_on_the_form_and_creates_no_job(admin_client, project):
