@@ -102,6 +102,10 @@ def _tell_the_running_job(sig=None, how=None, **kwargs) -> None:
     if how != "Warm":
         return
     request_stop()
+    from celery.worker import state
+
+    if not state.active_requests:  # an idle pool ends cleanly with the warm shutdown
+        return
     for child in active_children():
         try:
             os.kill(child.pid, signal.SIGTERM)

@@ -98,12 +98,18 @@ def start_embedded_redis(
         time.sleep(0.1)
 
 
-def stop_process(proc: subprocess.Popen | None, *, timeout: float, sig=signal.SIGTERM) -> None:
-    """Signal a child (and its process group) and wait; kill it after ``timeout`` s."""
+def stop_process(
+    proc: subprocess.Popen | None, *, timeout: float, sig=signal.SIGTERM, group: bool = True
+) -> None:
+    """Signal a child (and its process group, unless ``group`` is False) and wait; kill the
+    group after ``timeout`` s."""
     if proc is None or proc.poll() is not None:
         return
     try:
-        os.killpg(proc.pid, sig)
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
     except ProcessLookupError:
         return
     try:
@@ -274,7 +280,10 @@ class Command(BaseCommand):
         for name, proc in sorted(self.children, key=lambda c: order.get(c[0], 9)):
             if proc.poll() is None:
                 self.stdout.write(f"Stopping {name} ...")
-            stop_process(proc, timeout=30 if name == "worker" else 10)
+            # The worker alone: its warm shutdown tells a running job to stop at its next step
+            # and lets idle pool processes end cleanly (training.worker).
+            worker = name == "worker"
+            stop_process(proc, timeout=30 if worker else 10, group=not worker)
             if name == "worker" and self.embedded_redis:
                 self._release_jobs()
         self.stdout.write("Stopped.")
