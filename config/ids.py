@@ -43,7 +43,7 @@ def as_id(value) -> int | None:
         return None
     if isinstance(value, str):
         value = value.strip()
-        if not value.isdigit() or len(value) > 19:
+        if not (value.isascii() and value.isdigit()) or len(value) > 19:  # not "²"
             return None
         value = int(value)
     if not isinstance(value, int) or not 1 <= value <= MAX_ID:

@@ -719,7 +719,8 @@ def item_flag(*, user, item_id, reason: str) -> Flag:
     if len(reason) > 2000:
         raise LabelingError("The reason is limited to 2,000 characters.")
     with transaction.atomic():
-        item = _item_for_member(user=user, item_id=item_id)
+        # the item's row lock makes two reports at once (a double click) one flag
+        item = _item_for_member(user=user, item_id=item_id, lock=True)
         if not (
             user.is_superuser
             or Assignment.objects.filter(item=item, user=user).exists()

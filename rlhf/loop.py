@@ -218,10 +218,16 @@ class Resume:
         if self.checkpoint is None:
             return
         old = self.state.get("config", {})
+
+        def same(a, b) -> bool:  # a list of module names in any order is the same set
+            if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+                return sorted(a) == sorted(b)
+            return a == b
+
         changed = [
             f"{name} {old[name]!r} -> {getattr(cfg, name)!r}"
             for name in RESUME_FIXED
-            if name in old and hasattr(cfg, name) and old[name] != getattr(cfg, name)
+            if name in old and hasattr(cfg, name) and not same(old[name], getattr(cfg, name))
         ]
         if changed:
             raise ConfigError(

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import numbers
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -591,9 +590,9 @@ def call_reward_fn(fn: Callable[[str, str], float], prompt: str, completion: str
             f"(completion {completion[:60]!r}); the last good checkpoint is kept"
         ) from exc
     try:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real | torch.Tensor):
+        if value is None or isinstance(value, bool | str | bytes):
             raise TypeError
-        return float(value)  # a tensor only when it holds one number
+        return float(value)  # numbers, numpy scalars, one-number arrays and tensors
     except (TypeError, ValueError, RuntimeError):
         raise RewardFunctionError(
             f"the reward function returned {value!r} ({type(value).__name__}), not a number"

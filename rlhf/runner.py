@@ -80,16 +80,17 @@ def load_reward_fn(spec: str) -> Callable[[str, str], float]:
     return fn
 
 
-def check_output_dir(output_dir: str | os.PathLike, *, resuming: bool) -> None:
-    """Refuse, before any work, an output folder that is a file, or that already holds a run's
-    checkpoints when this run does not resume it: its checkpoints would mix with the new
-    ones and "the latest checkpoint" of the folder could be the old run's."""
+def check_output_dir(output_dir: str | os.PathLike, *, checkpoints: bool, resuming: bool) -> None:
+    """Refuse, before any work, an output folder that is a file, or (for a run that writes
+    ``checkpoints``) one that already holds a run's checkpoints when this run does not resume
+    it: its checkpoints would mix with the new ones and "the latest checkpoint" of the folder
+    could be the old run's. Sampling writes only samples.jsonl, so any folder will do."""
     from rlhf.checkpoint import latest_checkpoint
 
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"the output folder {out} is a file; choose a folder")
-    if not resuming and out.is_dir() and latest_checkpoint(out) is not None:
+    if checkpoints and not resuming and out.is_dir() and latest_checkpoint(out) is not None:
         raise ConfigError(
             f"{out} already holds checkpoints of a run; resume it (--resume) or choose a new folder"
         )
@@ -135,7 +136,7 @@ def run(
     fn = _import(_ENTRY_POINTS[kind])
     if isinstance(reward_fn, str):
         reward_fn = load_reward_fn(reward_fn)
-    check_output_dir(output_dir, resuming=resume_from is not None and kind != "sample")
+    check_output_dir(output_dir, checkpoints=kind != "sample", resuming=resume_from is not None)
 
     if kind == "sample":
         from rlhf.data import write_jsonl

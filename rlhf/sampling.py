@@ -190,8 +190,8 @@ def generate(
     ``cache`` "static" uses a fixed-shape KV cache of ``max_cache_len`` positions (default:
     prompt + max_new_tokens) and lets transformers compile the decoding step (it does so on
     CUDA; ``compile=True`` forces it on any device, ``False`` never). Should the static path
-    fail, for a reason other than memory, it is logged and this model falls back to the
-    dynamic cache for the rest of the process (same distribution, only slower).
+    fail, for a reason other than memory, it is logged and this model object uses the dynamic
+    cache from then on (the same tokens from the same seed, only slower).
     """
     eos = list(eos_ids) if eos_ids is not None else eos_token_ids(tokenizer, model)
     do_sample = temperature > 0
@@ -226,6 +226,7 @@ def generate(
             config = CompileConfig()
             config._compile_all_devices = True  # transformers' switch for non-CUDA devices
             kwargs["compile_config"] = config
+    rng = _rng_state() if static else None
     try:
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     except torch.OutOfMemoryError:
@@ -234,14 +235,28 @@ def generate(
         if not static:
             raise
         # a compile or static-cache failure: log it and keep the run going
-        log.warning("static-cache generation failed (%r); using the dynamic cache", exc)
+        log.warning("static-cache generation failed; using the dynamic cache", exc_info=exc)
         model._rlhf_static_cache_failed = True
         for key in ("cache_implementation", "max_cache_len", "disable_compile", "compile_config"):
             kwargs.pop(key, None)
+        _set_rng_state(rng)  # the retry samples what the failed attempt would have
         out = model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     completion = out[:, input_ids.shape[1] :]  # [B*K, N]
     mask = completion_mask_after_eos(completion, eos or None)
     return completion.masked_fill(mask == 0, tokenizer.pad_token_id), mask
+
+
+def _rng_state():
+    return torch.random.get_rng_state(), (
+        torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    )
+
+
+def _set_rng_state(state) -> None:
+    cpu, cuda = state
+    torch.random.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def _is_eos(completion: torch.Tensor, eos_ids: int | Sequence[int]) -> torch.Tensor:

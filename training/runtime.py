@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import threading
 import time
@@ -37,7 +38,12 @@ of ``manage.py studio``): the running job stops at its next step with a checkpoi
 
 
 def request_stop(signum=None, frame=None) -> None:
-    """Signal handler (SIGTERM in a pool process): stop the running job at its next step."""
+    """Signal handler (SIGTERM in a pool process): stop the running job at its next step. A
+    second SIGTERM (a cold shutdown, ``kill`` again) ends the process at once, as before."""
+    if signum is not None and WORKER_STOPPING.is_set():
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     WORKER_STOPPING.set()
 
 
@@ -55,6 +61,7 @@ def stop_on_sigterm():
     ):
         yield
         return
+    WORKER_STOPPING.clear()  # no handler was installed before: no stop request can be lost
     previous = signal.signal(signal.SIGTERM, request_stop)
     try:
         yield
@@ -176,19 +183,17 @@ class JobMonitor:
             self.flush()
 
     def should_stop(self) -> bool:
-        if WORKER_STOPPING.is_set() and not (self.lost or self.cancelled):
-            self.released = True
-            return True
+        stopping = WORKER_STOPPING.is_set()
         now = time.monotonic()
-        if (
-            not (self.lost or self.cancelled)
-            and now - self._last_stop_check >= self.STOP_CHECK_EVERY_S
-        ):
+        if not (self.lost or self.cancelled or self.released) and (
+            stopping or now - self._last_stop_check >= self.STOP_CHECK_EVERY_S
+        ):  # on a worker stop, read the flags once more: a cancel wins over a release
             self._last_stop_check = now
             state = services.job_stop_requested(job_id=self.job_id, token=self.token)
             self.lost = self.lost or not state.owned
             self.cancelled = self.cancelled or state.cancel_requested
-        return self.lost or self.cancelled
+            self.released = stopping and not (self.lost or self.cancelled)
+        return self.lost or self.cancelled or self.released
 
     def log(self, line: str) -> None:
         with self._lock:

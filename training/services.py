@@ -310,9 +310,9 @@ def job_launch(
         raise JobLaunchError(_NO_DATA[input_kind].format(project=project.name))
     rows = selectors.input_rows(input_kind=input_kind, ids=ids)
 
-    attempts = max_attempts if max_attempts is not None else default_max_attempts()
-    if not 1 <= attempts <= MAX_ATTEMPTS:
+    if max_attempts is not None and not 1 <= max_attempts <= MAX_ATTEMPTS:
         raise JobLaunchError(f"max_attempts must be between 1 and {MAX_ATTEMPTS}.")
+    attempts = max_attempts if max_attempts is not None else default_max_attempts()
     with transaction.atomic():
         job = Job.objects.create(
             kind=kind,
@@ -738,14 +738,22 @@ def jobs_release_host(*, host: str) -> list[int]:
         )
     )
     line = "worker stopped; queued to resume from the latest checkpoint"
-    return [job_id for job_id in ids if job_release(job_id=job_id, token=None, line=line)]
+    released = [job_id for job_id in ids if job_release(job_id=job_id, token=None, line=line)]
+    # a job whose cancel was pending ends as cancelled (its worker is gone)
+    for job_id in set(ids) - set(released):
+        if Job.objects.filter(pk=job_id, status=Job.Status.RUNNING, cancel_requested=True).update(
+            status=Job.Status.CANCELLED, run_token="", finished_at=timezone.now()
+        ):
+            job_log(job_id=job_id, token=None, line="worker stopped; cancelled as asked")
+    return released
 
 
 def job_release(*, job_id: int, token: str | None, line: str) -> bool:
-    """Put a running job back in the queue, this attempt not counted: its worker is shutting
-    down on purpose, and the next worker resumes it from its latest checkpoint. Guarded by
-    the run token when one is given. Returns whether it was released."""
-    rows = Job.objects.filter(pk=job_id, status=Job.Status.RUNNING)
+    """Put a running job back in the queue, this attempt not counted, and send its task again:
+    its worker is shutting down on purpose, and the next worker resumes it from its latest
+    checkpoint. Guarded by the run token when one is given. A job someone asked to cancel is
+    not released (the caller ends it as cancelled). Returns whether it was released."""
+    rows = Job.objects.filter(pk=job_id, status=Job.Status.RUNNING, cancel_requested=False)
     if token is not None:
         rows = rows.filter(run_token=token)
     with transaction.atomic():
@@ -757,6 +765,7 @@ def job_release(*, job_id: int, token: str | None, line: str) -> bool:
         )
         if released:
             job_log(job_id=job_id, token=None, line=line)
+            job_enqueue(job=Job(pk=job_id))
     return bool(released)
 
 

@@ -29,6 +29,13 @@ logger = logging.getLogger(__name__)
 
 @shared_task(name="training.job_run", acks_late=True, ignore_result=True)  # sent to queue "gpu"
 def job_run(job_id: int) -> str:
+    # From the claim to the last write, a worker's SIGTERM stops the job at its next step
+    # instead of ending the process between two of these writes (training.runtime).
+    with stop_on_sigterm():
+        return _job_run(job_id)
+
+
+def _job_run(job_id: int) -> str:
     token = services.job_claim(job_id=job_id, worker=services.worker_name())
     if token is None:
         logger.info("job %s: not claimed (running elsewhere, cancelled or finished)", job_id)
@@ -43,7 +50,7 @@ def job_run(job_id: int) -> str:
         save_every=int(job.config.get("save_every") or 0),
     )
     status, error, result = Job.Status.FAILED, "", {}
-    with monitor, stop_on_sigterm():
+    with monitor:
         monitor.log(f"attempt {job.attempts} of {job.max_attempts} on {job.worker}")
         monitor.flush()
         try:
@@ -68,13 +75,14 @@ def job_run(job_id: int) -> str:
         logger.warning("job %s: taken from this worker (stale heartbeat); not finishing it", job_id)
         return "lost"
     if status == RELEASED:
-        services.job_release(
+        if services.job_release(
             job_id=job_id,
             token=token,
             line=f"worker shutting down: stopped at step {monitor.step}; queued to resume "
             "from the latest checkpoint",
-        )
-        return RELEASED
+        ):
+            return RELEASED
+        status = Job.Status.CANCELLED  # a cancel came in after the last check: it wins
     services.job_finish(
         job_id=job_id,
         token=token,

@@ -131,3 +131,17 @@ def test_cli_options_that_do_not_apply_are_refused(tmp_path, tiny_model_dir, cap
     assert "--checkpoint is for sample" in capsys.readouterr().err
     assert main(["sample", *args, "--resume", "--quiet"]) == 1
     assert "--resume is for training runs" in capsys.readouterr().err
+
+
+def test_sampling_may_write_into_a_run_folder_and_a_resume_ignores_module_order(
+    tmp_path, tiny_model_dir
+):
+    out = tmp_path / "out"
+    modules = ["q_proj", "v_proj"]
+    cfg = sft_config(tiny_model_dir, target_modules=modules)
+    run("sft", cfg, SFT, output_dir=out)
+    resumed = {**cfg, "target_modules": modules[::-1], "max_steps": 3}
+    assert run("sft", resumed, SFT, output_dir=out, resume_from=out).step == 3
+    sample = {"model": str(tiny_model_dir), "num_completions": 2, "max_new_tokens": 3}
+    rows = run("sample", sample, [{"prompt": "Hi"}], output_dir=out, resume_from=out)
+    assert len(rows[0]["completions"]) == 2 and (out / "samples.jsonl").exists()

@@ -333,3 +333,53 @@ def test_checkpoint_register_records_lineage(project, admin_user):
     assert ckpt.parent == parent and ckpt.job == job and ckpt.base_model == job.base_model
     assert ckpt.metrics == {"objective/reward": 0.5}
     assert selectors.checkpoint_lineage(checkpoint=ckpt) == [ckpt, parent]
+
+
+# --------------------------------------------------------------------------- worker stop
+
+
+@pytest.fixture
+def worker_stopping():
+    from training.runtime import WORKER_STOPPING
+
+    WORKER_STOPPING.set()
+    yield
+    WORKER_STOPPING.clear()
+
+
+def test_a_worker_stop_releases_the_job_but_a_pending_cancel_wins(
+    project, admin_user, worker_stopping, django_capture_on_commit_callbacks
+):
+    from training.runtime import JobMonitor
+
+    job = launch(project, admin_user)
+    token = services.job_claim(job_id=job.pk, worker="w:1")
+    monitor = JobMonitor(job_id=job.pk, token=token)
+    assert monitor.should_stop() and monitor.released and not monitor.cancelled
+    with django_capture_on_commit_callbacks() as sent:
+        assert services.job_release(job_id=job.pk, token=token, line="stopping")
+    job.refresh_from_db()
+    assert (job.status, job.attempts, len(sent)) == (Job.Status.QUEUED, 0, 1)  # task sent again
+
+    token = services.job_claim(job_id=job.pk, worker="w:2")
+    services.job_cancel(job=Job.objects.get(pk=job.pk))
+    monitor = JobMonitor(job_id=job.pk, token=token)
+    assert monitor.should_stop() and monitor.cancelled and not monitor.released
+    assert not services.job_release(job_id=job.pk, token=token, line="stopping")
+
+
+def test_a_stopped_hosts_cancel_requested_job_ends_cancelled_not_queued(project, admin_user):
+    running, cancelling = launch(project, admin_user), launch(project, admin_user)
+    for job in (running, cancelling):
+        services.job_claim(job_id=job.pk, worker="laptop:1")
+    services.job_cancel(job=Job.objects.get(pk=cancelling.pk))
+    assert services.jobs_release_host(host="laptop") == [running.pk]
+    assert Job.objects.get(pk=running.pk).status == Job.Status.QUEUED
+    assert Job.objects.get(pk=cancelling.pk).status == Job.Status.CANCELLED
+
+
+def test_a_max_attempts_setting_above_the_api_bound_still_launches(project, admin_user, settings):
+    settings.TRAINING_MAX_ATTEMPTS = 50
+    assert launch(project, admin_user).max_attempts == 50
+    with pytest.raises(services.JobLaunchError, match="between 1 and 20"):
+        launch(project, admin_user, max_attempts=21)

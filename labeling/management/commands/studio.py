@@ -283,7 +283,7 @@ class Command(BaseCommand):
             # The worker alone: its warm shutdown tells a running job to stop at its next step
             # and lets idle pool processes end cleanly (training.worker).
             worker = name == "worker"
-            stop_process(proc, timeout=30 if worker else 10, group=not worker)
+            stop_process(proc, timeout=120 if worker else 10, group=not worker)
             if name == "worker" and self.embedded_redis:
                 self._release_jobs()
         self.stdout.write("Stopped.")
