@@ -18,7 +18,6 @@ from django.http import StreamingHttpResponse
 from ninja import File, Form, Router, Schema
 from ninja.files import UploadedFile
 from ninja.responses import Status
-from ninja.security import django_auth
 
 from config.ids import Id
 from labeling import selectors, services
@@ -344,11 +343,20 @@ def project_export(request, project_id: int, kind: str = "rankings", consensus: 
 
 @router.post(
     "/tokens",
-    response={201: TokenOut},
-    auth=django_auth,  # a token cannot mint more tokens: only a logged-in session can
-    summary="Create an API token for yourself; the raw token is shown only in this response",
+    response={201: TokenOut, 403: ErrorOut},
+    summary="Create an API token for yourself (from a logged-in session, with CSRF); the raw "
+    "token is shown only in this response",
 )
 def token_create(request, payload: TokenIn | None = None):
+    if getattr(request.auth, "api_token_id", None) is not None:  # authenticated by a token
+        return Status(
+            403,
+            {
+                "detail": "A token cannot create tokens: create them while logged in, on the "
+                "API tokens page or with a session.",
+                "code": "session_required",
+            },
+        )
     name = (payload.name if payload else "")[:100]
     raw = api_token_create(user=request.auth, name=name)
     row = ApiToken.objects.get(key_hash=token_hash(raw))
