@@ -3,6 +3,7 @@ scripts send `Authorization: Bearer <token>` (see labeling.auth)."""
 
 from django.http import Http404
 from ninja import NinjaAPI
+from ninja.errors import AuthenticationError
 
 from labeling.api import router as labeling_router
 from labeling.auth import api_auth
@@ -11,6 +12,12 @@ from training.api import router as training_router
 api = NinjaAPI(title="RLHF Studio API", version="1", auth=api_auth)
 api.add_router("/", labeling_router)
 api.add_router("/", training_router)
+
+
+@api.exception_handler(AuthenticationError)
+def unauthorized(request, exc):
+    detail = "Log in, or send Authorization: Bearer <token> (see the API tokens page)."
+    return api.create_response(request, {"detail": detail, "code": "unauthorized"}, status=401)
 
 
 @api.exception_handler(Http404)

@@ -273,21 +273,27 @@ def item_flag_view(request, project_id, item_id):
     return JsonResponse({"flag_id": flag.pk})
 
 
+NEW_TOKEN_KEY = "new_api_token"
+
+
 @never_cache  # the page that shows a new token's value must not be kept by any cache
 @login_required
 @require_http_methods(["GET", "POST"])
 def api_tokens(request):
     """The user's API tokens: create one (its value is shown on this response only, never
     stored) or revoke one. Scripts send a token as `Authorization: Bearer <token>`."""
-    created = None
     if request.method == "POST":
         if request.POST.get("action") == "revoke":
             if api_token_revoke(user=request.user, token_id=request.POST.get("token_id")):
                 messages.success(request, "Token revoked: scripts using it now get 401.")
             else:
                 messages.error(request, "You have no such token.")
-            return redirect("labeling:api_tokens")
-        created = api_token_create(user=request.user, name=request.POST.get("name", "").strip())
+        else:  # shown by the redirected GET, once (the session lives in the database)
+            request.session[NEW_TOKEN_KEY] = api_token_create(
+                user=request.user, name=request.POST.get("name", "").strip()
+            )
+        return redirect("labeling:api_tokens")  # a reload does not create another token
+    created = request.session.pop(NEW_TOKEN_KEY, None)
     return render(
         request,
         "labeling/api_tokens.html",

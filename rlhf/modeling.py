@@ -91,6 +91,9 @@ def resolve_device_dtype(cfg: BaseConfig) -> tuple[torch.device, torch.dtype]:
 def loading_model(name_or_path: str | os.PathLike):
     """Turn a failed ``from_pretrained`` (a missing folder, a folder that is not a model, a hub
     id that cannot be reached offline) into a ConfigError that says what to give instead."""
+    name = str(name_or_path)
+    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
+        raise ConfigError(f"the model folder {name} does not exist")
     try:
         yield
     except (OSError, ValueError, KeyError, ImportError) as exc:

@@ -587,7 +587,7 @@ def call_reward_fn(fn: Callable[[str, str], float], prompt: str, completion: str
     except Exception as exc:
         raise RewardFunctionError(
             f"the reward function raised {type(exc).__name__}: {exc} "
-            f"(completion {completion[:60]!r}); the last good checkpoint is kept"
+            f"(completion {completion[:60]!r}); the run stopped, keeping its last checkpoint"
         ) from exc
     try:
         if value is None or isinstance(value, bool | str | bytes):
