@@ -323,6 +323,9 @@ def sample(
         tokenizer, max_prompt_len=cfg.max_seq_len, chat_template=cfg.chat_template
     )
     ckpt = checkpoint if checkpoint is not None else cfg.init_adapter
+    if ckpt:  # record the checkpoint actually used (a run folder stands for its latest)
+        adapter = source_adapter_dir(ckpt, "policy")
+        ckpt = adapter.parent if adapter.name == "policy" else adapter
     generation = {
         "model": cfg.model,
         "checkpoint": str(ckpt) if ckpt else None,

@@ -89,7 +89,8 @@ def test_sampling_from_a_checkpoint_uses_its_adapter(tiny_model_dir, tmp_path):
         checkpoint=tmp_path,
     )
     assert out[0]["completions"][0]["text"] == " Hello, how are you?"
-    assert out[0]["generation"]["checkpoint"] == str(tmp_path)
+    # the run folder stands for its latest checkpoint, which is what is recorded
+    assert out[0]["generation"]["checkpoint"] == str(result.checkpoint_dir)
     assert (
         out[0]["completions"][0]["num_tokens"]
         == len(load_tokenizer(tiny_model_dir)(" Hello, how are you?")["input_ids"]) + 1
