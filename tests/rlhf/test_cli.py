@@ -119,7 +119,7 @@ def test_cli_builds_a_tiny_model_resumes_and_samples(tmp_path, tiny_model_dir, c
         json.loads(line) for line in (tmp_path / "s" / "samples.jsonl").read_text().splitlines()
     ]
     assert len(rows) == 2 and all(len(r["completions"]) == 2 for r in rows)
-    assert rows[0]["generation"]["checkpoint"] == str(out)
+    assert rows[0]["generation"]["checkpoint"] == str(out / "step-0000004")  # the one used
 
 
 def test_cli_reports_a_bad_config_and_bad_data_without_a_traceback(tmp_path, capsys):
