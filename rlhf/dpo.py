@@ -396,7 +396,7 @@ def train_dpo(
     model.train()
     return run_steps(
         cfg,
-        start_step=resume.step,
+        resume=resume,
         train_step=train_step,
         checkpoint=checkpoint,
         on_step=on_step,

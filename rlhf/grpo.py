@@ -218,7 +218,7 @@ def train_grpo(
 
     return run_steps(
         cfg,
-        start_step=resume.step,
+        resume=resume,
         train_step=train_step,
         checkpoint=checkpoint,
         on_step=on_step,

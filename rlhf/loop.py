@@ -342,29 +342,28 @@ def save_run_checkpoint(
 def run_steps(
     cfg,
     *,
-    start_step: int,
+    resume: Resume,
     train_step: Callable[[int], dict[str, float]],
     checkpoint: Callable[[int, dict[str, float]], Path],
     on_step: OnStep | None = None,
     should_stop: ShouldStop | None = None,
     eval_metrics: Callable[[], dict[str, float]] | None = None,
-    metrics: dict[str, float] | None = None,
-    last_checkpoint: Path | None = None,
 ) -> TrainResult:
-    """The loop every trainer shares, from ``start_step`` to ``cfg.max_steps``.
+    """The loop every trainer shares, from the ``resume`` point to ``cfg.max_steps``.
 
     Before each step ``should_stop()`` is checked: when true, eval metrics are added, a
     checkpoint is written and the result has stopped=True. ``train_step(step)`` does optimizer
     step ``step`` (1-based) and returns its metrics; ``progress/total_steps`` is added, eval
     metrics every ``cfg.eval_every`` steps (if the config has it), at checkpoints and at the
     end; then ``on_step(step, metrics)``, and a checkpoint every ``cfg.save_every`` steps.
-    The last step is always saved (also when a resumed run had nothing left to do and no
-    ``last_checkpoint`` is given).
+    The last step is always saved; a resumed run with nothing left to do returns the
+    checkpoint it resumed, with its metrics, and writes nothing.
     """
     evaluate = eval_metrics or dict
     eval_every = getattr(cfg, "eval_every", 0)
-    metrics = dict(metrics or {})
-    step = start_step
+    metrics = dict(resume.state.get("metrics") or {})
+    last_checkpoint = resume.checkpoint
+    start_step = step = resume.step
     while step < cfg.max_steps:
         if call_should_stop(should_stop):
             metrics = {**metrics, **evaluate()}

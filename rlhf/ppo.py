@@ -774,7 +774,7 @@ def train_ppo(
 
     return run_steps(
         cfg,
-        start_step=resume.step,
+        resume=resume,
         train_step=train_step,
         checkpoint=checkpoint,
         on_step=on_step,

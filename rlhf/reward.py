@@ -635,7 +635,7 @@ def train_reward(
     rm.train()
     return run_steps(
         cfg,
-        start_step=resume.step,
+        resume=resume,
         train_step=train_step,
         checkpoint=checkpoint,
         on_step=on_step,

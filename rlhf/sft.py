@@ -360,12 +360,10 @@ def train_sft(
     model.train()
     return run_steps(
         cfg,
-        start_step=resume.step,
+        resume=resume,
         train_step=train_step,
         checkpoint=checkpoint,
         on_step=on_step,
         should_stop=should_stop,
         eval_metrics=eval_metrics,
-        metrics=resume.state.get("metrics", {}),
-        last_checkpoint=resume.checkpoint,
     )

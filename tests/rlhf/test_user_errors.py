@@ -146,3 +146,20 @@ def test_sampling_may_write_into_a_run_folder_and_a_resume_ignores_module_order(
     sample = {"model": str(tiny_model_dir), "num_completions": 2, "max_new_tokens": 3}
     rows = run("sample", sample, [{"prompt": "Hi"}], output_dir=out, resume_from=out)
     assert len(rows[0]["completions"]) == 2 and (out / "samples.jsonl").exists()
+
+
+def test_resuming_a_finished_run_returns_its_checkpoint_and_rewrites_nothing(
+    tmp_path, tiny_model_dir
+):
+    ranked = [
+        {"prompt": f"q{i}", "completions": [f"please {i}", f"no {i}"], "ranking": [[0], [1]]}
+        for i in range(8)
+    ]
+    cfg = {"model": str(tiny_model_dir), "batch_size": 4, "max_steps": 2, "max_seq_len": 32}
+    out = tmp_path / "rm"
+    done = run("reward", cfg, ranked, output_dir=out)
+    state = (done.checkpoint_dir / "state.json").read_bytes()
+    again = run("reward", cfg, ranked, output_dir=out, resume_from=out)
+    assert again.checkpoint_dir == done.checkpoint_dir and again.step == 2
+    assert again.metrics == json.loads(state)["metrics"] and again.metrics["loss/reward"] > 0
+    assert (done.checkpoint_dir / "state.json").read_bytes() == state
