@@ -170,6 +170,16 @@ class OfflineConfig(BaseConfig):
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
+def same_setting(a: Any, b: Any) -> bool:
+    """Two values of one config field, compared as settings: a list of module names (e.g.
+    target_modules) in another order is the same set."""
+
+    def norm(v: Any) -> Any:
+        return sorted(v) if isinstance(v, list | tuple) else v
+
+    return norm(a) == norm(b)
+
+
 def _positive(cfg: Any, *names: str) -> None:
     for name in names:
         value = getattr(cfg, name)
@@ -334,4 +344,5 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "field",
+    "same_setting",
 ]

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from rlhf.config import same_setting
 from rlhf.errors import ConfigError, NonFiniteLossError, OutOfMemoryError
 
 OnStep = Callable[[int, dict[str, float]], None]
@@ -218,16 +219,12 @@ class Resume:
         if self.checkpoint is None:
             return
         old = self.state.get("config", {})
-
-        def same(a, b) -> bool:  # a list of module names in any order is the same set
-            if isinstance(a, list | tuple) and isinstance(b, list | tuple):
-                return sorted(a) == sorted(b)
-            return a == b
-
         changed = [
             f"{name} {old[name]!r} -> {getattr(cfg, name)!r}"
             for name in RESUME_FIXED
-            if name in old and hasattr(cfg, name) and not same(old[name], getattr(cfg, name))
+            if name in old
+            and hasattr(cfg, name)
+            and not same_setting(old[name], getattr(cfg, name))
         ]
         if changed:
             raise ConfigError(

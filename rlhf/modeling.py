@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rlhf.config import BaseConfig
+from rlhf.config import BaseConfig, same_setting
 from rlhf.errors import ConfigError
 
 # peft asks transformers a deprecated question on every get_peft_model; the answer is still right.
@@ -266,14 +266,9 @@ def _warn_if_lora_differs(path: Path, cfg: BaseConfig) -> None:
     differs = []
     for key, value in asked.items():
         have = saved.get(key)
-        if key == "target_modules":
-            if value == "all-linear" or have is None:
-                continue
-            have, value = (
-                sorted(have if isinstance(have, list) else [have]),
-                sorted(value if isinstance(value, list) else [value]),
-            )
-        if have != value:
+        if key == "target_modules" and (value == "all-linear" or have is None):
+            continue  # "all-linear" is resolved per model; the adapter lists the result
+        if not same_setting(have, value):
             differs.append(f"{key} {have} (config: {value})")
     if differs:
         logger.warning(

@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from rlhf.__main__ import main
 from rlhf.config import config_from_dict
@@ -163,3 +164,25 @@ def test_resuming_a_finished_run_returns_its_checkpoint_and_rewrites_nothing(
     assert again.checkpoint_dir == done.checkpoint_dir and again.step == 2
     assert again.metrics == json.loads(state)["metrics"] and again.metrics["loss/reward"] > 0
     assert (done.checkpoint_dir / "state.json").read_bytes() == state
+
+
+def test_an_init_adapter_of_another_shape_is_named_in_a_warning(tmp_path, tiny_model_dir, caplog):
+    modules = ["q_proj", "v_proj"]
+    first = run(
+        "sft",
+        sft_config(tiny_model_dir, lora_r=4, lora_alpha=8, target_modules=modules),
+        SFT,
+        output_dir=tmp_path / "sft",
+    )
+    from rlhf.config import BaseConfig
+    from rlhf.modeling import add_lora, load_causal_lm
+
+    def load(**lora):
+        cfg = BaseConfig(model=str(tiny_model_dir), init_adapter=str(first.checkpoint_dir), **lora)
+        add_lora(load_causal_lm(tiny_model_dir, device="cpu", dtype=torch.float32), cfg)
+
+    with caplog.at_level("WARNING", logger="rlhf.modeling"):
+        load(lora_r=4, lora_alpha=8, target_modules=modules[::-1])  # the same shape
+        assert "keeps its own" not in caplog.text
+        load(lora_r=8, lora_alpha=8, target_modules=modules)
+    assert "keeps its own r 4 (config: 8)" in caplog.text
