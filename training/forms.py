@@ -144,6 +144,13 @@ class JobLaunchForm(forms.Form):
     max_prompts = forms.IntegerField(
         required=False, min_value=1, help_text="Use only the first N prompts (empty: all)."
     )
+    max_attempts = forms.IntegerField(
+        required=False,
+        min_value=1,
+        max_value=services.MAX_ATTEMPTS,
+        help_text="Attempts when a worker is lost mid-job, each resuming from the latest "
+        "checkpoint (empty: the server's default).",
+    )
     send_to_labelers = forms.BooleanField(
         required=False, label="Send the A-vs-B pairs to labelers as items"
     )
@@ -257,6 +264,7 @@ class JobLaunchForm(forms.Form):
                 reward_checkpoint=reward_checkpoint,
                 reward_rule=reward_rule,
                 options=options,
+                max_attempts=data.get("max_attempts"),
             )
         except services.JobLaunchError as exc:
             field = exc.field if exc.field in self.fields else None

@@ -386,3 +386,12 @@ def test_the_job_list_filter_has_no_inline_script(admin_client, project):
     page = admin_client.get(reverse("training:home")).content.decode()
     assert 'id="project-filter"' in page and "onchange" not in page
     assert 'id="project-filter-go"' in page and "js/training_list.js" in page
+
+
+def test_the_launch_form_sets_max_attempts_as_the_api_does(admin_client, project):
+    response = post_launch(admin_client, "reward", project, {"max_steps": 3}, max_attempts=5)
+    assert response.status_code == 302, response.content
+    assert Job.objects.get().max_attempts == 5
+    refused = post_launch(admin_client, "reward", project, {"max_steps": 3}, max_attempts=21)
+    assert refused.status_code == 200 and "max_attempts" in refused.context["form"].errors
+    assert Job.objects.count() == 1
