@@ -91,8 +91,8 @@ def job_launch(request, kind: str):
             user=request.user, project_id=request.GET["project"]
         ).pk
     for name in ("parent_checkpoint", "compare_checkpoint"):
-        if as_id(request.GET.get(name, "")) is not None:
-            initial[name] = as_id(request.GET[name])
+        if (checkpoint_id := as_id(request.GET.get(name, ""))) is not None:
+            initial[name] = checkpoint_id
     if request.GET.get("reward"):  # "checkpoint:N" or "rule:NAME"; the form keeps it if offered
         initial["reward"] = request.GET["reward"]
     if request.method == "POST":
