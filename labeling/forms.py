@@ -21,11 +21,33 @@ def client_ip(request) -> str:
     return request.META.get("REMOTE_ADDR", "") if request is not None else ""
 
 
+def reserve_login_attempt(key: str, *, window_s: int) -> int:
+    """Count one more login attempt under ``key`` and return the count, in one atomic step of
+    the cache (Redis ``SET NX EX`` then ``INCR``; the local-memory cache under its lock), so
+    concurrent attempts each get their own number. The count lives ``window_s`` seconds from
+    the first attempt. A cache whose ``add``/``incr`` are not atomic (the database or file
+    cache) would let concurrent attempts share a number: configure Redis or local memory."""
+    while True:
+        if cache.add(key, 1, timeout=window_s):
+            return 1
+        try:
+            count = cache.incr(key)
+        except ValueError:  # the window ended between add and incr: start a new one
+            continue
+        if count == 1:
+            # The key expired between Django's EXISTS and Redis's INCR, which re-created it
+            # without an expiry: give it one, or this account would stay locked out for good.
+            cache.touch(key, timeout=window_s)
+        return count
+
+
 class LoginThrottleMixin:
-    """Refuses to check a password after LOGIN_THROTTLE_ATTEMPTS failures for the same
-    username (case-insensitive) from the same IP within LOGIN_THROTTLE_WINDOW_S seconds
-    (counted in the cache). Shared by every login form, so that one page's count holds on
-    the others."""
+    """Refuses to check a password after LOGIN_THROTTLE_ATTEMPTS attempts without a success
+    for the same username (case-insensitive) from the same IP within LOGIN_THROTTLE_WINDOW_S
+    seconds (counted in the cache). An attempt is counted BEFORE its password is hashed, so
+    concurrent attempts cannot all pass the check while the slow hash runs: at most
+    LOGIN_THROTTLE_ATTEMPTS passwords are ever checked per window. A success clears the
+    count. Shared by every login form, so that one page's count holds on the others."""
 
     throttled_message = (
         "Too many failed login attempts for this account from your address. "
@@ -33,24 +55,18 @@ class LoginThrottleMixin:
     )
 
     def clean(self):
-        username = self.cleaned_data.get("username") or ""
+        username = self.cleaned_data.get("username")
+        if username is None or not self.cleaned_data.get("password"):
+            return super().clean()  # no password is checked: nothing to count
         key = _throttle_key(username, client_ip(self.request))
         window = settings.LOGIN_THROTTLE_WINDOW_S
-        if (cache.get(key) or 0) >= settings.LOGIN_THROTTLE_ATTEMPTS:
+        if reserve_login_attempt(key, window_s=window) > settings.LOGIN_THROTTLE_ATTEMPTS:
             raise forms.ValidationError(
                 self.error_messages["throttled"],
                 code="throttled",
                 params={"minutes": max(1, round(window / 60))},
             )
-        try:
-            cleaned = super().clean()
-        except forms.ValidationError:
-            if cache.add(key, 1, timeout=window) is False:
-                try:
-                    cache.incr(key)
-                except ValueError:  # expired between add and incr
-                    cache.add(key, 1, timeout=window)
-            raise
+        cleaned = super().clean()  # a wrong password raises: its attempt stays counted
         cache.delete(key)
         return cleaned
 
