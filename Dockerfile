@@ -1,6 +1,7 @@
 # RLHF Studio: one image for the web server (gunicorn) and the Celery workers.
 #   docker build -t rlhf-studio .          # torch from PyPI (its Linux x86_64 wheels carry CUDA)
 #   docker build -t rlhf-studio --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu .  # CPU-only, smaller
+# Every other dependency comes from requirements.lock, exact versions checked against their hashes.
 FROM python:3.11-slim
 
 # var/ (collected static files) stays in the image; checkpoints, base models and the
@@ -19,13 +20,15 @@ ARG TORCH_INDEX=""
 RUN useradd --create-home --uid 10001 studio
 WORKDIR /app
 
-COPY pyproject.toml README.md* ./
+COPY pyproject.toml requirements.lock README.md* ./
 COPY config ./config
 COPY labeling ./labeling
 COPY training ./training
 COPY rlhf ./rlhf
-RUN if [ -n "$TORCH_INDEX" ]; then pip install --index-url "$TORCH_INDEX" "$TORCH_SPEC"; else pip install "$TORCH_SPEC"; fi \
-    && pip install .
+RUN pip install --require-hashes --no-deps -r requirements.lock \
+    && if [ -n "$TORCH_INDEX" ]; then pip install --index-url "$TORCH_INDEX" "$TORCH_SPEC"; else pip install "$TORCH_SPEC"; fi \
+    && pip install --no-deps . \
+    && pip check
 
 COPY manage.py ./
 COPY templates ./templates
