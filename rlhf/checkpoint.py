@@ -9,13 +9,17 @@ Layout of ``output_dir/step-0000123/``::
 
 A checkpoint is written to a temporary folder next to it and renamed into place with
 ``os.replace``, so a crash never leaves a half-written folder that looks whole (only folders
-named ``step-*`` that contain ``state.json`` count). Exact resume follows the practice of
-saving optimizer, scheduler and every RNG state (as in Hugging Face ``Trainer``).
+named ``step-*`` that contain ``state.json`` count). What such a crash does leave (a
+``.tmp-step-*`` folder, or a ``.old-step-*`` one when a step was being re-saved) is
+removed, or put back, by :func:`clean_incomplete` when the run starts again. Exact resume
+follows the practice of saving optimizer, scheduler and every RNG state (as in Hugging Face
+``Trainer``).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import re
@@ -30,8 +34,14 @@ from torch import nn
 from rlhf.errors import ConfigError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+PARTIAL_DIR = re.compile(r"^\.(tmp|old)-(step-\d+)-")
+"""What save_checkpoint leaves behind when it dies mid-save: the folder being written
+(``.tmp-step-N-<random>``) or, while a step is re-saved, its previous copy
+(``.old-step-N-<pid>``)."""
 STATE_FILE = "state.json"
 TRAINING_STATE_FILE = "training_state.pt"
+
+log = logging.getLogger(__name__)
 
 
 def checkpoint_name(step: int) -> str:
@@ -141,6 +151,32 @@ def _json_default(obj):
     if hasattr(obj, "item"):
         return obj.item()
     raise TypeError(f"cannot write {type(obj).__name__} to state.json")
+
+
+def clean_incomplete(output_dir: str | os.PathLike) -> list[str]:
+    """Remove what a crash during :func:`save_checkpoint` left in ``output_dir`` and return
+    the names removed. A ``.tmp-step-*`` folder is a checkpoint that was never renamed into
+    place: removed. A ``.old-step-*`` folder is the previous copy of a step being re-saved:
+    put back as ``step-*`` when the crash came before the new copy took its place, else
+    removed. Call it only when no other process is saving into ``output_dir`` (a run
+    starting or resuming there owns the folder)."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    removed = []
+    for child in sorted(output_dir.iterdir()):
+        m = PARTIAL_DIR.match(child.name)
+        if not m or not child.is_dir():
+            continue
+        final = output_dir / m.group(2)
+        if m.group(1) == "old" and (child / STATE_FILE).exists() and not final.exists():
+            os.replace(child, final)
+            log.warning("put back %s from %s (a crash while it was re-saved)", final, child.name)
+            continue
+        shutil.rmtree(child)
+        removed.append(child.name)
+        log.warning("removed %s, left by a crash while a checkpoint was saved", child)
+    return removed
 
 
 def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:

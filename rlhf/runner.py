@@ -137,6 +137,10 @@ def run(
     if isinstance(reward_fn, str):
         reward_fn = load_reward_fn(reward_fn)
     check_output_dir(output_dir, checkpoints=kind != "sample", resuming=resume_from is not None)
+    if kind != "sample":  # a crash mid-save left a .tmp-step-* folder: this run owns the folder
+        from rlhf.checkpoint import clean_incomplete
+
+        clean_incomplete(output_dir)
 
     if kind == "sample":
         from rlhf.data import write_jsonl

@@ -1,8 +1,15 @@
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import torch
 
 from rlhf.checkpoint import (
+    clean_incomplete,
     latest_checkpoint,
     load_adapter_weights,
     load_head,
@@ -12,6 +19,10 @@ from rlhf.checkpoint import (
 )
 from rlhf.config import BaseConfig
 from rlhf.modeling import ScalarHead, add_lora, load_causal_lm
+from rlhf.runner import run
+from rlhf.sft import SFTConfig
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _policy(tiny_model_dir, seed):
@@ -121,3 +132,92 @@ def test_a_new_run_starts_its_policy_from_init_adapter(tiny_model_dir, tmp_path)
     assert any(p.requires_grad for n, p in policy.named_parameters() if "lora_" in n)
     with torch.no_grad():
         assert torch.equal(policy.eval()(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_cleaning_puts_back_a_step_whose_re_save_crashed_and_drops_the_half_copy(tmp_path):
+    ckpt = save_checkpoint(tmp_path, step=5, state={"kind": "test"})
+    old = tmp_path / ".old-step-0000005-4242"  # save_checkpoint moved it aside, then died
+    os.replace(ckpt, old)
+    half = tmp_path / ".tmp-step-0000005-x1y2"
+    half.mkdir()
+    (half / "training_state.pt").write_bytes(b"half")
+    stale = tmp_path / ".tmp-step-0000007-z3"
+    stale.mkdir()
+    assert latest_checkpoint(tmp_path) is None
+
+    assert clean_incomplete(tmp_path) == [half.name, stale.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-0000005"]
+    assert read_state(latest_checkpoint(tmp_path)) == {"kind": "test", "step": 5}
+
+
+_SAVE_THEN_HANG = """
+import json, sys, threading
+import torch
+from rlhf.sft import SFTConfig, train_sft
+
+real_save = torch.save
+
+def save_then_hang(obj, f, *args, **kwargs):
+    real_save(obj, f, *args, **kwargs)
+    if "step-0000002" in str(f):  # step 2's training state is written, its state.json not yet
+        print("mid-save", flush=True)
+        threading.Event().wait()
+
+torch.save = save_then_hang
+torch.set_num_threads(1)
+cfg, rows, out = json.loads(sys.argv[1])
+train_sft(SFTConfig(**cfg), rows, output_dir=out)
+"""
+
+
+def test_a_process_killed_mid_save_keeps_the_last_checkpoint_and_resume_cleans_up(
+    tiny_model_dir, tmp_path, sft_rows
+):
+    """SIGKILL a real training process while it writes step 2: step 1 still loads, and the
+    run resumed through rlhf.runner removes the half-written .tmp-step-0000002-* folder."""
+    cfg = dict(
+        model=str(tiny_model_dir),
+        batch_size=2,
+        max_steps=3,
+        save_every=1,
+        max_seq_len=48,
+        lora_r=4,
+        lora_alpha=8,
+        eval_fraction=0.0,
+    )
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SAVE_THEN_HANG, json.dumps([cfg, sft_rows, str(out)])],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    watchdog = threading.Timer(120, proc.kill)  # a hung child ends the wait, never the test run
+    watchdog.start()
+    try:
+        line = proc.stdout.readline()  # returns once the child is inside the save
+        assert line.strip() == "mid-save", f"the child ended first (exit {proc.poll()})"
+    finally:
+        watchdog.cancel()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+
+    partial = [p for p in out.iterdir() if p.name.startswith(".tmp-step-0000002-")]
+    assert len(partial) == 1 and (partial[0] / "training_state.pt").exists()
+    assert not (partial[0] / "state.json").exists()
+    previous = latest_checkpoint(out)
+    assert previous.name == "step-0000001" and read_state(previous)["step"] == 1
+    model = _policy(tiny_model_dir, seed=3)
+    load_adapter_weights(model, previous, "policy")  # the previous checkpoint still loads
+    assert "optimizer" in load_training_state(previous, restore_rng=False)
+
+    result = run("sft", SFTConfig(**cfg), sft_rows, output_dir=out, resume_from=out)
+    assert result.step == 3 and not result.stopped
+    assert sorted(p.name for p in out.iterdir()) == [
+        "step-0000001",
+        "step-0000002",
+        "step-0000003",
+    ]
