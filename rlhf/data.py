@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from rlhf.errors import DataError
+from rlhf.rankings import MIN_K, RankingError, ranking_check
 
 IGNORE_INDEX = -100
 """Label value ignored by the cross-entropy loss (PyTorch's default ignore_index)."""
@@ -113,32 +114,15 @@ def _require_str(row: dict[str, Any], index: int, key: str, *, allow_empty: bool
 
 
 def validate_ranking(ranking: Any, num_completions: int, *, where: str = "row") -> list[list[int]]:
-    """Check a ranking (groups best first) covers each completion index exactly once."""
-    if not isinstance(ranking, list) or not ranking:
-        raise DataError(
-            f"{where}: 'ranking' must be a non-empty list of groups such as [[0], [1, 2]]"
-        )
-    seen: list[int] = []
-    out = []
-    for group in ranking:
-        if isinstance(group, int) and not isinstance(group, bool):
-            group = [group]
-        if not isinstance(group, list) or not group:
-            raise DataError(
-                f"{where}: each ranking group must be a non-empty list of completion indexes"
-            )
-        for i in group:
-            if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < num_completions:
-                raise DataError(
-                    f"{where}: ranking index {i!r} is not a completion index (0..{num_completions - 1})"
-                )
-            if i in seen:
-                raise DataError(f"{where}: completion {i} appears twice in the ranking")
-            seen.append(i)
-        out.append(list(group))
-    missing = sorted(set(range(num_completions)) - set(seen))
-    if missing:
-        raise DataError(f"{where}: the ranking leaves out completion(s) {missing}")
+    """Check a ranking (groups best first) ranks each completion index exactly once
+    (:func:`rlhf.rankings.ranking_check`; a bare index stands for a group of one) and holds
+    a preference: an all-tied ranking has nothing to learn from."""
+    if isinstance(ranking, list):
+        ranking = [[g] if isinstance(g, int) and not isinstance(g, bool) else g for g in ranking]
+    try:
+        out = ranking_check(ranking, range(num_completions))
+    except RankingError as exc:
+        raise DataError(f"{where}: {exc}") from None
     if len(out) < 2:
         raise DataError(
             f"{where}: the ranking has a single group (all tied): nothing to learn from"
@@ -157,10 +141,10 @@ def normalize_preference_row(row: dict[str, Any], index: int = 0) -> dict[str, A
         comps = row["completions"]
         if (
             not isinstance(comps, list)
-            or len(comps) < 2
+            or len(comps) < MIN_K
             or not all(isinstance(c, str) for c in comps)
         ):
-            raise DataError(f"{at}: 'completions' must be a list of at least two strings")
+            raise DataError(f"{at}: 'completions' must be a list of at least {MIN_K} strings")
         if "ranking" not in row:
             raise DataError(f"{at}: missing field 'ranking' (groups best first, e.g. [[0], [1]])")
         ranking = validate_ranking(row["ranking"], len(comps), where=at)

@@ -88,24 +88,12 @@ from rlhf.modeling import (
     source_adapter_dir,
     trainable_parameters,
 )
+from rlhf.rankings import ranking_pairs
 from rlhf.sft import resolve_auto_batch, split_eval
 
 # --------------------------------------------------------------------------------------------
-# Pure helpers: rankings -> pairs -> loss
+# Pure helpers: rankings -> pairs (rlhf.rankings.ranking_pairs) -> loss
 # --------------------------------------------------------------------------------------------
-
-
-def ranking_pairs(groups: Sequence[Sequence[int]]) -> list[tuple[int, int]]:
-    """All (winner, loser) index pairs of a ranking given as tiers, best first.
-
-    ``[[0], [1, 2], [3]]`` -> ``[(0, 1), (0, 2), (0, 3), (1, 3), (2, 3)]``; the tie 1 = 2 is
-    skipped. A full order of K completions gives C(K, 2) pairs.
-    """
-    pairs: list[tuple[int, int]] = []
-    for i, better in enumerate(groups):
-        for worse in groups[i + 1 :]:
-            pairs.extend((int(w), int(lo)) for w in better for lo in worse)
-    return pairs
 
 
 def pairwise_ranking_loss(rewards: torch.Tensor, groups: Sequence[Sequence[int]]) -> torch.Tensor:

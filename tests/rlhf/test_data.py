@@ -46,11 +46,14 @@ def test_validation_errors_name_the_jsonl_line(tmp_path):
 
 
 def test_it_rejects_a_ranking_with_a_missing_completion():
-    with pytest.raises(DataError, match=r"leaves out completion\(s\) \[2\]"):
+    with pytest.raises(
+        DataError,
+        match=r"leaves out completion\(s\) 2: a ranking must rank each completion exactly once",
+    ):
         validate_ranking([[0], [1]], 3)
-    with pytest.raises(DataError, match="appears twice"):
+    with pytest.raises(DataError, match=r"completion\(s\) 0 appear more than once"):
         validate_ranking([[0], [0, 1]], 2)
-    with pytest.raises(DataError, match="not a completion index"):
+    with pytest.raises(DataError, match="holds 5, which is not one of the completion indexes"):
         validate_ranking([[0], [5]], 2)
     with pytest.raises(DataError, match="single group"):
         validate_ranking([[0, 1]], 2)

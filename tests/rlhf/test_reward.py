@@ -128,13 +128,13 @@ def test_preference_rows_accepts_ranking_and_pair_rows():
     ("row", "message"),
     [
         ({"prompt": "p", "completions": ["a", "b", "c"], "ranking": [[0], [1]]}, "leaves out"),
-        ({"prompt": "p", "completions": ["a", "b"], "ranking": [[0], [0, 1]]}, "twice"),
+        ({"prompt": "p", "completions": ["a", "b"], "ranking": [[0], [0, 1]]}, "more than once"),
         (
             {"prompt": "p", "completions": ["a", "b"], "ranking": [[0], [5]]},
-            "not a completion index",
+            "not one of the completion indexes",
         ),
         ({"prompt": "p", "completions": ["a", "b"], "ranking": [[0, 1]]}, "all tied"),
-        ({"prompt": "p", "completions": ["a"], "ranking": [[0]]}, "at least two"),
+        ({"prompt": "p", "completions": ["a"], "ranking": [[0]]}, "at least 2"),
         ({"prompt": "p", "chosen": "a"}, "'rejected'"),
         ({"completions": ["a", "b"], "ranking": [[0], [1]]}, "'prompt'"),
     ],
