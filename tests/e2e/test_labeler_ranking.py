@@ -13,8 +13,7 @@ PASSWORD = "e2e-labeler-password-1"
 
 
 @pytest.fixture
-def setup(settings):
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+def setup():
     User = get_user_model()
     admin = User.objects.create_user("e2e-admin", password="e2e-admin-password-1")
     labeler = User.objects.create_user("e2e-labeler", password=PASSWORD)

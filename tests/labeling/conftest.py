@@ -1,35 +1,10 @@
-"""Fixtures shared by the labeling tests: users, a project with members, and a factory
-that fills a project with prompts, completions and items."""
+"""Fixtures of the labeling tests: a factory that fills a project with prompts, completions and
+items (the personas and `project` come from tests/conftest.py)."""
 
 import pytest
-from django.contrib.auth import get_user_model
 
 from labeling import services
-from labeling.models import Completion, Membership
-
-
-@pytest.fixture(autouse=True)
-def _fast_password_hasher(settings):
-    # PBKDF2's 1M iterations cost ~0.5 s per user on a busy CI box; these tests are not about it.
-    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
-
-
-@pytest.fixture
-def make_user(db):
-    def make(username, password="pw-for-tests-only-1", **extra):
-        return get_user_model().objects.create_user(username=username, password=password, **extra)
-
-    return make
-
-
-@pytest.fixture
-def admin_user(make_user):
-    return make_user("alice-admin")
-
-
-@pytest.fixture
-def labeler(make_user):
-    return make_user("bob-labeler")
+from labeling.models import Completion
 
 
 @pytest.fixture
@@ -50,10 +25,3 @@ def make_items():
         return items
 
     return make
-
-
-@pytest.fixture
-def project(admin_user, labeler):
-    project = services.project_create(name="Helpfulness", created_by=admin_user, k=4)
-    services.membership_set(project=project, user=labeler, role=Membership.Role.LABELER)
-    return project

@@ -32,11 +32,6 @@ class Api:
         )
 
 
-@pytest.fixture
-def outsider(make_user):
-    return make_user("mallory-outsider")
-
-
 def test_openapi_schema_and_docs_are_served(client):
     schema = client.get("/api/openapi.json")
     assert schema.status_code == 200

@@ -21,13 +21,6 @@ def labeler_client(labeler):
     return client
 
 
-@pytest.fixture
-def admin_client(admin_user):
-    client = Client()
-    client.force_login(admin_user)
-    return client
-
-
 def _post_json(client, url, body):
     return client.post(url, json.dumps(body), content_type="application/json")
 

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from labeling.models import Completion, Item, ItemCompletion, Membership, Project, Prompt, Ranking
+import io
+import json
+
+from labeling import services
+from labeling.importexport import import_file
+from labeling.models import Project
 
 POLITE = [
     (
@@ -45,17 +50,13 @@ POLITE = [
 
 
 def make_project(*, user, name="Training test project", k=4) -> Project:
-    """A project with 6 prompts x 4 completions, one item each, and one ranking per item
-    (best first: the polite answer, the curt one, the rude one, the wrong one)."""
-    project = Project.objects.create(name=name, k=k, created_by=user)
-    Membership.objects.create(project=project, user=user, role=Membership.Role.ADMIN)
-    for text, answers in POLITE:
-        prompt = Prompt.objects.create(project=project, text=text)
-        completions = [Completion.objects.create(prompt=prompt, text=a) for a in answers[:k]]
-        item = Item.objects.create(project=project, prompt=prompt, source=Item.Source.IMPORT)
-        for i, c in enumerate(completions):
-            ItemCompletion.objects.create(item=item, completion=c, position=i)
-        Ranking.objects.create(
-            item=item, source=Ranking.Source.IMPORT, groups=[[c.pk] for c in completions]
-        )
+    """A project with 6 prompts x `k` completions, one item each, and one imported ranking per
+    item (best first: the polite answer, the curt one, the rude one, the wrong one), built
+    through the services and the import a person would use."""
+    project = services.project_create(name=name, created_by=user, k=k)
+    lines = [
+        json.dumps({"prompt": text, "completions": answers[:k], "ranking": [[i] for i in range(k)]})
+        for text, answers in POLITE
+    ]
+    import_file(project=project, fileobj=io.BytesIO("\n".join(lines).encode()), fmt="jsonl")
     return project

@@ -32,19 +32,18 @@ def _ckpt(project, role="policy", path=None):
 
 
 @pytest.fixture
-def foreign(other_project, django_user_model):
-    stranger = django_user_model.objects.get(username="stranger")
-    job = _job(other_project, stranger)
+def foreign(other_project, outsider):
+    job = _job(other_project, outsider)
     MetricPoint.objects.create(job=job, step=1, key="loss/reward", value=0.5)
     return job, _ckpt(other_project), _ckpt(other_project, role="reward")
 
 
 def test_a_labeler_of_a_project_gets_404_on_its_jobs_checkpoints_and_metrics(
-    client, project, admin_user, labeler_user
+    client, project, admin_user, labeler
 ):
     job = _job(project, admin_user)
     ckpt = _ckpt(project)
-    client.force_login(labeler_user)
+    client.force_login(labeler)
     for url in (
         reverse("training:job_detail", args=[job.pk]),
         reverse("training:job_metrics", args=[job.pk]),
@@ -59,10 +58,10 @@ def test_a_labeler_of_a_project_gets_404_on_its_jobs_checkpoints_and_metrics(
 
 
 def test_a_labeler_cannot_launch_or_cancel_in_their_own_project(
-    client, project, admin_user, labeler_user
+    client, project, admin_user, labeler
 ):
     job = _job(project, admin_user)
-    client.force_login(labeler_user)
+    client.force_login(labeler)
     r = client.post(
         "/api/training/jobs",
         json.dumps({"kind": "reward", "project_id": project.pk, "config": SMALL}),

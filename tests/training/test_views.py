@@ -95,10 +95,10 @@ def test_ppo_without_a_reward_choice_is_refused(admin_client, project):
 
 
 def test_only_project_admins_see_the_training_link_and_others_get_a_page_saying_why(
-    client, project, labeler_user, admin_user
+    client, project, labeler, admin_user
 ):
     training_link = f'href="{reverse("training:home")}"'
-    client.force_login(labeler_user)
+    client.force_login(labeler)
     assert training_link not in client.get(reverse("labeling:home")).content.decode()
     denied = client.get(reverse("training:home"))
     assert denied.status_code == 403 and "for project admins" in denied.content.decode()
@@ -106,8 +106,8 @@ def test_only_project_admins_see_the_training_link_and_others_get_a_page_saying_
     assert training_link in client.get(reverse("labeling:home")).content.decode()
 
 
-def test_a_labeler_cannot_reach_training(client, project, labeler_user):
-    client.force_login(labeler_user)
+def test_a_labeler_cannot_reach_training(client, project, labeler):
+    client.force_login(labeler)
     job = a_job(project, project.created_by)
     assert client.get(reverse("training:home")).status_code == 403
     assert client.get(launch_url("sft")).status_code == 403
@@ -276,9 +276,9 @@ def test_api_refuses_a_bad_config_with_the_reason_and_creates_no_job(admin_clien
     assert Job.objects.count() == 0
 
 
-def test_api_is_scoped_to_the_users_admin_projects(client, labeler_user, project, other_project):
+def test_api_is_scoped_to_the_users_admin_projects(client, labeler, project, other_project):
     job = a_job(other_project, other_project.created_by)
-    client.force_login(labeler_user)
+    client.force_login(labeler)
     assert client.get(f"/api/training/jobs/{job.pk}").status_code == 404
     assert client.get("/api/training/jobs").json() == []
     response = client.post(
