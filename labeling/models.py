@@ -11,14 +11,16 @@ from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
 
+from rlhf.rankings import MAX_K, MIN_K
+
 
 class Project(models.Model):
     name = models.CharField(max_length=200)
     instructions = models.TextField(blank=True, help_text="Markdown shown above every item.")
     k = models.PositiveSmallIntegerField(
         default=4,
-        validators=[MinValueValidator(2), MaxValueValidator(9)],
-        help_text="Responses shown per item (2 to 9).",
+        validators=[MinValueValidator(MIN_K), MaxValueValidator(MAX_K)],
+        help_text=f"Responses shown per item ({MIN_K} to {MAX_K}).",
     )
     annotations_per_item = models.PositiveSmallIntegerField(
         default=1, validators=[MinValueValidator(1), MaxValueValidator(50)]

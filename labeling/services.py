@@ -38,6 +38,14 @@ from labeling.models import (
     Prompt,
     Ranking,
 )
+from rlhf.rankings import (
+    MAX_K,
+    MIN_K,
+    RankingError,
+    indices_to_ids,
+    k_in_range,
+    ranking_check,
+)
 
 # Items labelers rank. Imported items come with their ranking and are not handed out.
 QUEUE_SOURCES = (Item.Source.QUEUE, Item.Source.EVAL)
@@ -105,8 +113,10 @@ def project_create(
     name = (name or "").strip()
     if not name:
         raise LabelingError("A project needs a name.")
-    if not isinstance(k, int) or not 2 <= k <= 9:
-        raise LabelingError(f"K (responses per item) must be between 2 and 9, not {k!r}.")
+    if not k_in_range(k):
+        raise LabelingError(
+            f"K (responses per item) must be between {MIN_K} and {MAX_K}, not {k!r}."
+        )
     if not isinstance(annotations_per_item, int) or not 1 <= annotations_per_item <= 50:
         raise LabelingError(
             f"Annotations per item must be between 1 and 50, not {annotations_per_item!r}."
@@ -205,14 +215,14 @@ def item_create(
     completions: list[Completion],
     source: str = Item.Source.QUEUE,
 ) -> Item:
-    """An item shows exactly `completions` (2 to 9 distinct completions of `prompt`)."""
+    """An item shows exactly `completions` (MIN_K to MAX_K distinct completions of `prompt`)."""
     if prompt.project_id != project.pk:
         raise LabelingError(f"Prompt {prompt.pk} belongs to another project.")
     if source not in Item.Source.values:
         raise LabelingError(f"Unknown item source {source!r}.")
     ids = [c.pk for c in completions]
-    if not 2 <= len(ids) <= 9:
-        raise LabelingError(f"An item shows 2 to 9 completions, not {len(ids)}.")
+    if not k_in_range(len(ids)):
+        raise LabelingError(f"An item shows {MIN_K} to {MAX_K} completions, not {len(ids)}.")
     if len(set(ids)) != len(ids):
         raise LabelingError("An item cannot show the same completion twice.")
     foreign = [c.pk for c in completions if c.prompt_id != prompt.pk]
@@ -436,44 +446,23 @@ def _ids(ids) -> str:
 def ranking_validate(
     *, groups, completion_ids: list[int], allow_ties: bool, item_id=None
 ) -> list[list[int]]:
-    """Check that `groups` (best first; a group of several ids is a tie) covers exactly
-    `completion_ids`, each once. Returns the groups as lists of ints."""
-    where = f" of item {item_id}" if item_id is not None else ""
-    if not isinstance(groups, list | tuple) or not groups:
-        raise InvalidRanking(
-            "A ranking is a non-empty list of groups of completion ids, best first."
-        )
-    clean: list[list[int]] = []
-    for group in groups:
-        if not isinstance(group, list | tuple) or not group:
-            raise InvalidRanking("Each rank must be a non-empty list of completion ids.")
-        ids = []
-        for cid in group:
-            if isinstance(cid, bool) or not isinstance(cid, int | str):
-                raise InvalidRanking(f"{cid!r} is not a completion id.")
-            try:
-                ids.append(int(cid))
-            except ValueError:
-                raise InvalidRanking(f"{cid!r} is not a completion id.") from None
-        clean.append(ids)
-    flat = [cid for group in clean for cid in group]
-    seen, dups = set(), set()
-    for cid in flat:
-        (dups if cid in seen else seen).add(cid)
-    if dups:
-        raise InvalidRanking(f"Completion(s) {_ids(dups)} appear more than once in the ranking.")
-    expected = set(completion_ids)
-    foreign = seen - expected
-    if foreign:
-        raise InvalidRanking(
-            f"Completion(s) {_ids(foreign)} are not part of "
-            + (f"item {item_id}." if item_id is not None else "the item.")
-        )
-    missing = expected - seen
-    if missing:
-        raise InvalidRanking(
-            f"The ranking leaves out completion(s) {_ids(missing)}{where}; rank every response."
-        )
+    """Check that `groups` (best first; a group of several ids is a tie) ranks each of
+    `completion_ids` exactly once (rlhf.rankings.ranking_check; ids may come as digit
+    strings). Returns the groups as lists of ints."""
+    if isinstance(groups, list | tuple):
+        groups = [
+            [int(c) if isinstance(c, str) and c.isdecimal() else c for c in g]
+            if isinstance(g, list | tuple)
+            else g
+            for g in groups
+        ]
+    try:
+        clean = ranking_check(groups, completion_ids, noun="id")
+    except RankingError as exc:
+        message = str(exc)
+        if item_id is None:
+            raise InvalidRanking(f"{message[0].upper()}{message[1:]}.") from None
+        raise InvalidRanking(f"Item {item_id}: {message}.") from None
     if not allow_ties and any(len(g) > 1 for g in clean):
         raise InvalidRanking("This project does not allow ties: give each response its own rank.")
     return clean
@@ -829,6 +818,6 @@ def demo_seed() -> DemoSeedResult:
             Ranking.objects.create(
                 item=reference,
                 source=Ranking.Source.IMPORT,
-                groups=[[completions[i].pk for i in tier] for tier in DEMO_REFERENCE_RANKING],
+                groups=indices_to_ids(DEMO_REFERENCE_RANKING, [c.pk for c in completions]),
             )
     return DemoSeedResult(created=True, project=project, passwords=passwords)

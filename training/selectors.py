@@ -19,6 +19,7 @@ from django.http import Http404
 
 from config.ids import as_id
 from labeling.models import Completion, ItemCompletion, Membership, Project, Prompt, Ranking
+from rlhf.rankings import ids_to_indices
 from training.models import Checkpoint, Job, MetricPoint
 
 # --------------------------------------------------------------------------- scoping
@@ -167,12 +168,11 @@ def preference_rows(*, ranking_ids: list[int]) -> list[dict]:
         if ranking is None:
             continue  # deleted since the snapshot: the hash check reports it
         shown = [ic.completion for ic in ranking.item.item_completions.all()]
-        index = {c.pk: i for i, c in enumerate(shown)}
         rows.append(
             {
                 "prompt": ranking.item.prompt.text,
                 "completions": [c.text for c in shown],
-                "ranking": [[index[cid] for cid in group] for group in ranking.groups],
+                "ranking": ids_to_indices(ranking.groups, [c.pk for c in shown]),
             }
         )
     return rows

@@ -3,6 +3,9 @@ labeling_ranking (PostgreSQL and SQLite) compares the sorted ids in `groups` wit
 ItemCompletion ids and refuses the row otherwise (an IntegrityError in Django). Plus an index
 for "the user's live lease".
 
+The message is the wording of rlhf.rankings.EXACTLY_ONCE, which the services check first
+(databases migrated before that wording keep the older message; the rule is the same).
+
 On SQLite, a later migration that makes Django rebuild labeling_ranking (most ALTERs) drops
 these triggers with the old table: such a migration must run `create_trigger` again.
 """
@@ -23,7 +26,7 @@ BEGIN
       INTO want
       FROM labeling_itemcompletion WHERE item_id = NEW.item_id;
     IF got IS DISTINCT FROM want THEN
-        RAISE EXCEPTION 'ranking of item % must cover exactly the item''s completions', NEW.item_id
+        RAISE EXCEPTION 'item %: a ranking must rank each completion exactly once', NEW.item_id
             USING ERRCODE = 'check_violation';
     END IF;
     RETURN NEW;
@@ -40,7 +43,7 @@ DROP FUNCTION IF EXISTS labeling_ranking_covers_item();
 
 _SQLITE_CHECK = """
 BEGIN
-    SELECT RAISE(ABORT, 'CHECK constraint failed: a ranking must cover exactly the item''s completions')
+    SELECT RAISE(ABORT, 'CHECK constraint failed: a ranking must rank each completion exactly once')
     WHERE (
         SELECT group_concat(v, ',') FROM (
             SELECT CAST(e.value AS INTEGER) AS v

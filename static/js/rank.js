@@ -237,7 +237,13 @@
   }
 
   function submit() {
-    if (busy || !complete()) return;
+    if (busy || !state) return;
+    if (!complete()) {
+      // The server's and the database's rule, in the same words (rlhf/rankings.py).
+      var left = state.cards.length - placedCount();
+      setStatus("A ranking must rank each response exactly once: " + left + " left to rank.", true);
+      return;
+    }
     busy = true;
     $("#submit-ranking").disabled = true;
     setStatus("Submitting\u2026");

@@ -56,7 +56,10 @@ def test_it_rejects_a_ranking_with_a_foreign_completion(project, labeler, make_i
     lease, ids = _leased(project, labeler, make_items, n=2)
     other_item = Item.objects.exclude(pk=lease.item_id).get()
     foreign = other_item.item_completions.first().completion_id
-    with pytest.raises(InvalidRanking, match=f"{foreign} are not part of item {lease.item_id}\\."):
+    with pytest.raises(
+        InvalidRanking,
+        match=f"Item {lease.item_id}: ranking\\[4\\] holds {foreign}, which is not one of",
+    ):
         services.ranking_submit(
             user=labeler, item_id=lease.item_id, groups=[[i] for i in ids] + [[foreign]]
         )
@@ -174,6 +177,8 @@ def test_the_database_refuses_a_ranking_that_does_not_cover_the_item(
 ):
     from django.db import IntegrityError, transaction
 
+    from rlhf.rankings import EXACTLY_ONCE
+
     lease, ids = _leased(project, labeler, make_items, n=2)
     other = Item.objects.exclude(pk=lease.item_id).get().item_completions.first().completion_id
     groups = {
@@ -181,7 +186,7 @@ def test_the_database_refuses_a_ranking_that_does_not_cover_the_item(
         "duplicate": [[i] for i in ids] + [[ids[0]]],
         "foreign": [[i] for i in ids[:3]] + [[other]],
     }[bad]
-    with pytest.raises(IntegrityError), transaction.atomic():
+    with pytest.raises(IntegrityError, match=EXACTLY_ONCE), transaction.atomic():
         Ranking.objects.create(item_id=lease.item_id, user=labeler, groups=groups)
     ok = Ranking.objects.create(item_id=lease.item_id, user=labeler, groups=[ids[:2], ids[2:]])
     with pytest.raises(IntegrityError), transaction.atomic():
