@@ -32,10 +32,15 @@ lock: install
 migrate: install
 	$(PY) manage.py migrate --noinput
 
-# Embedded Redis when REDIS_URL is unset, one CPU Celery worker, the web server, the demo
-# project and a tiny local base model. Prints the URL and the demo logins on first start.
+# Embedded Redis when REDIS_URL is unset, one CPU Celery worker, the web server (gunicorn,
+# DEBUG off, on 127.0.0.1), the demo project and a tiny local base model. Prints the URL and
+# the demo logins on first start.
 run: migrate
 	$(PY) manage.py studio --port $(PORT)
+
+# The same with runserver and DEBUG on, for development.
+dev: migrate
+	$(PY) manage.py studio --dev --port $(PORT)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)

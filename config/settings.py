@@ -110,6 +110,8 @@ STORAGES = {
 # Uploads are streamed from disk, never held whole in memory.
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 DATA_UPLOAD_MAX_MEMORY_SIZE = 10 * 1024 * 1024
+# The largest file an import (page or API) accepts, in bytes; a larger one is refused whole.
+IMPORT_MAX_BYTES = env_int("IMPORT_MAX_BYTES", 512 * 1024 * 1024)
 
 # Redis: the Celery broker and the cache (login throttling). Unset on a laptop: `make run`
 # starts an embedded Redis and exports REDIS_URL for every process it starts.
@@ -150,6 +152,8 @@ if PRODUCTION:
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
+    "filters": {"client_errors": {"()": "config.logging.ClientErrorsWithoutTraceback"}},
     "handlers": {"console": {"class": "logging.StreamHandler"}},
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
+    "loggers": {"django.request": {"filters": ["client_errors"]}},
 }

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -78,6 +79,18 @@ def test_studio_starts_everything_prints_the_logins_and_stops_on_ctrl_c(tmp_path
             f"http://127.0.0.1:{port}/accounts/login/", timeout=10
         ) as response:
             assert response.status == 200
+            assert response.headers["Server"].startswith("gunicorn")  # not runserver
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/static/css/app.css", timeout=10
+        ) as response:
+            assert response.status == 200  # whitenoise serves the collected files
+        # DEBUG is off: a missing page is the studio's own 404, never Django's technical page
+        # listing every URL of the site
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/no-such-page/", timeout=10)
+        page = missing.value.read().decode()
+        assert missing.value.code == 404 and "RLHF Studio" in page
+        assert "URLconf" not in page and "DEBUG = True" not in page
     finally:
         os.kill(proc.pid, signal.SIGINT)
         try:

@@ -1,6 +1,6 @@
 """`make run`: the whole studio on one machine, no setup.
 
-    manage.py studio [--port 8000] [--host 127.0.0.1] [--no-worker] [--gunicorn]
+    manage.py studio [--port 8000] [--host 127.0.0.1] [--no-worker] [--dev]
     manage.py studio --prepare      (containers: migrate + tiny base model, then exit)
 
 1. Redis: REDIS_URL if set; otherwise an embedded Redis (the redis-server binary shipped in the
@@ -10,8 +10,11 @@
    with rlhf.modeling.build_tiny_model when it is a local folder that does not exist yet.
 3. First start: `seed_demo` creates the demo project and prints the demo logins (once).
 4. One Celery worker (`-Q gpu,default -c 1 --prefetch-multiplier 1`, which also runs the
-   stale-job recovery loop, see training.worker) and the web server (runserver, or gunicorn
-   with --gunicorn) on --port.
+   stale-job recovery loop, see training.worker) and the web server on --port: gunicorn with
+   DEBUG off and whitenoise serving the collected static files, as in production, so no
+   Django debug page ever reaches a person; `--dev` (make dev) serves with runserver and
+   DEBUG on instead. Served on plain HTTP on this machine, so the HTTPS-only hardening of
+   production mode (SSL redirect, secure cookies, HSTS) is off unless the environment sets it.
 5. Ctrl-C (or SIGTERM) stops the web server, then the worker (a warm shutdown: a running job
    is given time to stop at its next step, else it is recovered from its last checkpoint on
    the next start), then Redis.
@@ -119,6 +122,27 @@ def stop_process(
         proc.wait(timeout=10)
 
 
+def serving_env(environ: dict, *, host: str, dev: bool) -> dict:
+    """The settings every child of `make run` gets, unless the environment already names them.
+
+    DEBUG is off (on with --dev). Production mode then needs a SECRET_KEY (the one generated
+    under var/ for this machine) and ALLOWED_HOSTS (this machine's names, plus --host); it is
+    served on plain HTTP here, so the redirect to HTTPS, secure-only cookies and HSTS are off."""
+    wanted = {"DEBUG": "1" if dev else "0"}
+    if not dev:
+        hosts = ["localhost", "127.0.0.1", "[::1]"]
+        if host not in ("0.0.0.0", "::", *hosts):
+            hosts.append(host)
+        wanted |= {
+            "SECRET_KEY": settings.SECRET_KEY,
+            "ALLOWED_HOSTS": ",".join(hosts),
+            "SECURE_SSL_REDIRECT": "0",
+            "SECURE_COOKIES": "0",
+            "SECURE_HSTS_SECONDS": "0",
+        }
+    return {k: v for k, v in wanted.items() if not environ.get(k)}
+
+
 def looks_like_local_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or os.sep in name and Path(name).parent.exists()
 
@@ -133,7 +157,9 @@ class Command(BaseCommand):
             "--no-worker", action="store_true", help="Do not start a Celery worker."
         )
         parser.add_argument(
-            "--gunicorn", action="store_true", help="Serve with gunicorn instead of runserver."
+            "--dev",
+            action="store_true",
+            help="Serve with runserver and DEBUG on (development) instead of gunicorn.",
         )
         parser.add_argument(
             "--skip-seed", action="store_true", help="Do not create the demo project."
@@ -177,6 +203,7 @@ class Command(BaseCommand):
     # ------------------------------------------------------------------ start
 
     def _start(self, env: dict, var_dir: Path, opts: dict) -> None:
+        env.update(serving_env(env, host=opts["host"], dev=opts["dev"]))
         if os.environ.get("REDIS_URL"):
             self.stdout.write(f"Redis: {os.environ['REDIS_URL']} (REDIS_URL)")
         else:
@@ -208,21 +235,14 @@ class Command(BaseCommand):
             self._spawn("worker", worker, env)
 
         address = f"{opts['host']}:{opts['port']}"
-        if opts["gunicorn"]:
-            web = [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "config.wsgi",
-                "-b",
-                address,
-                "-w",
-                "2",
-                "--access-logfile",
-                "-",
-            ]
-        else:
+        if opts["dev"]:
             web = [*manage, "runserver", address, "--noreload"]
+        else:
+            self._run([*manage, "collectstatic", "--noinput", "-v", "0"], env, "collectstatic")
+            web = [
+                sys.executable, "-m", "gunicorn", "config.wsgi", "-b", address,
+                "-w", "2", "--access-logfile", "-",
+            ]  # fmt: skip
         self._spawn("web", web, env)
 
         self.stdout.write("")
