@@ -38,6 +38,7 @@ from rlhf.loop import (
     TrainResult,
     batch_indices,
     check_finite,
+    checked,
     lineage,
     oom_guard,
     optimizer_and_schedule,
@@ -46,6 +47,8 @@ from rlhf.loop import (
     run_steps,
     save_run_checkpoint,
     seed_everything,
+    stop_point,
+    stops_while_loading,
     sync_device,
 )
 from rlhf.modeling import (
@@ -187,12 +190,21 @@ def _unique(index: Sequence[int]) -> tuple[list[int], dict[int, int]]:
 
 @torch.no_grad()
 def all_logps(
-    model, seqs: _Sequences, index: Sequence[int], *, pad_id: int, batch_size: int, device
+    model,
+    seqs: _Sequences,
+    index: Sequence[int],
+    *,
+    pad_id: int,
+    batch_size: int,
+    device,
+    should_stop: ShouldStop | None = None,
 ) -> torch.Tensor:
-    """log π of sequences ``index`` in eval mode (no dropout) -> [len(index)] float32 on CPU."""
+    """log π of sequences ``index`` in eval mode (no dropout) -> [len(index)] float32 on CPU.
+    ``should_stop`` (only before training: see :func:`rlhf.loop.stop_point`) is checked
+    before each batch."""
     out = []
     with eval_mode(model):
-        for i in range(0, len(index), batch_size):
+        for i in checked(range(0, len(index), batch_size), should_stop):
             ids, mask, plens = seqs.batch(index[i : i + batch_size], pad_id, device)
             out.append(sequence_logps(model, ids, mask, plens).cpu())
     return torch.cat(out) if out else torch.zeros(0)
@@ -203,6 +215,7 @@ def all_logps(
 # --------------------------------------------------------------------------------------------
 
 
+@stops_while_loading("dpo")
 def train_dpo(
     config: DPOConfig,
     data: list[dict],
@@ -221,7 +234,9 @@ def train_dpo(
     ``rewards/margin``, ``rewards/accuracy``, ``logps/chosen``, ``logps/rejected``,
     ``perf/pairs_per_s``, ``perf/tokens_per_s``, ``optim/lr``, ``optim/grad_norm``,
     ``progress/total_steps``, and at evals the held-out ``eval/rewards_margin``,
-    ``eval/rewards_accuracy`` and ``eval/loss_dpo``.
+    ``eval/rewards_accuracy`` and ``eval/loss_dpo``. should_stop() is checked before every
+    step, and while the model loads, the data are tokenized and the reference log-probs are
+    computed (a stop there returns stopped=True at the resume point, with nothing written).
     """
     cfg = config
     cfg.validate()
@@ -235,6 +250,7 @@ def train_dpo(
     seed_everything(cfg.seed)
 
     resume = resume_point(resume_from, "dpo", cfg)
+    stop_point(should_stop)
     model, tokenizer, device, _dtype = load_policy(cfg, adapter_name=ADAPTER)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
@@ -243,7 +259,7 @@ def train_dpo(
     # tokenize every completion once: train rows first, then eval rows
     seqs = _Sequences([], [])
     offsets: list[int] = []
-    for r in list(train_rows) + list(eval_rows):
+    for r in checked(list(train_rows) + list(eval_rows), should_stop):
         offsets.append(len(seqs.ids))
         for c in r.completions:
             ids, plen = encode_prompt_completion(
@@ -274,25 +290,31 @@ def train_dpo(
     if ref_logps is None or len(ref_logps) != len(seqs.ids):
         # π_ref once, before training. "init": the policy adapter as loaded (resume: reload it)
         every = list(range(len(seqs.ids)))
+
+        def reference_logps() -> torch.Tensor:  # of the adapter active when called
+            return all_logps(
+                model,
+                seqs,
+                every,
+                pad_id=pad_id,
+                batch_size=eval_bs,
+                device=device,
+                should_stop=should_stop,
+            )
+
         with oom_guard("eval_batch_size or max_seq_len"):
             if reference == "base":
                 with model.disable_adapter():
-                    ref_logps = all_logps(
-                        model, seqs, every, pad_id=pad_id, batch_size=eval_bs, device=device
-                    )
+                    ref_logps = reference_logps()
             elif resume_from is None:
-                ref_logps = all_logps(
-                    model, seqs, every, pad_id=pad_id, batch_size=eval_bs, device=device
-                )
+                ref_logps = reference_logps()
             else:
                 with kept_trainable_state(model):
                     load_frozen_adapter(
                         model, source_adapter_dir(cfg.init_adapter, ADAPTER), "reference"
                     )
                     with active_adapter(model, "reference"):
-                        ref_logps = all_logps(
-                            model, seqs, every, pad_id=pad_id, batch_size=eval_bs, device=device
-                        )
+                        ref_logps = reference_logps()
                     model.delete_adapter("reference")
                     model.set_adapter(ADAPTER)
     ref_logps = ref_logps.float()

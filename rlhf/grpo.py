@@ -37,6 +37,7 @@ from rlhf.loop import (
     optimizer_step,
     run_steps,
     save_run_checkpoint,
+    stops_while_loading,
     sync_device,
 )
 from rlhf.modeling import adapter_parameters
@@ -155,6 +156,7 @@ def grpo_loss(
     return loss, stats
 
 
+@stops_while_loading("grpo")
 def train_grpo(
     config: GRPOConfig,
     data: list[dict],
@@ -174,11 +176,19 @@ def train_grpo(
     k1 per completion against the reference), objective/entropy, loss/policy, loss/kl (mean k3),
     policy/clipfrac, response/length, perf/rollout_s, perf/score_s, perf/train_s,
     perf/tokens_per_s and progress/total_steps. Checkpoints hold the adapter "policy".
+    should_stop() is checked before every step and while the models load (a stop there returns
+    stopped=True at the resume point, with nothing written).
     """
     cfg = config
     output_dir = Path(output_dir)
     run = start_rl_run(
-        "grpo", cfg, data, resume_from=resume_from, reward_model=reward_model, reward_fn=reward_fn
+        "grpo",
+        cfg,
+        data,
+        resume_from=resume_from,
+        reward_model=reward_model,
+        reward_fn=reward_fn,
+        should_stop=should_stop,
     )
     model, resume = run.model, run.resume
     params = adapter_parameters(model, "policy")

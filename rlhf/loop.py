@@ -184,6 +184,51 @@ def call_should_stop(should_stop: ShouldStop | None) -> bool:
     return bool(should_stop()) if should_stop is not None else False
 
 
+# ---------------------------------------------------------------------------- stop before step 1
+
+
+class StopRequested(Exception):
+    """should_stop() turned true before the first step, while the model loaded or the data
+    were prepared (minutes for a large model or data set). Raised by :func:`stop_point`;
+    :func:`stops_while_loading` turns it into a stopped TrainResult."""
+
+
+def stop_point(should_stop: ShouldStop | None) -> None:
+    """Raise StopRequested when should_stop() is true. For the set-up before the first step
+    only: between loading phases and inside long data preparation (see :func:`checked`)."""
+    if call_should_stop(should_stop):
+        raise StopRequested
+
+
+def checked(items: Iterable[Any], should_stop: ShouldStop | None) -> Iterator[Any]:
+    """``items``, with a :func:`stop_point` before each: a cancelled run stops tokenizing
+    within a row, not after the whole data set."""
+    for item in items:
+        stop_point(should_stop)
+        yield item
+
+
+def stops_while_loading(kind: str):
+    """Decorator of a trainer ``train_<kind>(config, data, *, resume_from=None, ...)``: a
+    :class:`StopRequested` from its set-up returns ``TrainResult(stopped=True)`` at the point
+    the run started from (the resumed checkpoint, its step and metrics; None and step 0 for a
+    fresh run), with nothing new written."""
+
+    def decorate(train: Callable[..., TrainResult]) -> Callable[..., TrainResult]:
+        @functools.wraps(train)
+        def run(*args: Any, **kwargs: Any) -> TrainResult:
+            try:
+                return train(*args, **kwargs)
+            except StopRequested:
+                resume = resume_point(kwargs.get("resume_from"), kind)
+                metrics = dict(resume.state.get("metrics") or {})
+                return TrainResult(resume.checkpoint, resume.step, metrics, stopped=True)
+
+        return run
+
+    return decorate
+
+
 # ---------------------------------------------------------------------------- the shared loop
 
 
@@ -349,7 +394,8 @@ def run_steps(
     """The loop every trainer shares, from the ``resume`` point to ``cfg.max_steps``.
 
     Before each step ``should_stop()`` is checked: when true, eval metrics are added, a
-    checkpoint is written and the result has stopped=True. ``train_step(step)`` does optimizer
+    checkpoint is written and the result has stopped=True; before the first step of this call
+    there is nothing new to evaluate or save, and the result is the resume point (stopped). ``train_step(step)`` does optimizer
     step ``step`` (1-based) and returns its metrics; ``progress/total_steps`` is added, eval
     metrics every ``cfg.eval_every`` steps (if the config has it), at checkpoints and at the
     end; then ``on_step(step, metrics)``, and a checkpoint every ``cfg.save_every`` steps.
@@ -363,6 +409,8 @@ def run_steps(
     start_step = step = resume.step
     while step < cfg.max_steps:
         if call_should_stop(should_stop):
+            if step == start_step:
+                return TrainResult(last_checkpoint, step, metrics, stopped=True)
             metrics = {**metrics, **evaluate()}
             last_checkpoint = checkpoint(step, metrics)
             return TrainResult(last_checkpoint, step, metrics, stopped=True)

@@ -79,6 +79,8 @@ from rlhf.loop import (
     run_steps,
     save_run_checkpoint,
     seed_everything,
+    stop_point,
+    stops_while_loading,
     sync_device,
 )
 from rlhf.modeling import (
@@ -617,16 +619,26 @@ class RLRun:
 
 
 def start_rl_run(
-    kind: str, cfg, data: list[dict], *, resume_from, reward_model, reward_fn
+    kind: str,
+    cfg,
+    data: list[dict],
+    *,
+    resume_from,
+    reward_model,
+    reward_fn,
+    should_stop: ShouldStop | None = None,
 ) -> RLRun:
     """Validate, seed, find the resume point, load the policy and the reward (see
-    :class:`Rewarder`) for a PPO or GRPO run."""
+    :class:`Rewarder`) for a PPO or GRPO run; ``should_stop`` is checked before each load
+    (:func:`rlhf.loop.stop_point`)."""
     cfg.validate()
     rows = validate_rows(kind, data)
     seed_everything(cfg.seed)
     resume = resume_point(resume_from, kind, cfg)
+    stop_point(should_stop)
     model, tokenizer, device, _dtype = load_policy(cfg, init_from=resume.checkpoint)
     model.eval()
+    stop_point(should_stop)  # the reward model may be a second large model to load
     rewarder = Rewarder(
         cfg=cfg,
         model=model,
@@ -642,6 +654,7 @@ def start_rl_run(
         )
     run_lineage = lineage(cfg, rows, parent=resume.parent(cfg), reward=rewarder.description)
     resume.check_data(run_lineage)
+    stop_point(should_stop)
     return RLRun(
         prompts=[r["prompt"] for r in rows],
         resume=resume,
@@ -676,6 +689,7 @@ def _chunks(n: int, size: int) -> list[slice]:
 # --------------------------------------------------------------------------------------------
 
 
+@stops_while_loading("ppo")
 def train_ppo(
     config: PPOConfig,
     data: list[dict],
@@ -699,11 +713,19 @@ def train_ppo(
     perf/train_s, perf/tokens_per_s (generated tokens per second of rollout) and
     progress/total_steps. Checkpoints hold the adapters "policy" and "value" and the head
     "value"; the KL coefficient of the adaptive controller is restored on resume.
+    should_stop() is checked before every step and while the models load (a stop there returns
+    stopped=True at the resume point, with nothing written).
     """
     cfg = config
     output_dir = Path(output_dir)
     run = start_rl_run(
-        "ppo", cfg, data, resume_from=resume_from, reward_model=reward_model, reward_fn=reward_fn
+        "ppo",
+        cfg,
+        data,
+        resume_from=resume_from,
+        reward_model=reward_model,
+        reward_fn=reward_fn,
+        should_stop=should_stop,
     )
     model, device, resume, rewarder = run.model, run.device, run.resume, run.rewarder
 

@@ -58,6 +58,7 @@ from rlhf.loop import (
     TrainResult,
     batch_indices,
     check_finite,
+    checked,
     lineage,
     oom_guard,
     optimizer_and_schedule,
@@ -66,6 +67,8 @@ from rlhf.loop import (
     run_steps,
     save_run_checkpoint,
     seed_everything,
+    stop_point,
+    stops_while_loading,
     sync_device,
 )
 from rlhf.modeling import (
@@ -441,6 +444,7 @@ def ranking_accuracy(
     return (float(correct.float().mean()) if n else float("nan")), float(loss), n
 
 
+@stops_while_loading("reward")
 def train_reward(
     config: RewardConfig,
     data: list[dict],
@@ -460,6 +464,8 @@ def train_reward(
     ``progress/total_steps``, and at evals ``reward/accuracy`` (held-out pairs) and
     ``loss/reward_eval``. Held-out rows: ``eval_data`` if given, else an ``eval_fraction`` split.
     Before every checkpoint the head bias is shifted so the reference set has mean reward 0.
+    should_stop() is checked before every step, and while the model loads and the data are
+    tokenized (a stop there returns stopped=True at the resume point, with nothing written).
     """
     cfg = config
     cfg.validate()
@@ -473,6 +479,7 @@ def train_reward(
     seed_everything(cfg.seed)
 
     resume = resume_point(resume_from, "reward", cfg)
+    stop_point(should_stop)
     rm, encoder, device = build_reward_model(cfg)
     peft_model, head = rm.peft_model, rm.head
     head.linear.bias.requires_grad_(
@@ -482,7 +489,9 @@ def train_reward(
         load_adapter_weights(peft_model, source_adapter_dir(cfg.init_adapter, ADAPTER), ADAPTER)
 
     def encode(rs: Sequence[PreferenceRow]) -> list[list[list[int]]]:
-        return [[encoder.encode(r.prompt, c) for c in r.completions] for r in rs]
+        return [
+            [encoder.encode(r.prompt, c) for c in r.completions] for r in checked(rs, should_stop)
+        ]
 
     train_seqs, eval_seqs = encode(train_rows), encode(eval_rows)
     cfg = resolve_auto_batch(  # a batch pads every sequence to the longest one

@@ -313,11 +313,14 @@ def sample(
     {"prompt", "completions": [{"text", "num_tokens"}, ...],
     "generation": {model, checkpoint, temperature, top_p, max_new_tokens, seed}}. Reproducible:
     batch b is sampled after ``torch.manual_seed(seed + b)``. on_step(batch_number, metrics)
-    is called after each batch; should_stop() ends early with the rows done so far.
+    is called after each batch; should_stop() ends early with the rows done so far (none
+    when it is true before the model loads).
     """
     cfg = config
     cfg.validate()
     rows = validate_rows("sample", data)
+    if call_should_stop(should_stop):
+        return []
     model, tokenizer, device = load_sampling_model(cfg, checkpoint)
     collator = PromptCollator(
         tokenizer, max_prompt_len=cfg.max_seq_len, chat_template=cfg.chat_template

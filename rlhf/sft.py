@@ -37,6 +37,7 @@ from rlhf.loop import (
     TrainResult,
     batch_indices,
     check_finite,
+    checked,
     lineage,
     oom_guard,
     optimizer_and_schedule,
@@ -45,6 +46,8 @@ from rlhf.loop import (
     run_steps,
     save_run_checkpoint,
     seed_everything,
+    stop_point,
+    stops_while_loading,
 )
 from rlhf.modeling import (
     enable_gradient_checkpointing,
@@ -234,6 +237,7 @@ def evaluate_loss(
     return total / max(count, 1)
 
 
+@stops_while_loading("sft")
 def train_sft(
     config: SFTConfig,
     data: list[dict[str, Any]],
@@ -248,7 +252,9 @@ def train_sft(
 
     on_step(step, metrics) after every optimizer step (loss/sft, optim/lr, optim/grad_norm,
     perf/tokens_per_s, progress/total_steps, eval/loss when computed). should_stop() is checked
-    before every step; when true a checkpoint is saved and the result has stopped=True.
+    before every step; when true a checkpoint is saved and the result has stopped=True. It is
+    also checked while the model loads and the data are tokenized: a stop there returns
+    stopped=True at the resume point (no checkpoint for a fresh run), with nothing written.
     ``eval_data`` (rows like ``data``) replaces the held-out split of ``eval_fraction``.
     """
     cfg = config
@@ -258,9 +264,10 @@ def train_sft(
     seed_everything(cfg.seed)
 
     resume = resume_point(resume_from, "sft", cfg)
+    stop_point(should_stop)
     model, tokenizer, device, _dtype = load_policy(cfg, adapter_name=ADAPTER)
     collator = SFTCollator(tokenizer, max_seq_len=cfg.max_seq_len, chat_template=cfg.chat_template)
-    examples = [collator.encode(r) for r in rows]
+    examples = [collator.encode(r) for r in checked(rows, should_stop)]
     for i, (ids, p_len) in enumerate(examples):
         if len(ids) <= p_len:
             at = where(data[i], i)
@@ -278,7 +285,8 @@ def train_sft(
         enable_gradient_checkpointing(model)
     if eval_data is not None:
         train_examples = examples
-        eval_examples = [collator.encode(r) for r in validate_rows("sft", eval_data)]
+        eval_rows = validate_rows("sft", eval_data)
+        eval_examples = [collator.encode(r) for r in checked(eval_rows, should_stop)]
     else:
         train_idx, eval_idx = split_eval(len(examples), fraction=cfg.eval_fraction, seed=cfg.seed)
         train_examples = [examples[i] for i in train_idx]

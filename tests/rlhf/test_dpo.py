@@ -275,3 +275,29 @@ def test_dpo_config_defaults_follow_the_paper():
 
     cfg = config_from_dict("dpo", {"model": "some/model"})
     assert cfg.beta == 0.1 and cfg.label_smoothing == 0.0 and cfg.reference == "auto"
+
+
+@pytest.mark.slow
+def test_a_cancel_during_the_reference_pass_stops_it_within_a_batch(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """The reference log-probs take a forward pass over the whole data set before step 1: a
+    cancel there stops it at the next batch instead of after the pass."""
+    import rlhf.dpo
+
+    batches = []
+    real = rlhf.dpo.sequence_logps
+
+    def counted(*args, **kwargs):
+        batches.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rlhf.dpo, "sequence_logps", counted)
+    result = train_dpo(
+        dpo_config(tiny_model_dir, eval_batch_size=1, eval_fraction=0.0),
+        yes_no_rows(6, 0),
+        output_dir=tmp_path,
+        should_stop=lambda: len(batches) >= 2,
+    )
+    assert result.stopped and result.step == 0 and result.checkpoint_dir is None
+    assert len(batches) == 2  # of 12 sequences, one per batch

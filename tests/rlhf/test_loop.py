@@ -1,8 +1,13 @@
+import importlib
 import math
+import threading
 
 import pytest
 import torch
 
+from rlhf.checkpoint import latest_checkpoint
+from rlhf.config import config_to_dict
+from rlhf.data import SFTCollator
 from rlhf.errors import NonFiniteLossError, OutOfMemoryError
 from rlhf.loop import (
     batch_indices,
@@ -15,6 +20,7 @@ from rlhf.loop import (
     warmup_cosine,
     warmup_cosine_factor,
 )
+from rlhf.runner import run
 from rlhf.sft import SFTConfig, completion_loss, split_eval
 
 
@@ -93,3 +99,116 @@ def test_split_eval_holds_out_a_seeded_fraction():
     assert split_eval(20, fraction=0.1, seed=0) == (train, held)
     assert split_eval(1, fraction=0.5, seed=0) == ([0], [])
     assert split_eval(3, fraction=0.01, seed=0)[1] != []
+
+
+# ---------------------------------------------------------------------------- stop while loading
+
+PREFERENCES = [
+    {"prompt": f"Question {i}?", "chosen": f" A helpful answer {i}.", "rejected": " No."}
+    for i in range(4)
+]
+PROMPTS = [{"prompt": f"Say something about {w}."} for w in ("cats", "rain", "tea", "maps")]
+STOP_CASES = {  # kind: (the load to cancel during, its config, its rows, run() extras)
+    "sft": ("rlhf.sft.load_policy", {}, "sft_rows", {}),
+    "reward": ("rlhf.reward.build_reward_model", {}, PREFERENCES, {}),
+    "dpo": ("rlhf.dpo.load_policy", {}, PREFERENCES, {}),
+    "ppo": (
+        "rlhf.ppo.load_policy",
+        {"batch_size": 4, "num_minibatches": 2, "max_new_tokens": 8},
+        PROMPTS,
+        {"reward_fn": lambda prompt, completion: float(len(completion))},
+    ),
+    "grpo": (
+        "rlhf.ppo.load_policy",
+        {"batch_size": 2, "num_generations": 2, "max_new_tokens": 8},
+        PROMPTS,
+        {"reward_fn": lambda prompt, completion: float(len(completion))},
+    ),
+}
+
+
+def _cancelled_during(monkeypatch, target: str, cancel: threading.Event) -> None:
+    """Replace ``target`` (a model load) by the real load followed by a cancel: what a user's
+    cancel looks like to the engine when it arrives while the model loads."""
+    module, _, name = target.rpartition(".")
+    real = getattr(importlib.import_module(module), name)
+
+    def load_then_cancel(*args, **kwargs):
+        loaded = real(*args, **kwargs)
+        cancel.set()
+        return loaded
+
+    monkeypatch.setattr(target, load_then_cancel)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(STOP_CASES))
+def test_a_cancel_while_the_model_loads_stops_before_any_training_work(
+    kind, tiny_model_dir, tmp_path, monkeypatch, request
+):
+    target, overrides, rows, extras = STOP_CASES[kind]
+    rows = request.getfixturevalue(rows) if isinstance(rows, str) else rows
+    cancel = threading.Event()
+    _cancelled_during(monkeypatch, target, cancel)
+    engine = importlib.import_module(f"rlhf.{kind}")
+
+    def no_optimizer(*args, **kwargs):
+        raise AssertionError("the run went on to build its optimizer after the cancel")
+
+    monkeypatch.setattr(engine, "optimizer_and_schedule", no_optimizer)
+    steps = []
+    config = {"model": str(tiny_model_dir), "max_steps": 2, "max_seq_len": 48, **overrides}
+    result = run(
+        kind,
+        config,
+        rows,
+        output_dir=tmp_path / "run",
+        on_step=lambda step, metrics: steps.append(step),
+        should_stop=cancel.is_set,
+        **extras,
+    )
+    assert cancel.is_set() and result.stopped and result.step == 0 and steps == []
+    assert result.checkpoint_dir is None and latest_checkpoint(tmp_path / "run") is None
+
+
+@pytest.mark.slow
+def test_a_cancel_while_the_data_are_tokenized_stops_within_a_row(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    rows = [{"prompt": f"Prompt {i}?", "completion": f" Answer {i}."} for i in range(50)]
+    encoded = []
+    real_encode = SFTCollator.encode
+
+    def encode_then_cancel(self, row):
+        encoded.append(row)
+        return real_encode(self, row)
+
+    monkeypatch.setattr(SFTCollator, "encode", encode_then_cancel)
+    cfg = SFTConfig(model=str(tiny_model_dir), max_steps=2, max_seq_len=48, eval_fraction=0.0)
+    result = run("sft", cfg, rows, output_dir=tmp_path, should_stop=lambda: len(encoded) >= 3)
+    assert result.stopped and result.step == 0 and len(encoded) == 3
+
+
+@pytest.mark.slow
+def test_a_resumed_run_cancelled_while_loading_returns_its_checkpoint_and_writes_nothing(
+    tiny_model_dir, tmp_path, monkeypatch, sft_rows
+):
+    cfg = SFTConfig(
+        model=str(tiny_model_dir), max_steps=2, batch_size=2, max_seq_len=48, eval_fraction=0.0
+    )
+    first = run("sft", cfg, sft_rows, output_dir=tmp_path)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    cancel = threading.Event()
+    _cancelled_during(monkeypatch, "rlhf.sft.load_policy", cancel)
+    longer = SFTConfig(**{**config_to_dict(cfg), "max_steps": 4})
+    result = run(
+        "sft",
+        longer,
+        sft_rows,
+        output_dir=tmp_path,
+        resume_from=tmp_path,
+        should_stop=cancel.is_set,
+    )
+    assert result.stopped and result.step == 2 and result.checkpoint_dir == first.checkpoint_dir
+    assert result.metrics == first.metrics
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before  # nothing re-saved

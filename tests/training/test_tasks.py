@@ -73,3 +73,40 @@ def test_a_task_for_a_job_that_is_not_queued_does_nothing(project, tmp_path):
     assert job_run.run(job.pk) == "not claimed"
     job.refresh_from_db()
     assert job.status == Job.Status.CANCELLED and job.attempts == 0
+
+
+def test_a_cancel_while_the_model_loads_ends_the_job_before_any_training_work(
+    project, tmp_path, monkeypatch, tiny_model
+):
+    """The cancel arrives through the service while the engine loads the base model: the job
+    ends cancelled without tokenizing its data, training or registering a checkpoint."""
+    import rlhf.sft
+    from rlhf.checkpoint import latest_checkpoint
+    from rlhf.data import SFTCollator
+    from training import services
+    from training.models import Checkpoint
+    from training.runtime import JobMonitor
+
+    monkeypatch.setattr(JobMonitor, "STOP_CHECK_EVERY_S", 0.0)  # read the flag at every check
+    config = {"model": tiny_model, "max_steps": 2, "max_seq_len": 48, "eval_fraction": 0.0}
+    job = queued_job(project, config=config, tmp_path=tmp_path)
+    real_load, real_encode = rlhf.sft.load_policy, SFTCollator.encode
+    encoded = []
+
+    def load_then_cancel(*args, **kwargs):
+        loaded = real_load(*args, **kwargs)
+        assert services.job_cancel(job=Job.objects.get(pk=job.pk)).cancel_requested
+        return loaded
+
+    def encode(self, row):
+        encoded.append(row)
+        return real_encode(self, row)
+
+    monkeypatch.setattr("rlhf.sft.load_policy", load_then_cancel)
+    monkeypatch.setattr(SFTCollator, "encode", encode)
+    assert job_run.run(job.pk) == Job.Status.CANCELLED
+    job.refresh_from_db()
+    assert job.status == Job.Status.CANCELLED and not job.step and job.error == ""
+    assert encoded == [], "the data were tokenized after the cancel"
+    assert not Checkpoint.objects.filter(job=job).exists()
+    assert latest_checkpoint(job.output_dir) is None
