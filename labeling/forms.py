@@ -123,3 +123,7 @@ class ImportForm(forms.Form):
         choices=[("", "Detect from the file"), ("jsonl", "JSONL"), ("csv", "CSV")],
         required=False,
     )
+    wait_for_k = forms.BooleanField(
+        label="Keep completions that do not fill an item of K (they wait for more)",
+        required=False,
+    )

@@ -3,13 +3,30 @@
 Import: one record per JSONL line or CSV row. What a record is follows from its fields:
 
     prompt              {"prompt": "..."}  or chat  {"messages": [{"role": "user", "content": "..."}]}
+    demonstration       {"prompt": "...", "completion": "..."}: a prompt with one completion and
+                        no item (what SFT trains on)
     prompt+completions  {"prompt": "...", "completions": ["...", {"text": "...", "model_name": "..."}]}
                         with an optional "ranking": [[0], [2, 1]] (indexes into completions, best
-                        group first, a group holds ties) which makes it an imported preference
+                        group first, a group holds ties) which makes it an imported preference.
+                        Without a ranking the completions become queue items of the project's K,
+                        so their number must be a multiple of K (or, with wait_for_k, the ones
+                        left over wait until sampling or a later import makes up an item of K).
     pairwise            {"prompt": "...", "chosen": "...", "rejected": "..."}
     Anthropic HH        {"chosen": "\\n\\nHuman: ...\\n\\nAssistant: A", "rejected": "...Assistant: B"}
                         split at the last "\\n\\nAssistant:" inside the common prefix: the prompt is
-                        that prefix (marker included), the completions are the rest.
+                        that prefix (marker included), the completions are the rest. A single
+                        turn "\\n\\nHuman: X\\n\\nAssistant: A" whose completions both start with a
+                        space is the plain prompt X with completions A (the one space dropped):
+                        what the hh export writes for a plain prompt.
+    rankings export     a row of the "rankings" export: its "ranking" (indexes) is the preference;
+                        its bookkeeping ("groups" of ids, "labeler", "ranking_id", ...) is dropped.
+
+A record's completions are all different texts (an item never shows the same text twice), and
+"chosen" differs from "rejected". JSON is refused where the database could not store it: NaN
+and Infinity, a float beyond its range, an integer longer than Python reads
+(sys.get_int_max_str_digits()), nesting deeper than MAX_JSON_DEPTH, NUL characters and unpaired
+surrogates anywhere, metadata included. A file over `max_bytes` (the IMPORT_MAX_BYTES setting
+for uploads) is refused whole with ImportTooLarge.
 
 "metadata" (an object) and any other field pass through into Prompt.metadata. In CSV, "messages",
 "completions", "ranking" and "metadata" cells hold JSON; "completion_1", "completion_2", ... columns
@@ -38,12 +55,13 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from itertools import combinations
+from functools import partial
 from typing import IO, Any
 
 from django.db import connections, router, transaction
@@ -52,6 +70,16 @@ from django.utils import timezone
 
 from labeling.models import Completion, Item, ItemCompletion, Project, Prompt, Ranking
 from labeling.selectors import item_completion_texts, rankings_for_project
+from rlhf.rankings import (
+    MAX_K,
+    MIN_K,
+    RankingError,
+    ids_to_indices,
+    indices_to_ids,
+    k_in_range,
+    ranking_check,
+    ranking_pairs,
+)
 
 HH_MARKER = "\n\nAssistant:"
 BATCH_RECORDS = 1000
@@ -60,8 +88,32 @@ MAX_LINE_BYTES = 16 * 1024 * 1024
 ANALYZE_AFTER_RECORDS = 5000
 FORMATS = ("jsonl", "csv")
 EXPORT_KINDS = ("rankings", "pairs", "hh")
-MAX_RANKED_COMPLETIONS = 9  # an item shows 2 to 9 completions (Project.k)
-_KNOWN_FIELDS = {"prompt", "messages", "completions", "ranking", "chosen", "rejected", "metadata"}
+# Deepest nesting of the JSON an import stores (metadata, chat turns, generation settings).
+MAX_JSON_DEPTH = 64
+_KNOWN_FIELDS = {
+    "prompt",
+    "messages",
+    "completion",
+    "completions",
+    "ranking",
+    "chosen",
+    "rejected",
+    "metadata",
+}
+# What a row of the "rankings" export says about its ranking besides the preference itself.
+_RANKINGS_EXPORT_FIELDS = {
+    "ranking_id",
+    "item_id",
+    "prompt_id",
+    "labeler",
+    "groups",
+    "rationale",
+    "seconds_spent",
+    "display_order",
+    "source",
+    "created_at",
+    "num_rankings",
+}
 _CSV_JSON_COLUMNS = {"messages", "completions", "ranking", "metadata"}
 _BOM = b"\xef\xbb\xbf"
 
@@ -73,6 +125,27 @@ class ImportFileError(Exception):
         super().__init__(f"line {line}: {message}")
         self.line = line
         self.message = message
+
+
+def byte_size(n: int) -> str:
+    """A byte count for people: "512 MiB", "1.5 GiB", "900 bytes"."""
+    for unit, size in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.1f}".removesuffix(".0") + f" {unit}"
+    return f"{n:,} bytes"
+
+
+class ImportTooLarge(Exception):
+    """The file is larger than the import limit; nothing was read or stored."""
+
+    def __init__(self, size: int, limit: int):
+        more = "more than " if size > limit + 1 else ""
+        super().__init__(
+            f"the file is {more}{byte_size(size)}, over the import limit of {byte_size(limit)} "
+            "(IMPORT_MAX_BYTES); split it into smaller files"
+        )
+        self.size = size
+        self.limit = limit
 
 
 @dataclass
@@ -135,6 +208,8 @@ def _text(value: Any, name: str, *, allow_empty: bool = True) -> str:
 
 
 def _json_type(value: Any) -> str:
+    if isinstance(value, _BadNumber):
+        return f"the number {value!r}"
     return {
         dict: "an object",
         list: "an array",
@@ -164,6 +239,7 @@ def _messages(value: Any) -> list[dict]:
             if key not in turn:
                 raise _Invalid(f"messages[{i}] is missing '{key}'")
             _text(turn[key], f"messages[{i}].{key}", allow_empty=key == "content")
+        _check_json(turn, f"messages[{i}]")
     return value
 
 
@@ -181,6 +257,7 @@ def _completions(value: Any) -> list[_Completion]:
             generation = c.get("generation", {}) or {}
             if not isinstance(generation, dict):
                 raise _Invalid(f"completions[{i}].generation must be an object")
+            _check_json(generation, f"completions[{i}].generation")
             out.append(
                 _Completion(
                     _text(c["text"], f"completions[{i}].text"),
@@ -190,27 +267,32 @@ def _completions(value: Any) -> list[_Completion]:
             )
         else:
             raise _Invalid(f"completions[{i}] must be a string or an object with 'text'")
+    first: dict[str, int] = {}
+    for i, c in enumerate(out):
+        if c.text in first:
+            raise _Invalid(
+                f"field 'completions[{i}]' is the same text as completions[{first[c.text]}]: "
+                "an item never shows the same completion twice"
+            )
+        first[c.text] = i
     return out
 
 
 def _ranking(value: Any, n: int) -> list[list[int]]:
-    if not 2 <= n <= MAX_RANKED_COMPLETIONS:
+    if not k_in_range(n):
+        raise _Invalid(f"a ranking needs {MIN_K} to {MAX_K} completions, this record has {n}")
+    try:
+        return ranking_check(value, range(n))
+    except RankingError as exc:
+        raise _Invalid(str(exc)) from None
+
+
+def _same_text(chosen: str, rejected: str) -> None:
+    if chosen == rejected:
         raise _Invalid(
-            f"a ranking needs 2 to {MAX_RANKED_COMPLETIONS} completions, this record has {n}"
+            "'chosen' and 'rejected' are the same text: a preference needs two different "
+            "completions"
         )
-    if not isinstance(value, list) or not value:
-        raise _Invalid("field 'ranking' must be an array of groups, e.g. [[0], [2, 1]]")
-    seen: list[int] = []
-    for g, group in enumerate(value):
-        if not isinstance(group, list) or not group:
-            raise _Invalid(f"ranking[{g}] must be a non-empty array of completion indexes")
-        for idx in group:
-            if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < n:
-                raise _Invalid(f"ranking[{g}] holds {idx!r}, not an index from 0 to {n - 1}")
-            seen.append(idx)
-    if sorted(seen) != list(range(n)):
-        raise _Invalid(f"ranking must name every completion index from 0 to {n - 1} exactly once")
-    return value
 
 
 def hh_split(chosen: str, rejected: str) -> tuple[str, str, str]:
@@ -227,7 +309,27 @@ def hh_split(chosen: str, rejected: str) -> tuple[str, str, str]:
     return chosen[:end], chosen[end:], rejected[end:]
 
 
-def _record(obj: Any) -> _Record:
+def hh_plain(prefix: str, chosen: str, rejected: str) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected) of a split HH pair: a single human turn
+    "\\n\\nHuman: X\\n\\nAssistant:" whose completions both start with a space is the plain
+    prompt X and the completions without that space (the inverse of hh_dialogue); any other
+    dialogue is kept as it is."""
+    human = "\n\nHuman: "
+    text = prefix[len(human) : -len(HH_MARKER)]
+    if (
+        prefix.startswith(human)
+        and text
+        and "\n\nHuman:" not in text
+        and HH_MARKER not in text
+        and chosen.startswith(" ")
+        and rejected.startswith(" ")
+    ):
+        return text, chosen[1:], rejected[1:]
+    return prefix, chosen, rejected
+
+
+def _record(obj: Any, *, k: int, wait_for_k: bool = False) -> _Record:
+    """One record from its parsed JSON; `k` is the project's K (see the module docstring)."""
     if not isinstance(obj, dict):
         raise _Invalid(f"expected a JSON object, found {_json_type(obj)}")
     metadata = obj.get("metadata", {})
@@ -235,11 +337,18 @@ def _record(obj: Any) -> _Record:
         metadata = {}
     if not isinstance(metadata, dict):
         raise _Invalid(f"field 'metadata' must be an object, not {_json_type(metadata)}")
-    extras = {k: v for k, v in obj.items() if k not in _KNOWN_FIELDS}
+    _check_json(metadata, "metadata")
+    skip = _KNOWN_FIELDS
+    if "ranking_id" in obj and "groups" in obj:  # a row of the rankings export
+        skip = _KNOWN_FIELDS | _RANKINGS_EXPORT_FIELDS
+    extras = {key: value for key, value in obj.items() if key not in skip}
+    for key, value in extras.items():
+        _field_name(key, "the record")
+        _check_json(value, key)
     if extras:
         metadata = {**extras, **metadata}
 
-    messages = _messages(obj["messages"]) if "messages" in obj else None
+    messages = _messages(obj["messages"]) if obj.get("messages") is not None else None
     if "prompt" in obj:
         prompt_text = _text(obj["prompt"], "prompt", allow_empty=False)
     elif messages is not None:
@@ -254,8 +363,10 @@ def _record(obj: Any) -> _Record:
         if "completions" in obj or "ranking" in obj:
             raise _Invalid("give either 'chosen'/'rejected' or 'completions', not both")
         chosen, rejected = _text(obj["chosen"], "chosen"), _text(obj["rejected"], "rejected")
+        _same_text(chosen, rejected)
         if prompt_text is None:
-            prompt_text, chosen, rejected = hh_split(chosen, rejected)
+            prompt_text, chosen, rejected = hh_plain(*hh_split(chosen, rejected))
+            _same_text(chosen, rejected)
         return _Record(
             prompt_text,
             messages,
@@ -266,15 +377,105 @@ def _record(obj: Any) -> _Record:
 
     if prompt_text is None:
         raise _Invalid("missing field 'prompt' (or 'messages', or 'chosen' and 'rejected')")
+    if "completion" in obj:
+        if "completions" in obj or obj.get("ranking") is not None:
+            raise _Invalid("give either 'completion' (a demonstration) or 'completions', not both")
+        demo = _Completion(_text(obj["completion"], "completion"))
+        return _Record(prompt_text, messages, metadata, [demo], None)
     if "completions" in obj:
         completions = _completions(obj["completions"])
-        ranking = (
-            _ranking(obj["ranking"], len(completions)) if obj.get("ranking") is not None else None
-        )
-        return _Record(prompt_text, messages, metadata, completions, ranking)
+        if obj.get("ranking") is not None:
+            ranking = _ranking(obj["ranking"], len(completions))
+            return _Record(prompt_text, messages, metadata, completions, ranking)
+        n = len(completions)
+        if n % k and not wait_for_k:
+            raise _Invalid(
+                f"field 'completions' holds {n}, which does not make items of K={k} (the "
+                f"project's responses per item): give a multiple of {k} completions, a "
+                "'ranking', or one 'completion' for a demonstration; or import with wait_for_k "
+                f"to keep the {n % k} left over until more completions make up an item"
+            )
+        return _Record(prompt_text, messages, metadata, completions, None)
     if obj.get("ranking") is not None:
         raise _Invalid("field 'ranking' needs 'completions'")
     return _Record(prompt_text, messages, metadata, [], None)
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+class _BadNumber:
+    """A number as written in the file that cannot be stored: NaN and Infinity (Python's json
+    reads them, PostgreSQL refuses them), a float beyond its range (read as infinity), or an
+    integer longer than Python converts (sys.get_int_max_str_digits()). Kept in the parsed
+    value so that the error can name its field."""
+
+    def __init__(self, text: str, why: str):
+        self.text = text if len(text) <= 24 else f"{text[:12]}...{text[-6:]}"
+        self.why = why
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _parse_constant(text: str) -> _BadNumber:
+    return _BadNumber(text, "JSON has no NaN or Infinity; write null or a string")
+
+
+def _parse_int(text: str) -> int | _BadNumber:
+    try:
+        return int(text)
+    except ValueError:  # over sys.get_int_max_str_digits() digits
+        return _BadNumber(text, f"an integer of {len(text.lstrip('-')):,} digits is too long")
+
+
+def _parse_float(text: str) -> float | _BadNumber:
+    value = float(text)
+    if math.isfinite(value):
+        return value
+    return _BadNumber(text, "the number is beyond the range of a float")
+
+
+def _loads(text: str) -> Any:
+    """json.loads that keeps numbers the database cannot store as _BadNumber (see
+    _check_json) and says so when nesting is too deep to parse."""
+    try:
+        return json.loads(
+            text,
+            parse_constant=_parse_constant,
+            parse_int=_parse_int,
+            parse_float=_parse_float,
+        )
+    except RecursionError:
+        raise _Invalid(
+            f"the JSON is nested too deeply to read (the limit is {MAX_JSON_DEPTH} levels)"
+        ) from None
+
+
+def _field_name(key: str, where: str) -> None:
+    try:
+        _text(key, "")
+    except _Invalid as exc:
+        what = "a NUL character" if "\x00" in key else "an unpaired surrogate escape"
+        raise _Invalid(f"{where} has a field name with {what}, which cannot be stored") from exc
+
+
+def _check_json(value: Any, name: str, depth: int = 0) -> None:
+    """Refuse, naming where it is, what JSON data to be stored as is (metadata, chat turns,
+    generation settings) holds that the database cannot store."""
+    if depth > MAX_JSON_DEPTH:
+        raise _Invalid(f"field '{name}' is nested more than {MAX_JSON_DEPTH} levels deep")
+    if isinstance(value, _BadNumber):
+        raise _Invalid(f"field '{name}' is {value!r}: {value.why}")
+    if isinstance(value, str):
+        _text(value, name)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _field_name(key, f"field '{name}'")
+            _check_json(item, f"{name}.{key}", depth + 1)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_json(item, f"{name}[{i}]", depth + 1)
 
 
 # --------------------------------------------------------------------------- readers
@@ -304,25 +505,27 @@ def _decode(number: int, raw: bytes) -> str:
         ) from None
 
 
-def _jsonl_records(fileobj: IO[bytes]) -> Iterator[tuple[int, _Record]]:
+def _jsonl_records(fileobj: IO[bytes], parse) -> Iterator[tuple[int, _Record]]:
     for number, raw in _lines(fileobj):
         if not raw.strip():
             continue
         text = _decode(number, raw)
         try:
             # Without its line break, so that the column of an error is on this line.
-            obj = json.loads(text.rstrip("\r\n"))
+            obj = _loads(text.rstrip("\r\n"))
         except json.JSONDecodeError as exc:
             raise ImportFileError(
                 number, f"invalid JSON: {exc.msg} at column {exc.colno}"
             ) from None
+        except _Invalid as exc:
+            raise ImportFileError(number, str(exc)) from None
         try:
-            yield number, _record(obj)
+            yield number, parse(obj)
         except _Invalid as exc:
             raise ImportFileError(number, str(exc)) from None
 
 
-def _csv_records(fileobj: IO[bytes]) -> Iterator[tuple[int, _Record]]:
+def _csv_records(fileobj: IO[bytes], parse) -> Iterator[tuple[int, _Record]]:
     current = [0]
 
     def text_lines() -> Iterator[str]:
@@ -376,11 +579,13 @@ def _csv_records(fileobj: IO[bytes]) -> Iterator[tuple[int, _Record]]:
                     if cell == "":
                         continue
                     try:
-                        obj[name] = json.loads(cell)
+                        obj[name] = _loads(cell)
                     except json.JSONDecodeError as exc:
                         raise _Invalid(f"column '{name}' is not valid JSON: {exc.msg}") from None
                 elif name == "prompt" and cell == "" and "messages" in names:
                     continue
+                elif name == "completion" and cell == "":
+                    continue  # no demonstration on this row
                 else:
                     obj[name] = cell
             extra = [row[i] for i in completion_columns if row[i] != ""]
@@ -390,7 +595,7 @@ def _csv_records(fileobj: IO[bytes]) -> Iterator[tuple[int, _Record]]:
                         "give either a 'completions' column or 'completion_N' columns, not both"
                     )
                 obj["completions"] = extra
-            yield start, _record(obj)
+            yield start, parse(obj)
         except _Invalid as exc:
             raise ImportFileError(start, str(exc)) from None
 
@@ -412,15 +617,17 @@ def detect_format(fileobj: IO[bytes]) -> str:
     return "jsonl" if stripped.startswith(b"{") else "csv"
 
 
-def _records(fileobj: IO[bytes], fmt: str) -> Iterator[tuple[int, _Record]]:
+def _records(fileobj: IO[bytes], fmt: str, parse) -> Iterator[tuple[int, _Record]]:
     fileobj.seek(0)
-    return _jsonl_records(fileobj) if fmt == "jsonl" else _csv_records(fileobj)
+    return _jsonl_records(fileobj, parse) if fmt == "jsonl" else _csv_records(fileobj, parse)
 
 
 # --------------------------------------------------------------------------- import
 
 
-def _seekable(fileobj: IO[bytes]) -> IO[bytes]:
+def _seekable(fileobj: IO[bytes], max_bytes: int | None) -> IO[bytes]:
+    """The file itself when it can seek, else a spooled copy (of at most max_bytes + 1 bytes:
+    enough to tell that it is too large)."""
     inner = getattr(fileobj, "file", fileobj)  # Django's UploadedFile wraps the real file
     if not isinstance(inner.read(0), bytes):
         raise TypeError("import_file needs a file opened in binary mode ('rb')")
@@ -430,7 +637,13 @@ def _seekable(fileobj: IO[bytes]) -> IO[bytes]:
     except (AttributeError, ValueError):
         pass
     spool = tempfile.SpooledTemporaryFile(max_size=8 * 1024 * 1024)
-    shutil.copyfileobj(inner, spool, 1024 * 1024)
+    if max_bytes is None:
+        shutil.copyfileobj(inner, spool, 1024 * 1024)
+    else:
+        left = max_bytes + 1
+        while left > 0 and (chunk := inner.read(min(left, 1024 * 1024))):
+            spool.write(chunk)
+            left -= len(chunk)
     spool.seek(0)
     return spool
 
@@ -443,21 +656,35 @@ def queue_item_groups(n: int, k: int) -> list[range]:
 
 
 def import_file(
-    *, project: Project, fileobj: IO[bytes], fmt: str | None = None, user=None
+    *,
+    project: Project,
+    fileobj: IO[bytes],
+    fmt: str | None = None,
+    user=None,
+    wait_for_k: bool = False,
+    max_bytes: int | None = None,
 ) -> ImportReport:
     """Validate the whole file, then store it in one transaction. Raises ImportFileError on the
-    first bad record, before anything is written.
+    first bad record, and ImportTooLarge on a file over `max_bytes`, before anything is written.
 
     `fileobj` is a binary file (or a Django UploadedFile); `fmt` None detects the format from
-    the content. `user` is the importer: accepted for the callers' audit trail, not stored
-    (the data model has no importer field; imported rankings have user=None by design)."""
+    the content. `wait_for_k` keeps unranked completions that do not fill an item of the
+    project's K (they wait for more) instead of refusing their line. `user` is the importer:
+    accepted for the callers' audit trail, not stored (the data model has no importer field;
+    imported rankings have user=None by design)."""
     if fmt is not None and fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS} or None, not {fmt!r}")
-    fileobj = _seekable(fileobj)
+    fileobj = _seekable(fileobj, max_bytes)
+    if max_bytes is not None:
+        size = fileobj.seek(0, os.SEEK_END)
+        fileobj.seek(0)
+        if size > max_bytes:
+            raise ImportTooLarge(size, max_bytes)
     fmt = fmt or detect_format(fileobj)
+    parse = partial(_record, k=project.k, wait_for_k=wait_for_k)
 
     count = 0
-    for _number, _rec in _records(fileobj, fmt):
+    for _number, _rec in _records(fileobj, fmt, parse):
         count += 1
     if count == 0:
         raise ImportFileError(1, "the file holds no records")
@@ -467,7 +694,7 @@ def import_file(
     with transaction.atomic(using=alias):
         writer = _writer(alias)
         batch: list[_Record] = []
-        for _number, rec in _records(fileobj, fmt):
+        for _number, rec in _records(fileobj, fmt, parse):
             batch.append(rec)
             if len(batch) >= BATCH_RECORDS:
                 _insert(writer, project, batch, report)
@@ -638,7 +865,7 @@ def _insert(writer, project: Project, batch: list[_Record], report: ImportReport
         own = completion_ids[pos : pos + len(rec.completions)]
         pos += len(rec.completions)
         if rec.ranking is not None:
-            ranked.append((len(items), [[own[i] for i in group] for group in rec.ranking]))
+            ranked.append((len(items), indices_to_ids(rec.ranking, own)))
             items.append((project.pk, pid, Item.Source.IMPORT, 0, True))
             members.append(own)
         else:
@@ -692,14 +919,6 @@ def borda_consensus(groups_list: Iterable[list[list[int]]], order: list[int]) ->
     for total in sorted(set(score.values()), reverse=True):
         out.append([cid for cid in order if score[cid] == total])
     return out
-
-
-def ranking_pairs(groups: list[list[int]]) -> Iterator[tuple[int, int]]:
-    """(better, worse) for every pair of completions in different groups; ties give no pair."""
-    for hi, lo in combinations(range(len(groups)), 2):
-        for better in groups[hi]:
-            for worse in groups[lo]:
-                yield better, worse
 
 
 # Rows are read in keyset-paginated chunks (id > last id) as plain values, never as model
@@ -783,6 +1002,8 @@ def _consensus_chunks(project: Project) -> Iterator[tuple[list[dict], dict[int, 
 
 
 def _export_row(row: dict, texts: dict[int, str]) -> dict:
+    """A rankings row: "ranking" gives the preference as indexes into "completions" (what
+    import reads back); "groups" gives it as completion ids."""
     out = {
         "ranking_id": row["id"],
         "item_id": row["item_id"],
@@ -792,6 +1013,7 @@ def _export_row(row: dict, texts: dict[int, str]) -> dict:
         "metadata": row["item__prompt__metadata"],
         "completions": [{"id": cid, "text": text} for cid, text in texts.items()],
         "labeler": row["user__username"],
+        "ranking": ids_to_indices(row["groups"], list(texts)),
         "groups": row["groups"],
         "rationale": row["rationale"],
         "seconds_spent": row["seconds_spent"],
@@ -835,11 +1057,11 @@ def export_rows(
 def hh_dialogue(prompt: str, completion: str) -> str:
     """One Anthropic HH dialogue: a prompt imported from HH already holds its turns up to the
     final "\n\nAssistant:" and is kept byte for byte; any other prompt becomes one human
-    turn: "\n\nHuman: {prompt}\n\nAssistant: {completion}"."""
+    turn: "\n\nHuman: {prompt}\n\nAssistant: {completion}", always with that one space,
+    which import takes off again (hh_plain)."""
     if prompt.endswith(HH_MARKER):
         return prompt + completion
-    space = "" if completion[:1].isspace() else " "
-    return f"\n\nHuman: {prompt}{HH_MARKER}{space}{completion}"
+    return f"\n\nHuman: {prompt}{HH_MARKER} {completion}"
 
 
 def export_jsonl(

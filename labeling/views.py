@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
@@ -119,15 +120,22 @@ def project_import(request, project_id):
     if not form.is_valid():
         messages.error(request, "Choose a JSONL or CSV file to import.")
         return redirect("labeling:project_dashboard", project_id=project.pk)
-    from labeling.importexport import ImportFileError, import_file
+    from labeling.importexport import ImportFileError, ImportTooLarge, import_file
 
     upload = form.cleaned_data["file"]
     try:
         report = import_file(
-            project=project, fileobj=upload, fmt=form.cleaned_data["fmt"] or None, user=request.user
+            project=project,
+            fileobj=upload,
+            fmt=form.cleaned_data["fmt"] or None,
+            user=request.user,
+            wait_for_k=form.cleaned_data["wait_for_k"],
+            max_bytes=settings.IMPORT_MAX_BYTES,
         )
     except ImportFileError as e:
         messages.error(request, f"{upload.name}, {e}. Nothing from this file was stored.")
+    except ImportTooLarge as e:
+        messages.error(request, f"{upload.name}: {e}. Nothing from this file was stored.")
     except ValueError as e:
         messages.error(request, f"{upload.name}: {e}. Nothing from this file was stored.")
     else:

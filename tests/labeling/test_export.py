@@ -9,13 +9,14 @@ from django.core.management import call_command
 
 from labeling import services
 from labeling.importexport import (
+    EXPORT_KINDS,
     borda_consensus,
     export_jsonl,
     export_rows,
     import_file,
     ranking_pairs,
 )
-from labeling.models import Membership
+from labeling.models import ItemCompletion, Membership, Ranking
 
 pytestmark = pytest.mark.django_db
 
@@ -158,8 +159,8 @@ def test_hh_round_trip_is_byte_for_byte(project, admin_user):
             "rejected": "\n\nHuman: 2+2?\n\nAssistant: 4!",
         },
         {
-            "chosen": "\n\nHuman: same\n\nAssistant: same",
-            "rejected": "\n\nHuman: same\n\nAssistant: same",
+            "chosen": "\n\nHuman: no space\n\nAssistant:yes",
+            "rejected": "\n\nHuman: no space\n\nAssistant:no",
         },
     ]
     original = jsonl_bytes(rows)
@@ -173,7 +174,7 @@ def test_hh_export_of_plain_pairs_is_hh_dialogues_that_import_back(project, admi
     exported = b"".join(export_jsonl(project=project, kind="hh"))
     assert json.loads(exported) == {
         "chosen": "\n\nHuman: Capital of France?\n\nAssistant: Paris.",
-        "rejected": "\n\nHuman: Capital of France?\n\nAssistant: Lyon.",
+        "rejected": "\n\nHuman: Capital of France?\n\nAssistant:  Lyon.",
     }
     other = services.project_create(name="From the HH file", created_by=admin_user)
     import_file(project=other, fileobj=io.BytesIO(exported), user=admin_user)
@@ -231,11 +232,7 @@ def test_datasets_load_dataset_reads_every_export_kind(
             assert ds.num_rows == n, (kind, consensus)
             if kind == "pairs":
                 assert set(ds.column_names) == {"prompt", "chosen", "rejected"}
-                assert ds[0] == {
-                    "prompt": "\n\nHuman: a\n\nAssistant:",
-                    "chosen": " b",
-                    "rejected": " c",
-                }
+                assert ds[0] == {"prompt": "a", "chosen": "b", "rejected": "c"}
             if kind == "rankings" and not consensus:
                 assert ds[2]["labeler"] == labeler.username and ds[0]["labeler"] is None
                 assert ds[1]["metadata"]["k"] == 1
@@ -249,3 +246,85 @@ def test_export_pages_through_chunks_in_order(project, admin_user):
     assert list(export_rows(project=project, kind="pairs")) == rows  # 3 chunks of 500
     consensus = list(export_rows(project=project, kind="rankings", consensus=True))
     assert [r["prompt"] for r in consensus] == [r["prompt"] for r in rows]
+
+
+# --------------------------------------------------------------------------- export, then import
+
+
+def stored_preferences(project) -> tuple[set, set, list]:
+    """(prompts, completions, preference pairs) of a project's rankings, by text:
+    prompts as (text, messages, metadata), completions as (prompt text, completion text),
+    pairs as a sorted list of (prompt text, better text, worse text)."""
+    prompts, completions, pairs = set(), set(), []
+    for ranking in Ranking.objects.filter(item__project=project).select_related("item__prompt"):
+        prompt = ranking.item.prompt
+        texts = dict(
+            ItemCompletion.objects.filter(item=ranking.item).values_list(
+                "completion_id", "completion__text"
+            )
+        )
+        prompts.add((prompt.text, json.dumps(prompt.messages), json.dumps(prompt.metadata)))
+        completions.update((prompt.text, text) for text in texts.values())
+        pairs += [(prompt.text, texts[b], texts[w]) for b, w in ranking_pairs(ranking.groups)]
+    return prompts, completions, sorted(pairs)
+
+
+@pytest.mark.parametrize("kind", EXPORT_KINDS)
+def test_every_export_kind_imports_back_to_the_same_prompts_completions_and_preferences(
+    project, admin_user, labeler, make_items, kind
+):
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"}]
+    imported = [
+        {"prompt": "Why is the sky blue?", "chosen": "Rayleigh.\r\n", "rejected": " Because. "},
+        {"prompt": "Order", "completions": ["b", "a", "c"], "ranking": [[1], [0, 2]]},
+        {"messages": chat, "completions": ["Hello.", "Hi!"], "ranking": [[1], [0]]},
+        {"prompt": "tagged", "chosen": "y", "rejected": "n", "metadata": {"topic": "t"}},
+        {
+            "chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Colour?\n\nAssistant: Blue.",
+            "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Colour?\n\nAssistant: Red",
+        },
+        {
+            "chosen": "\n\nHuman: 2+2?\n\nAssistant: 4",
+            "rejected": "\n\nHuman: 2+2?\n\nAssistant: 5",
+        },
+    ]
+    import_file(project=project, fileobj=io.BytesIO(jsonl_bytes(imported)), user=admin_user)
+    item = make_items(project, 1)[0]
+    rank(labeler, item, [[2], [0, 3], [1]])
+
+    exported = b"".join(export_jsonl(project=project, kind=kind))
+    fresh = services.project_create(name="Imported back", created_by=admin_user, k=2)
+    import_file(project=fresh, fileobj=io.BytesIO(exported), user=admin_user)
+
+    source, back = stored_preferences(project), stored_preferences(fresh)
+    if kind == "rankings":
+        assert back[0] == source[0]  # texts, chat turns and metadata
+    else:  # pairs and HH dialogues carry the prompt's text only
+        assert {p[0] for p in back[0]} == {p[0] for p in source[0]}
+    assert back[1] == source[1]
+    assert back[2] == source[2]
+    # The same pairs, in the same order.
+    assert [
+        {k: v for k, v in r.items() if k in ("prompt", "chosen", "rejected")}
+        for r in export_rows(project=fresh, kind="pairs")
+    ] == [
+        {k: v for k, v in r.items() if k in ("prompt", "chosen", "rejected")}
+        for r in export_rows(project=project, kind="pairs")
+    ]
+
+
+def test_a_rankings_row_carries_its_ranking_as_indexes_and_imports_without_its_bookkeeping(
+    project, admin_user, labeler, make_items
+):
+    item = make_items(project, 1)[0]
+    rank(labeler, item, [[3], [0, 1], [2]], rationale="r", seconds_spent=2.0)
+    row = next(export_rows(project=project, kind="rankings"))
+    ids = [c["id"] for c in row["completions"]]
+    assert row["ranking"] == [[3], [0, 1], [2]]
+    assert row["groups"] == [[ids[3]], [ids[0], ids[1]], [ids[2]]]
+    assert row["messages"] is None
+    fresh = services.project_create(name="Back", created_by=admin_user)
+    import_file(project=fresh, fileobj=io.BytesIO(jsonl_bytes([row])), user=admin_user)
+    prompt = fresh.prompts.get()
+    assert prompt.metadata == {} and prompt.messages is None
+    assert Ranking.objects.get(item__project=fresh).source == "import"

@@ -8,7 +8,7 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from labeling import services
-from labeling.importexport import ImportFileError, detect_format, import_file
+from labeling.importexport import ImportFileError, ImportTooLarge, detect_format, import_file
 from labeling.models import Completion, Item, ItemCompletion, Prompt, Ranking
 
 pytestmark = pytest.mark.django_db
@@ -68,7 +68,7 @@ def test_it_imports_plain_and_chat_prompts_with_their_metadata(project, admin_us
     assert chat.text == "system: Be brief.\n\nuser: Hi?"
 
 
-def test_it_turns_unranked_completions_into_queue_items_of_k(project, admin_user, labeler):
+def test_with_wait_for_k_leftover_completions_wait_for_more(project, admin_user, labeler):
     six = [f"answer {i}" for i in range(6)]
     report = import_file(
         project=project,  # K = 4
@@ -86,6 +86,7 @@ def test_it_turns_unranked_completions_into_queue_items_of_k(project, admin_user
         ),
         fmt=None,
         user=admin_user,
+        wait_for_k=True,
     )
     # p1: one item of 4 (the 2 left over wait for more completions, as items_create_for_prompt does)
     assert (report.prompts, report.completions, report.items, report.rankings) == (2, 10, 2, 0)
@@ -182,12 +183,13 @@ def test_it_imports_csv_of_each_kind(project, admin_user):
         ),
         'prompt,completions,ranking\r\nq,"[""a"",""b""]","[[1],[0]]"\r\n': (1, 2, 1, 1),
         "prompt,chosen,rejected\r\nq,good,bad\r\n": (1, 2, 1, 1),
-        'chosen,rejected\r\n"\n\nHuman: q\n\nAssistant: yes","\n\nHuman: q\n\nAssistant: no"\r\n': (
+        'chosen,rejected\r\n"\n\nHuman: hh q\n\nAssistant: yes","\n\nHuman: hh q\n\nAssistant: no"\r\n': (
             1,
             2,
             1,
             1,
         ),
+        "prompt,completion\r\nwrite a haiku,old pond\r\nno demo here,\r\n": (2, 1, 0, 0),
         'messages,metadata\r\n"[{""role"": ""user"", ""content"": ""hi""}]","{""k"": 1}"\r\n': (
             1,
             0,
@@ -204,8 +206,11 @@ def test_it_imports_csv_of_each_kind(project, admin_user):
     assert Prompt.objects.get(project=project, text="Hello?").metadata == {"topic": "greeting"}
     assert Prompt.objects.get(project=project, text="user: hi").metadata == {"k": 1}
     assert Completion.objects.filter(prompt__project=project, text="d, with comma").exists()
-    hh = Prompt.objects.get(project=project, text="\n\nHuman: q\n\nAssistant:")
-    assert sorted(hh.completions.values_list("text", flat=True)) == [" no", " yes"]
+    # A single HH turn is a plain prompt (hh_plain), as the hh export writes one.
+    hh = Prompt.objects.get(project=project, text="hh q")
+    assert sorted(hh.completions.values_list("text", flat=True)) == ["no", "yes"]
+    demo = Prompt.objects.get(project=project, text="write a haiku")
+    assert list(demo.completions.values_list("text", flat=True)) == ["old pond"]
 
 
 def test_it_detects_the_format_from_the_content():
@@ -260,8 +265,16 @@ def test_it_preserves_csv_text_byte_for_byte_including_line_breaks_in_quoted_cel
         (['{"prompt": "ok", "chosen": "a"}'], 1, "missing field 'rejected'"),
         (['{"prompt": 3}'], 1, "must be a string"),
         (['["prompt"]'], 1, "expected a JSON object"),
-        (['{"prompt": "p", "completions": ["a", "b"], "ranking": [[0], [0]]}'], 1, "exactly once"),
-        (['{"prompt": "p", "completions": ["a", "b"], "ranking": [[0], [5]]}'], 1, "not an index"),
+        (
+            ['{"prompt": "p", "completions": ["a", "b"], "ranking": [[0], [0]]}'],
+            1,
+            "more than once",
+        ),
+        (
+            ['{"prompt": "p", "completions": ["a", "b"], "ranking": [[0], [5]]}'],
+            1,
+            "not one of the completion indexes",
+        ),
         (['{"prompt": "p", "metadata": [1]}'], 1, "'metadata' must be an object"),
         (['{"prompt": "p"}', '{"prompt": "nul \\u0000 byte"}'], 2, "NUL"),
         (['{"prompt": "p"}', '{"prompt": "half \\ud800 pair"}'], 2, "surrogate"),
@@ -434,3 +447,170 @@ def test_imported_ids_are_never_reused_after_a_delete(project, admin_user):
     second = Prompt.objects.get(project=project)
     assert second.pk > first
     assert min(second.completions.values_list("id", flat=True)) > top_completion
+
+
+# --------------------------------------------------------------------------- what cannot be stored
+
+DEEP = "[" * 5000 + "]" * 5000
+DIGITS = "7" * 5000
+
+
+@pytest.mark.parametrize(
+    ("line", "words"),
+    [
+        ('{"prompt": "p", "metadata": {"x": ' + DEEP + "}}", "nested too deeply to read"),
+        (
+            '{"prompt": "p", "metadata": {"x": ' + ("[" * 70 + "]" * 70) + "}}",
+            "nested more than 64",
+        ),
+        ('{"prompt": "p", "score": ' + DIGITS + "}", "field 'score' is 777777777777...777777"),
+        ('{"prompt": "p", "score": ' + DIGITS + "}", "an integer of 5,000 digits is too long"),
+        ('{"prompt": "p", "metadata": {"score": NaN}}', "field 'metadata.score' is NaN"),
+        (
+            '{"prompt": "p", "completions": [{"text": "a", "generation": {"t": Infinity}}, "b"],'
+            ' "ranking": [[0], [1]]}',
+            "field 'completions[0].generation.t' is Infinity: JSON has no NaN or Infinity",
+        ),
+        (
+            '{"messages": [{"role": "user", "content": "hi", "w": -Infinity}]}',
+            "field 'messages[0].w' is -Infinity",
+        ),
+        ('{"prompt": "p", "metadata": {"big": 1e400}}', "beyond the range of a float"),
+        ('{"prompt": NaN}', "field 'prompt' must be a string, not the number NaN"),
+        (
+            '{"prompt": "p", "completions": ["a", "b"], "ranking": [[NaN], [1]]}',
+            "ranking[0] holds NaN",
+        ),
+        ('{"prompt": "p", "metadata": {"note": "a\\u0000b"}}', "'metadata.note' contains a NUL"),
+        ('{"prompt": "p", "tags": ["ok", "\\ud800"]}', "'tags[1]' contains an unpaired surrogate"),
+        ('{"prompt": "p", "a\\u0000b": 1}', "the record has a field name with a NUL character"),
+    ],
+)
+def test_json_the_database_cannot_store_is_refused_naming_its_line_and_field(
+    project, admin_user, line, words
+):
+    data = ('{"prompt": "fine"}\n' + line + "\n").encode()
+    with pytest.raises(ImportFileError) as err:
+        import_file(project=project, fileobj=io.BytesIO(data), fmt="jsonl", user=admin_user)
+    assert err.value.line == 2
+    assert words in err.value.message
+    assert nothing_stored(project)
+
+
+@pytest.mark.parametrize(
+    ("cell", "words"),
+    [
+        ('{""s"": NaN}', "field 'metadata.s' is NaN"),
+        ('{""s"": ' + DEEP + "}", "nested too deeply"),
+        ('{""n"": ' + DIGITS + "}", "5,000 digits"),
+    ],
+)
+def test_a_csv_json_cell_the_database_cannot_store_is_refused(project, admin_user, cell, words):
+    data = f'prompt,metadata\nfine,\nq,"{cell}"\n'.encode()
+    with pytest.raises(ImportFileError) as err:
+        import_file(project=project, fileobj=io.BytesIO(data), fmt="csv", user=admin_user)
+    assert err.value.line == 3 and words in err.value.message
+    assert nothing_stored(project)
+
+
+# --------------------------------------------------------------------------- what makes no item
+
+
+@pytest.mark.parametrize(
+    ("record", "words"),
+    [
+        (
+            {"prompt": "p", "completions": ["same", "same"], "ranking": [[0], [1]]},
+            "field 'completions[1]' is the same text as completions[0]",
+        ),
+        (
+            {"prompt": "p", "completions": ["a", "b", "a", "c"]},
+            "field 'completions[2]' is the same text as completions[0]",
+        ),
+        ({"prompt": "p", "chosen": "x", "rejected": "x"}, "'chosen' and 'rejected' are the same"),
+        (
+            {"chosen": "\n\nHuman: q\n\nAssistant: x", "rejected": "\n\nHuman: q\n\nAssistant: x"},
+            "'chosen' and 'rejected' are the same",
+        ),
+        (
+            {"prompt": "p", "completion": "a", "completions": ["b", "c"]},
+            "either 'completion' (a demonstration) or 'completions'",
+        ),
+    ],
+)
+def test_a_record_that_would_show_one_text_twice_is_refused(project, admin_user, record, words):
+    with pytest.raises(ImportFileError) as err:
+        import_file(project=project, fileobj=jsonl({"prompt": "ok"}, record), user=admin_user)
+    assert err.value.line == 2 and words in err.value.message
+    assert nothing_stored(project)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_unranked_completions_that_do_not_fill_items_of_k_are_refused(admin_user, n):
+    project = services.project_create(name="Pairs", created_by=admin_user, k=2)
+    record = {"prompt": "p", "completions": [f"c{i}" for i in range(n)]}
+    with pytest.raises(ImportFileError) as err:
+        import_file(project=project, fileobj=jsonl({"prompt": "ok"}, record), user=admin_user)
+    assert err.value.line == 2
+    assert f"field 'completions' holds {n}, which does not make items of K=2" in err.value.message
+    assert "wait_for_k" in err.value.message
+    assert nothing_stored(project)
+
+
+def test_wait_for_k_keeps_the_completions_left_over(admin_user):
+    project = services.project_create(name="Pairs", created_by=admin_user, k=2)
+    report = import_file(
+        project=project,
+        fileobj=jsonl(
+            {"prompt": "three", "completions": ["a", "b", "c"]},
+            {"prompt": "one", "completions": ["d"]},
+            {"prompt": "four", "completions": ["e", "f", "g", "h"]},
+        ),
+        user=admin_user,
+        wait_for_k=True,
+    )
+    assert (report.prompts, report.completions, report.items) == (3, 8, 3)
+
+
+def test_a_demonstration_is_a_prompt_with_one_completion_and_no_item(project, admin_user):
+    report = import_file(
+        project=project,
+        fileobj=jsonl({"prompt": "Write a haiku.", "completion": "old pond / a frog"}),
+        user=admin_user,
+    )
+    assert (report.prompts, report.completions, report.items, report.rankings) == (1, 1, 0, 0)
+    prompt = Prompt.objects.get(project=project)
+    assert prompt.metadata == {}
+    assert list(prompt.completions.values_list("text", flat=True)) == ["old pond / a frog"]
+
+
+# --------------------------------------------------------------------------- size
+
+
+class _Stream(io.RawIOBase):
+    """A file that cannot seek, as a pipe or a socket."""
+
+    def __init__(self, data: bytes):
+        self.inner = io.BytesIO(data)
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        chunk = self.inner.read(len(buffer))
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
+
+@pytest.mark.parametrize("seekable", [True, False])
+def test_a_file_over_max_bytes_is_refused_whole_naming_the_limit(project, admin_user, seekable):
+    data = b"".join(b'{"prompt": "p%d"}\n' % i for i in range(200))
+    fileobj = io.BytesIO(data) if seekable else io.BufferedReader(_Stream(data))
+    with pytest.raises(ImportTooLarge) as err:
+        import_file(project=project, fileobj=fileobj, user=admin_user, max_bytes=1024)
+    assert "over the import limit of 1 KiB (IMPORT_MAX_BYTES)" in str(err.value)
+    assert nothing_stored(project)
+    fits = import_file(
+        project=project, fileobj=io.BytesIO(data), user=admin_user, max_bytes=len(data)
+    )
+    assert fits.prompts == 200

@@ -235,6 +235,53 @@ def test_a_bad_import_line_is_reported_and_nothing_is_stored(admin_client, proje
     assert not project.prompts.exists()
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'{"prompt": "p", "metadata": {"x": ' + b"[" * 5000 + b"]" * 5000 + b"}}",
+        b'{"prompt": "p", "n": ' + b"9" * 5000 + b"}",
+        b'{"prompt": "p", "metadata": {"s": NaN}}',
+        b'{"prompt": "p", "completions": ["same", "same", "a", "b"]}',
+    ],
+)
+def test_an_import_of_what_cannot_be_stored_names_the_file_and_line_on_the_page(
+    admin_client, project, line
+):
+    upload = io.BytesIO(b'{"prompt": "ok"}\n' + line + b"\n")
+    upload.name = "probe.jsonl"
+    response = admin_client.post(
+        reverse("labeling:project_import", args=[project.pk]), {"file": upload}, follow=True
+    )
+    assert response.status_code == 200
+    html = response.content.decode()
+    assert "probe.jsonl, line 2: " in html and "Nothing from this file was stored" in html
+    assert not project.prompts.exists()
+
+
+def test_an_import_over_the_size_limit_is_refused_on_the_page(admin_client, project, settings):
+    settings.IMPORT_MAX_BYTES = 1000
+    upload = io.BytesIO(b"".join(b'{"prompt": "p%d"}\n' % i for i in range(200)))
+    upload.name = "big.jsonl"
+    response = admin_client.post(
+        reverse("labeling:project_import", args=[project.pk]), {"file": upload}, follow=True
+    )
+    html = response.content.decode()
+    assert "big.jsonl: the file is" in html and "import limit of 1,000 bytes" in html
+    assert not project.prompts.exists()
+
+
+def test_the_import_form_offers_wait_for_k(admin_client, project):
+    upload = io.BytesIO(b'{"prompt": "p", "completions": ["a", "b", "c", "d", "e"]}\n')
+    upload.name = "five.jsonl"
+    url = reverse("labeling:project_import", args=[project.pk])
+    html = admin_client.post(url, {"file": upload}, follow=True).content.decode()
+    assert "five.jsonl, line 1: field &#x27;completions&#x27; holds 5" in html
+    assert 'name="wait_for_k"' in html
+    upload.seek(0)
+    admin_client.post(url, {"file": upload, "wait_for_k": "on"})
+    assert project.items.count() == 1
+
+
 def test_the_dashboard_shows_agreement_between_labelers(
     admin_client, labeler, project, make_user, make_items
 ):

@@ -1,4 +1,4 @@
-"""manage.py import_data PROJECT_ID FILE [--format jsonl|csv] [--user USERNAME]
+"""manage.py import_data PROJECT_ID FILE [--format jsonl|csv] [--user USERNAME] [--wait-for-k]
 
 Imports prompts, completions and preferences (see labeling.importexport). A bad line is
 reported as FILE:LINE: what is wrong, and nothing from the file is stored."""
@@ -22,8 +22,14 @@ class Command(BaseCommand):
         parser.add_argument(
             "--user", default=None, help="username recorded as the importer (optional)"
         )
+        parser.add_argument(
+            "--wait-for-k",
+            action="store_true",
+            help="keep unranked completions that do not fill an item of the project's K "
+            "(they wait for more) instead of refusing their line",
+        )
 
-    def handle(self, *args, project_id, path, format, user, **options):
+    def handle(self, *args, project_id, path, format, user, wait_for_k, **options):
         project = Project.objects.filter(pk=project_id).first()
         if project is None:
             raise CommandError(f"There is no project {project_id}.")
@@ -34,7 +40,13 @@ class Command(BaseCommand):
                 raise CommandError(f"There is no user named {user!r}.")
         try:
             with open(path, "rb") as fileobj:
-                report = import_file(project=project, fileobj=fileobj, fmt=format, user=importer)
+                report = import_file(
+                    project=project,
+                    fileobj=fileobj,
+                    fmt=format,
+                    user=importer,
+                    wait_for_k=wait_for_k,
+                )
         except OSError as exc:
             raise CommandError(f"Cannot read {path}: {exc.strerror}") from None
         except ImportFileError as exc:
