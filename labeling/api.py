@@ -7,22 +7,32 @@ token (X-CSRFToken header). Every lookup is scoped to the caller's projects: any
 else is a 404, so a labeler cannot learn that another project or item exists.
 
 Errors: {"detail": message, "code": ...} with the status of the labeling rule that refused
-(400 invalid, 404 not found, 409 stale lease), as raised by labeling.services.
+(400 invalid, 404 not found, 409 stale lease), as raised by labeling.services; 413 for an
+import over IMPORT_MAX_BYTES; 422 (pydantic's list of errors) for a malformed request.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 
+from django.conf import settings
 from django.http import StreamingHttpResponse
 from ninja import File, Form, Router, Schema
 from ninja.files import UploadedFile
 from ninja.responses import Status
 
 from config.ids import Id
+from config.schemas import INVALID
 from labeling import selectors, services
 from labeling.auth import api_token_create, api_token_revoke, api_tokens_for_user, token_hash
-from labeling.importexport import EXPORT_KINDS, FORMATS, ImportFileError, export_jsonl, import_file
+from labeling.importexport import (
+    EXPORT_KINDS,
+    FORMATS,
+    ImportFileError,
+    ImportTooLarge,
+    export_jsonl,
+    import_file,
+)
 from labeling.models import ApiToken
 from labeling.services import LabelingError
 from labeling.templatetags.labeling_markdown import markdown_to_safe_html
@@ -166,7 +176,7 @@ class TokenOut(Schema):
     token: str
 
 
-ERRORS = {400: ErrorOut, 404: ErrorOut, 409: ErrorOut}
+ERRORS = {400: ErrorOut, 404: ErrorOut, 409: ErrorOut, **INVALID}
 
 
 def _refused(e: LabelingError) -> Status:
@@ -181,7 +191,7 @@ def project_list(request):
     return list(selectors.project_list_for_user(user=request.auth))
 
 
-@router.get("/projects/{project_id}", response={200: ProjectDetailOut, 404: ErrorOut})
+@router.get("/projects/{project_id}", response={200: ProjectDetailOut, 404: ErrorOut, **INVALID})
 def project_detail(request, project_id: int):
     user = request.auth
     project = selectors.project_get_for_user(user=user, project_id=project_id)
@@ -288,11 +298,18 @@ def item_flag(request, item_id: int, payload: FlagIn):
 
 @router.post(
     "/projects/{project_id}/import",
-    response={200: ImportOut, 400: ErrorOut, 404: ErrorOut},
+    response={200: ImportOut, 400: ErrorOut, 404: ErrorOut, 413: ErrorOut, **INVALID},
     summary="Import a JSONL or CSV file (project admins); a bad line stores nothing",
+    description="A bad record is a 400 naming its line (`line`) and field; a file over the "
+    "server's IMPORT_MAX_BYTES is a 413. `wait_for_k`: unranked completions that do not fill "
+    "an item of the project's K wait for more instead of being refused.",
 )
 def project_import(
-    request, project_id: int, file: File[UploadedFile], fmt: Form[str | None] = None
+    request,
+    project_id: int,
+    file: File[UploadedFile],
+    fmt: Form[str | None] = None,
+    wait_for_k: Form[bool] = False,
 ):
     project = selectors.project_get_for_user(user=request.auth, project_id=project_id, admin=True)
     if fmt in ("", "auto"):
@@ -302,7 +319,22 @@ def project_import(
             400, {"detail": f"fmt must be one of {', '.join(FORMATS)} (or empty to detect it)"}
         )
     try:
-        report = import_file(project=project, fileobj=file, fmt=fmt, user=request.auth)
+        report = import_file(
+            project=project,
+            fileobj=file,
+            fmt=fmt,
+            user=request.auth,
+            wait_for_k=wait_for_k,
+            max_bytes=settings.IMPORT_MAX_BYTES,
+        )
+    except ImportTooLarge as e:
+        return Status(
+            413,
+            {
+                "detail": f"{file.name}: {e}. Nothing from this file was stored.",
+                "code": "too_large",
+            },
+        )
     except ImportFileError as e:
         return Status(
             400,
@@ -317,7 +349,7 @@ def project_import(
 
 @router.get(
     "/projects/{project_id}/export",
-    response={200: None, 400: ErrorOut, 404: ErrorOut},
+    response={200: None, 400: ErrorOut, 404: ErrorOut, **INVALID},
     summary="Download rankings, pairs or HH pairs as JSONL (project admins); streamed",
     openapi_extra={
         "responses": {
@@ -343,7 +375,7 @@ def project_export(request, project_id: int, kind: str = "rankings", consensus: 
 
 @router.post(
     "/tokens",
-    response={201: TokenOut, 403: ErrorOut},
+    response={201: TokenOut, 403: ErrorOut, **INVALID},
     summary="Create an API token for yourself (from a logged-in session, with CSRF); the raw "
     "token is shown only in this response",
 )
@@ -370,7 +402,7 @@ def token_list(request):
 
 @router.delete(
     "/tokens/{token_id}",
-    response={204: None, 404: ErrorOut},
+    response={204: None, 404: ErrorOut, **INVALID},
     summary="Revoke one of your API tokens (a script may revoke the token it uses)",
 )
 def token_revoke(request, token_id: int):

@@ -13,6 +13,7 @@ from ninja import Field, Router, Schema, Status
 from pydantic import ConfigDict, StrictBool, StrictInt
 
 from config.ids import MAX_ID, Id, QueryId
+from config.schemas import INVALID
 from training import selectors, services
 from training.models import Checkpoint, Job
 
@@ -124,7 +125,7 @@ def _checkpoint(user, checkpoint_id: int | None) -> Checkpoint | None:
     return selectors.checkpoint_get_for_user(user=user, checkpoint_id=checkpoint_id)
 
 
-@router.post("/training/jobs", response={201: JobOut, 400: ErrorOut, 404: ErrorOut})
+@router.post("/training/jobs", response={201: JobOut, 400: ErrorOut, 404: ErrorOut, **INVALID})
 def launch_job(request, payload: LaunchIn):
     project = selectors.project_admin_get(user=request.user, project_id=payload.project_id)
     options = {}
@@ -151,19 +152,19 @@ def launch_job(request, payload: LaunchIn):
     return Status(201, job)
 
 
-@router.get("/training/jobs", response=list[JobOut])
+@router.get("/training/jobs", response={200: list[JobOut], **INVALID})
 def list_jobs(request, project_id: QueryId | None = None, limit: int = 100):
     return list(
         selectors.jobs_for_user(user=request.user, project_id=project_id)[: max(1, min(limit, 500))]
     )
 
 
-@router.get("/training/jobs/{job_id}", response={200: JobOut, 404: ErrorOut})
+@router.get("/training/jobs/{job_id}", response={200: JobOut, 404: ErrorOut, **INVALID})
 def get_job(request, job_id: int):
     return selectors.job_get_for_user(user=request.user, job_id=job_id)
 
 
-@router.get("/training/jobs/{job_id}/metrics", response={200: MetricsOut, 404: ErrorOut})
+@router.get("/training/jobs/{job_id}/metrics", response={200: MetricsOut, 404: ErrorOut, **INVALID})
 def get_job_metrics(request, job_id: int, after: Annotated[int, Field(ge=0, le=MAX_ID)] = 0):
     job = selectors.job_get_for_user(user=request.user, job_id=job_id)
     points = selectors.metric_points_after(job=job, after=after)
@@ -177,19 +178,22 @@ def get_job_metrics(request, job_id: int, after: Annotated[int, Field(ge=0, le=M
     }
 
 
-@router.post("/training/jobs/{job_id}/cancel", response={200: JobOut, 404: ErrorOut})
+@router.post("/training/jobs/{job_id}/cancel", response={200: JobOut, 404: ErrorOut, **INVALID})
 def cancel_job(request, job_id: int):
     job = selectors.job_get_for_user(user=request.user, job_id=job_id)
     return services.job_cancel(job=job)
 
 
-@router.get("/training/checkpoints", response=list[CheckpointOut])
+@router.get("/training/checkpoints", response={200: list[CheckpointOut], **INVALID})
 def list_checkpoints(request, project_id: QueryId | None = None, role: str | None = None):
     return list(
         selectors.checkpoints_for_user(user=request.user, project_id=project_id, role=role)[:500]
     )
 
 
-@router.get("/training/checkpoints/{checkpoint_id}", response={200: CheckpointOut, 404: ErrorOut})
+@router.get(
+    "/training/checkpoints/{checkpoint_id}",
+    response={200: CheckpointOut, 404: ErrorOut, **INVALID},
+)
 def get_checkpoint(request, checkpoint_id: int):
     return selectors.checkpoint_get_for_user(user=request.user, checkpoint_id=checkpoint_id)

@@ -349,3 +349,91 @@ def test_the_tokens_page_shows_a_new_token_once_and_revokes_with_csrf(labeler, o
         {"action": "revoke", "token_id": token.pk, "csrfmiddlewaretoken": csrf},
     )
     assert response.status_code == 302 and not ApiToken.objects.filter(user=labeler).exists()
+
+
+# --------------------------------------------------------------------------- bad imports
+
+
+PROBES = {
+    "deep.jsonl": b'{"prompt": "p", "metadata": {"x": ' + b"[" * 5000 + b"]" * 5000 + b"}}",
+    "digits.jsonl": b'{"prompt": "p", "n": ' + b"9" * 5000 + b"}",
+    "nan.jsonl": b'{"prompt": "p", "metadata": {"s": NaN}}',
+    "inf.jsonl": b'{"prompt": "p", "metadata": {"s": Infinity}}',
+    "-inf.jsonl": b'{"prompt": "p", "metadata": {"s": -Infinity}}',
+    "same.jsonl": b'{"prompt": "p", "chosen": "x", "rejected": "x"}',
+    "orphan.jsonl": b'{"prompt": "p", "completions": ["a", "b", "c", "d", "e"]}',
+}
+
+
+@pytest.mark.parametrize("name", PROBES)
+def test_an_import_of_what_cannot_be_stored_is_a_400_naming_the_line_never_a_500(
+    project, admin_user, name
+):
+    api = Api(admin_user)
+    upload = io.BytesIO(b'{"prompt": "fine"}\n' + PROBES[name] + b"\n")
+    upload.name = name
+    refused = api.client.post(
+        f"/api/projects/{project.pk}/import", {"file": upload}, headers=api.headers
+    )
+    assert refused.status_code == 400, refused.content
+    body = refused.json()
+    assert body["code"] == "bad_line" and body["line"] == 2
+    assert body["detail"].startswith(f"{name}, line 2: ")
+    assert "Nothing from this file was stored" in body["detail"]
+    assert not Prompt.objects.filter(project=project).exists()
+
+
+def test_an_import_over_import_max_bytes_is_a_413_naming_the_limit(project, admin_user, settings):
+    settings.IMPORT_MAX_BYTES = 2048
+    api = Api(admin_user)
+    upload = io.BytesIO(b"".join(b'{"prompt": "p%d"}\n' % i for i in range(500)))
+    upload.name = "big.jsonl"
+    refused = api.client.post(
+        f"/api/projects/{project.pk}/import", {"file": upload}, headers=api.headers
+    )
+    assert refused.status_code == 413
+    assert refused.json()["code"] == "too_large"
+    assert "over the import limit of 2 KiB (IMPORT_MAX_BYTES)" in refused.json()["detail"]
+    assert not Prompt.objects.filter(project=project).exists()
+
+
+def test_wait_for_k_is_a_form_field_of_the_import(project, admin_user):
+    api = Api(admin_user)
+    upload = io.BytesIO(b'{"prompt": "p", "completions": ["a", "b", "c", "d", "e"]}\n')
+    upload.name = "five.jsonl"
+    response = api.client.post(
+        f"/api/projects/{project.pk}/import",
+        {"file": upload, "wait_for_k": "true"},
+        headers=api.headers,
+    )
+    assert response.status_code == 200, response.content
+    assert (response.json()["completions"], response.json()["items"]) == (5, 1)
+
+
+# --------------------------------------------------------------------------- the schema
+
+
+def test_every_operation_that_takes_input_declares_its_422(client):
+    paths = client.get("/api/openapi.json").json()["paths"]
+    takes_input = []
+    for path, operations in paths.items():
+        for method, operation in operations.items():
+            if operation.get("parameters") or operation.get("requestBody"):
+                takes_input.append((method, path))
+                assert "422" in operation["responses"], (method, path)
+                detail = operation["responses"]["422"]["content"]["application/json"]["schema"]
+                assert detail  # a schema, not a bare description
+    assert ("post", "/api/projects/{project_id}/import") in takes_input
+    assert ("post", "/api/training/jobs") in takes_input
+    assert len(takes_input) >= 15
+    imports = paths["/api/projects/{project_id}/import"]["post"]["responses"]
+    assert {"400", "404", "413", "422"} <= set(imports)
+
+
+def test_a_malformed_request_is_the_422_the_schema_declares(project, admin_user):
+    api = Api(admin_user)
+    refused = api.get("/projects/not-a-number")
+    assert refused.status_code == 422
+    assert isinstance(refused.json()["detail"], list)
+    refused = api.get(f"/projects/{project.pk}/export", consensus="maybe")
+    assert refused.status_code == 422
