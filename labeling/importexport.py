@@ -136,12 +136,13 @@ def byte_size(n: int) -> str:
 
 
 class ImportTooLarge(Exception):
-    """The file is larger than the import limit; nothing was read or stored."""
+    """The file is larger than the import limit; nothing was stored. `size` is None for a
+    stream, which is read only up to the limit."""
 
-    def __init__(self, size: int, limit: int):
-        more = "more than " if size > limit + 1 else ""
+    def __init__(self, limit: int, size: int | None = None):
+        size_text = f"{byte_size(size)}, " if size is not None else ""
         super().__init__(
-            f"the file is {more}{byte_size(size)}, over the import limit of {byte_size(limit)} "
+            f"the file is {size_text}over the import limit of {byte_size(limit)} "
             "(IMPORT_MAX_BYTES); split it into smaller files"
         )
         self.size = size
@@ -674,12 +675,13 @@ def import_file(
     imported rankings have user=None by design)."""
     if fmt is not None and fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS} or None, not {fmt!r}")
+    given = getattr(fileobj, "file", fileobj)
     fileobj = _seekable(fileobj, max_bytes)
     if max_bytes is not None:
         size = fileobj.seek(0, os.SEEK_END)
         fileobj.seek(0)
         if size > max_bytes:
-            raise ImportTooLarge(size, max_bytes)
+            raise ImportTooLarge(max_bytes, size if fileobj is given else None)
     fmt = fmt or detect_format(fileobj)
     parse = partial(_record, k=project.k, wait_for_k=wait_for_k)
 

@@ -609,6 +609,7 @@ def test_a_file_over_max_bytes_is_refused_whole_naming_the_limit(project, admin_
     with pytest.raises(ImportTooLarge) as err:
         import_file(project=project, fileobj=fileobj, user=admin_user, max_bytes=1024)
     assert "over the import limit of 1 KiB (IMPORT_MAX_BYTES)" in str(err.value)
+    assert ("the file is 3.6 KiB, over" in str(err.value)) == seekable
     assert nothing_stored(project)
     fits = import_file(
         project=project, fileobj=io.BytesIO(data), user=admin_user, max_bytes=len(data)
