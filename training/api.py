@@ -85,6 +85,11 @@ class JobOut(Schema):
         return list(obj.checkpoints.values_list("id", flat=True))
 
 
+class WarningOut(Schema):
+    code: str = Field(description="length_cap, eos_collapse, small_held_out, overfit, no_held_out")
+    message: str
+
+
 class MetricsOut(Schema):
     cursor: int
     more: bool
@@ -92,6 +97,9 @@ class MetricsOut(Schema):
     status: str
     step: int
     total_steps: int
+    warnings: list[WarningOut] = Field(
+        description="What the job's metrics say is wrong with its curves (training.diagnostics)."
+    )
 
 
 class CheckpointOut(Schema):
@@ -175,6 +183,7 @@ def get_job_metrics(request, job_id: int, after: Annotated[int, Field(ge=0, le=M
         "status": job.status,
         "step": job.step,
         "total_steps": job.total_steps,
+        "warnings": selectors.job_warnings(job=job),
     }
 
 

@@ -115,6 +115,21 @@ def metric_series(points: Iterable[tuple[int, int, str, float]]) -> dict[str, li
     return series
 
 
+def job_warnings(*, job: Job) -> list[dict]:
+    """What the job's own metrics say is wrong with its curves (training.diagnostics)."""
+    from training import diagnostics
+
+    keys = diagnostics.KEYS.get(job.kind)
+    if not keys:
+        return []
+    points = (
+        MetricPoint.objects.filter(job=job, key__in=keys)
+        .order_by("id")
+        .values_list("id", "step", "key", "value")
+    )
+    return diagnostics.warnings_for(job.kind, job.config, metric_series(points))
+
+
 def metric_last_values(*, job: Job) -> dict[str, float]:
     """The last value of every metric key of the job."""
     last: dict[str, float] = {}

@@ -160,6 +160,7 @@ def job_detail(request, job_id: int):
             "job": job,
             "checkpoints": checkpoints,
             "config_json": json.dumps(job.config, indent=2),
+            "warnings": selectors.job_warnings(job=job),
             "result_json": json.dumps(job.result, indent=2) if job.result else "",
         },
     )
@@ -171,7 +172,8 @@ def job_metrics(request, job_id: int):
     """Metric points after a cursor, with the job's status: what the job page polls.
 
     ``?after=<cursor>`` (0 for everything) returns {"cursor", "series": {key: [[step, value],
-    ...]}, "job": {...}, "log_tail"}; pass the returned cursor back to get only new points.
+    ...]}, "job": {...}, "log_tail", "warnings": [{"code", "message"}], "checkpoints"}; pass the
+    returned cursor back to get only new points.
     """
     job = selectors.job_get_for_user(user=request.user, job_id=job_id)
     try:
@@ -186,6 +188,7 @@ def job_metrics(request, job_id: int):
             "series": selectors.metric_series(points),
             "job": job_summary(job),
             "log_tail": job.log_tail,
+            "warnings": selectors.job_warnings(job=job),
             "checkpoints": [
                 {
                     "id": c.pk,

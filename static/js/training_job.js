@@ -71,6 +71,23 @@
     });
   }
 
+  // Warnings computed from the metrics (length cap, EOS collapse, an overfit reward model).
+  function showWarnings(rows) {
+    var list = document.getElementById("job-warnings");
+    if (!list) return;
+    var key = rows.map(function (w) { return w.code + ":" + w.message; }).join("\n");
+    if (list.dataset.key === key) return;
+    list.dataset.key = key;
+    list.textContent = "";
+    rows.forEach(function (w) {
+      var li = document.createElement("li");
+      li.dataset.code = w.code;
+      li.textContent = w.message;
+      list.appendChild(li);
+    });
+    list.hidden = !rows.length;
+  }
+
   function poll() {
     timer = null;
     fetch(url + "?after=" + cursor, { credentials: "same-origin", headers: { Accept: "application/json" } })
@@ -94,6 +111,7 @@
           if (atBottom) log.scrollTop = log.scrollHeight;
         }
         showCheckpoints(data.checkpoints || []);
+        showWarnings(data.warnings || []);
         if (data.more) return schedule(0);
         if (!data.job.is_active) {
           if (!ended) { ended = true; return schedule(FAST_MS); } // one last poll for trailing points
