@@ -14,7 +14,7 @@ and the objective (eq. 3), maximised, is
 with ρ_it = π_θ(o_it | q, o_i<t) / π_θold(o_it | ...) and the per-token KL estimated by k3
 (eq. 4: π_ref/π_θ - log π_ref/π_θ - 1). The reference is the base model with adapters
 disabled, so GRPO keeps one copy of the weights. Rollouts, reward inputs and checkpoints are
-shared with :mod:`rlhf.ppo`.
+shared with PPO (:mod:`rlhf.rl`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from rlhf.loop import (
     sync_device,
 )
 from rlhf.modeling import adapter_parameters
-from rlhf.ppo import (
+from rlhf.rl import (
     RewardFn,
     RLConfig,
     RLRun,

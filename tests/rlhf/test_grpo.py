@@ -8,7 +8,7 @@ import torch
 from rlhf.config import config_from_dict
 from rlhf.errors import ConfigError
 from rlhf.grpo import GRPOConfig, group_advantages, grpo_loss, train_grpo
-from rlhf.ppo import kl_k3
+from rlhf.rl import kl_k3
 from tests.rlhf.resume import full_and_resumed
 
 

@@ -12,23 +12,18 @@ from rlhf.modeling import load_policy
 from rlhf.ppo import (
     AdaptiveKLController,
     PPOConfig,
-    Rewarder,
     clipped_policy_loss,
     clipped_value_loss,
     compute_gae,
-    kl_k1,
-    kl_k2,
-    kl_k3,
     per_token_rewards,
-    response_logprobs,
     train_ppo,
     whiten,
 )
+from rlhf.rl import Rewarder
 from rlhf.sampling import (
     MergedAdapter,
     completion_mask_after_eos,
     ended_with_eos,
-    eos_token_ids,
     generate,
 )
 from tests.rlhf.resume import full_and_resumed
@@ -71,27 +66,6 @@ def test_whiten_normalises_over_masked_positions_only():
     torch.testing.assert_close(
         whiten(x, mask, shift_mean=False), torch.tensor([[3.0, 4.0, 5.0, 0.0]])
     )
-
-
-def test_kl_estimators_match_hand_values():
-    logp = torch.log(torch.tensor([0.5]))
-    ref = torch.log(torch.tensor([0.25]))
-    # k1 = log(0.5/0.25) = log 2; k2 = ½ log²2; k3 = r - 1 - log r with r = 0.25/0.5
-    torch.testing.assert_close(kl_k1(logp, ref), torch.tensor([math.log(2)]))
-    torch.testing.assert_close(kl_k2(logp, ref), torch.tensor([0.5 * math.log(2) ** 2]))
-    torch.testing.assert_close(kl_k3(logp, ref), torch.tensor([0.5 - 1 + math.log(2)]))
-
-
-def test_k1_and_k3_average_to_the_true_kl_over_samples_from_the_policy():
-    g = torch.Generator().manual_seed(0)
-    p = torch.tensor([0.6, 0.3, 0.1])
-    q = torch.tensor([0.2, 0.5, 0.3])
-    true_kl = float((p * (p / q).log()).sum())
-    samples = torch.multinomial(p, 200_000, replacement=True, generator=g)
-    logp, logq = p.log()[samples], q.log()[samples]
-    assert float(kl_k1(logp, logq).mean()) == pytest.approx(true_kl, abs=0.01)
-    assert float(kl_k3(logp, logq).mean()) == pytest.approx(true_kl, abs=0.01)
-    assert bool((kl_k3(logp, logq) >= 0).all())
 
 
 def test_per_token_rewards_put_the_score_on_the_last_response_token():
@@ -208,47 +182,6 @@ def _randomise_adapter(model, name: str, seed: int = 0) -> None:
         for n, p in model.named_parameters():
             if f"lora_B.{name}." in n:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-
-
-def test_training_logprobs_match_the_sampling_distribution_with_left_padding(tiny_model_dir):
-    cfg = _small_cfg(tiny_model_dir)
-    model, tok, device, _ = _load_policy(cfg)
-    _randomise_adapter(model, "policy")
-    prompts = ["hi", "What is the capital of France? Please answer in one word.", "Name a fruit."]
-    query, qmask = encode_prompts(tok, prompts, max_len=40, chat_template=False, device=device)
-    assert qmask[0, 0] == 0 and qmask[1].all()  # left padding
-    torch.manual_seed(0)
-    out = model.generate(
-        input_ids=query,
-        attention_mask=qmask,
-        do_sample=True,
-        temperature=0.7,
-        top_k=0,
-        top_p=1.0,
-        max_new_tokens=6,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=eos_token_ids(tok, model),
-        output_logits=True,
-        return_dict_in_generate=True,
-    )
-    resp = out.sequences[:, query.shape[1] :]
-    rmask = completion_mask_after_eos(resp, eos_token_ids(tok, model))
-    sampled = (
-        torch.log_softmax(torch.stack(out.logits, 1).float() / 0.7, -1)
-        .gather(-1, resp.unsqueeze(-1))
-        .squeeze(-1)
-    )
-    with torch.no_grad():
-        logp, entropy = response_logprobs(
-            model,
-            torch.cat([query, resp], 1),
-            torch.cat([qmask, rmask], 1),
-            resp.shape[1],
-            temperature=0.7,
-            with_entropy=True,
-        )
-    torch.testing.assert_close(logp * rmask, sampled * rmask, atol=1e-4, rtol=0)
-    assert bool((entropy > 0).all())
 
 
 def test_rollouts_sample_from_the_plain_softmax_even_when_the_model_sets_top_k(tiny_model_dir):
