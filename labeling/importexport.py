@@ -21,6 +21,14 @@ Import: one record per JSONL line or CSV row. What a record is follows from its 
     rankings export     a row of the "rankings" export: its "ranking" (indexes) is the preference;
                         its bookkeeping ("groups" of ids, "labeler", "ranking_id", ...) is dropped.
 
+Conversations (rlhf.conversations: roles system/user/assistant, a system turn first only, user
+and assistant alternating from the user, no empty turn, a prompt ending with the user) stand
+wherever a prompt does, in TRL's conversational formats: "prompt" or "messages" as turns, and
+each completion ("completion", "completions" entries, "chosen", "rejected") as a list of one
+assistant message; {"chosen": turns, "rejected": turns} shares its prompt turns implicitly;
+{"messages": turns ending with the assistant} is a demonstration of that last turn. A
+multi-turn HH dialogue becomes a conversation when its turns make one (hh_turns).
+
 A record's completions are all different texts (an item never shows the same text twice), and
 "chosen" differs from "rejected". JSON is refused where the database could not store it: NaN
 and Infinity, a float beyond its range, an integer longer than Python reads
@@ -44,9 +52,11 @@ completions and no ranking become queue items of K completions for the labelers.
 
 Export (streamed JSONL, one JSON object per line, loadable with datasets.load_dataset("json")):
 
-    rankings  one row per ranking (or, with consensus, one Borda-count ranking per item)
+    rankings  one row per ranking (or, with consensus, one Borda-count ranking per item); its
+              "prompt" is the text or the conversation's turns
     pairs     {"prompt", "chosen", "rejected"} for every pair of completions in different groups
-              of every ranking: C(K,2) pairs minus tied pairs
+              of every ranking: C(K,2) pairs minus tied pairs;
+              a conversation as TRL's conversational preference (turns, assistant messages)
     hh        {"chosen", "rejected"} as full dialogues: "\n\nHuman: prompt\n\nAssistant:
               completion"; exporting an imported HH file gives back its pairs byte for byte
 """
@@ -57,6 +67,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -70,6 +81,7 @@ from django.utils import timezone
 
 from labeling.models import Completion, Item, ItemCompletion, Project, Prompt, Ranking
 from labeling.selectors import item_completion_texts, rankings_for_project
+from rlhf.conversations import ConversationError, conversation_check, conversation_text
 from rlhf.rankings import (
     MAX_K,
     MIN_K,
@@ -82,6 +94,7 @@ from rlhf.rankings import (
 )
 
 HH_MARKER = "\n\nAssistant:"
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 BATCH_RECORDS = 1000
 # The longest line an import reads (a record's text is far shorter; see _lines).
 MAX_LINE_BYTES = 16 * 1024 * 1024
@@ -222,26 +235,37 @@ def _json_type(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
-def messages_text(messages: list[dict]) -> str:
-    """The plain-text form of chat turns stored in Prompt.text ("role: content" blocks, as
-    services.prompt_create renders them)."""
-    return "\n\n".join(f"{m['role']}: {m['content']}" for m in messages)
-
-
-def _messages(value: Any) -> list[dict]:
-    if not isinstance(value, list) or not value:
-        raise _Invalid(
-            'field \'messages\' must be a non-empty array of {"role", "content"} objects'
-        )
+def _messages(value: Any, name: str = "messages", *, last: str | None = "user") -> list[dict]:
+    """A conversation (rlhf.conversations: roles, alternation, no empty turn), storable."""
+    try:
+        conversation_check(value, name=name, last=last)
+    except ConversationError as exc:
+        raise _Invalid(str(exc)) from None
     for i, turn in enumerate(value):
-        if not isinstance(turn, dict):
-            raise _Invalid(f"messages[{i}] must be an object with 'role' and 'content'")
-        for key in ("role", "content"):
-            if key not in turn:
-                raise _Invalid(f"messages[{i}] is missing '{key}'")
-            _text(turn[key], f"messages[{i}].{key}", allow_empty=key == "content")
-        _check_json(turn, f"messages[{i}]")
+        _check_json(turn, f"{name}[{i}]")
     return value
+
+
+def _assistant_text(value: Any, name: str) -> str:
+    """The text of a conversational completion: a list holding one assistant message (TRL's
+    conversational "chosen", "rejected", "completion" and "completions" entries)."""
+    if len(value) != 1:
+        raise _Invalid(
+            f"field '{name}' holds {len(value)} messages: a completion is one assistant message"
+        )
+    turn = value[0]
+    if not isinstance(turn, dict) or "content" not in turn:
+        raise _Invalid(f"field '{name}[0]' must be an object with 'role' and 'content'")
+    if turn.get("role") != "assistant":
+        raise _Invalid(
+            f"field '{name}[0].role' is {turn.get('role')!r}: a completion is the assistant's"
+        )
+    return _text(turn["content"], f"{name}[0].content")
+
+
+def _completion_text(value: Any, name: str) -> str:
+    """A completion given as text or as a one-message conversation."""
+    return _assistant_text(value, name) if isinstance(value, list) else _text(value, name)
 
 
 def _completions(value: Any) -> list[_Completion]:
@@ -249,8 +273,8 @@ def _completions(value: Any) -> list[_Completion]:
         raise _Invalid("field 'completions' must be a non-empty array")
     out = []
     for i, c in enumerate(value):
-        if isinstance(c, str):
-            out.append(_Completion(_text(c, f"completions[{i}]")))
+        if isinstance(c, (str, list)):
+            out.append(_Completion(_completion_text(c, f"completions[{i}]")))
         elif isinstance(c, dict):
             if "text" not in c:
                 raise _Invalid(f"completions[{i}] is missing 'text'")
@@ -267,7 +291,10 @@ def _completions(value: Any) -> list[_Completion]:
                 )
             )
         else:
-            raise _Invalid(f"completions[{i}] must be a string or an object with 'text'")
+            raise _Invalid(
+                f"completions[{i}] must be a string, an object with 'text' or a list of one "
+                "assistant message"
+            )
     first: dict[str, int] = {}
     for i, c in enumerate(out):
         if c.text in first:
@@ -329,6 +356,96 @@ def hh_plain(prefix: str, chosen: str, rejected: str) -> tuple[str, str, str]:
     return prefix, chosen, rejected
 
 
+def hh_turns(prefix: str) -> list[dict] | None:
+    """The conversation an HH prompt "[system]\\n\\nHuman: X\\n\\nAssistant: Y ...\\n\\nHuman:
+    Z\\n\\nAssistant:" holds (the one space after each marker dropped, text before the first
+    "Human:" a system turn), or None when its turns make no conversation (two human turns in a
+    row, an empty turn)."""
+    parts = _HH_TURN.split(prefix)  # [lead, role, content, role, content, ..., "Assistant", ""]
+    lead, rest = parts[0], parts[1:]
+    if len(rest) < 4 or rest[-2:] != ["Assistant", ""]:
+        return None
+    turns = [{"role": "system", "content": lead}] if lead else []
+    for marker, content in zip(rest[0:-2:2], rest[1:-2:2], strict=True):
+        turns.append(
+            {
+                "role": "user" if marker == "Human" else "assistant",
+                "content": content[1:] if content.startswith(" ") else content,
+            }
+        )
+    try:
+        return conversation_check(turns)
+    except ConversationError:
+        return None
+
+
+def hh_prefix(messages: list[dict]) -> str:
+    """A conversation as the HH prompt that hh_turns reads back (a system turn leads)."""
+    lead = messages[0]["content"] if messages[0]["role"] == "system" else ""
+    turns = "".join(
+        f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}"
+        for m in messages
+        if m["role"] != "system"
+    )
+    return lead + turns + HH_MARKER
+
+
+def _hh_record(chosen: str, rejected: str) -> tuple[str, list[dict] | None, str, str]:
+    """(prompt text, turns, chosen, rejected) of an HH pair: a single turn is a plain prompt
+    (hh_plain); a dialogue whose turns make a conversation is one, its text kept as written
+    and the one space after the last "Assistant:" taken off the completions (hh_dialogue puts
+    it back); anything else stays the text prompt it is."""
+    prompt_text, chosen, rejected = hh_plain(*hh_split(chosen, rejected))
+    turns = None
+    if prompt_text.endswith(HH_MARKER) and chosen.startswith(" ") and rejected.startswith(" "):
+        turns = hh_turns(prompt_text)
+        if turns is not None:
+            chosen, rejected = chosen[1:], rejected[1:]
+    _same_text(chosen, rejected)
+    return prompt_text, turns, chosen, rejected
+
+
+def _conversation_pair(chosen: Any, rejected: Any) -> tuple[list[dict], str, str]:
+    """TRL's implicit-prompt preference: two conversations that share every turn but their
+    final assistant turn. Returns (prompt turns, chosen text, rejected text)."""
+    _messages(chosen, "chosen", last="assistant")
+    _messages(rejected, "rejected", last="assistant")
+    if chosen[:-1] != rejected[:-1]:
+        raise _Invalid(
+            "'chosen' and 'rejected' must share every turn but the last: the shared turns are "
+            "the prompt, the last assistant turns the completions"
+        )
+    return chosen[:-1], chosen[-1]["content"], rejected[-1]["content"]
+
+
+_ANSWER_FIELDS = ("completion", "completions", "chosen", "rejected")
+
+
+def _prompt(obj: dict) -> tuple[str | None, list[dict] | None, _Completion | None]:
+    """(prompt text, turns, demonstration) of a record. A prompt is "prompt" text, "prompt"
+    as a conversation (TRL's conversational format) or "messages"; "messages" ending with an
+    assistant turn, with no other answer, is a demonstration of that turn (TRL's
+    conversational language-modeling rows)."""
+    raw = obj.get("prompt")
+    given = obj.get("messages")
+    if isinstance(raw, list):
+        if given is not None:
+            raise _Invalid("give the conversation once: as 'prompt' or as 'messages'")
+        messages = _messages(raw, "prompt")
+        return conversation_text(messages), messages, None
+    if "prompt" in obj:
+        text = _text(raw, "prompt", allow_empty=False)
+        return text, (_messages(given) if given is not None else None), None
+    if given is None:
+        return None, None, None
+    answered = any(key in obj for key in _ANSWER_FIELDS)
+    messages = _messages(given, last="user" if answered else None)
+    if messages[-1]["role"] == "assistant":
+        messages, demo = messages[:-1], _Completion(messages[-1]["content"])
+        return conversation_text(messages), messages, demo
+    return conversation_text(messages), messages, None
+
+
 def _record(obj: Any, *, k: int, wait_for_k: bool = False) -> _Record:
     """One record from its parsed JSON; `k` is the project's K (see the module docstring)."""
     if not isinstance(obj, dict):
@@ -349,13 +466,9 @@ def _record(obj: Any, *, k: int, wait_for_k: bool = False) -> _Record:
     if extras:
         metadata = {**extras, **metadata}
 
-    messages = _messages(obj["messages"]) if obj.get("messages") is not None else None
-    if "prompt" in obj:
-        prompt_text = _text(obj["prompt"], "prompt", allow_empty=False)
-    elif messages is not None:
-        prompt_text = messages_text(messages)
-    else:
-        prompt_text = None
+    prompt_text, messages, demo = _prompt(obj)
+    if demo is not None:
+        return _Record(prompt_text, messages, metadata, [demo], None)
 
     has_chosen, has_rejected = "chosen" in obj, "rejected" in obj
     if has_chosen or has_rejected:
@@ -363,11 +476,15 @@ def _record(obj: Any, *, k: int, wait_for_k: bool = False) -> _Record:
             raise _Invalid(f"missing field '{'rejected' if has_chosen else 'chosen'}'")
         if "completions" in obj or "ranking" in obj:
             raise _Invalid("give either 'chosen'/'rejected' or 'completions', not both")
-        chosen, rejected = _text(obj["chosen"], "chosen"), _text(obj["rejected"], "rejected")
+        chosen, rejected = obj["chosen"], obj["rejected"]
+        if prompt_text is None and isinstance(chosen, list) and isinstance(rejected, list):
+            messages, chosen, rejected = _conversation_pair(chosen, rejected)
+            prompt_text = conversation_text(messages)
+        chosen = _completion_text(chosen, "chosen")
+        rejected = _completion_text(rejected, "rejected")
         _same_text(chosen, rejected)
         if prompt_text is None:
-            prompt_text, chosen, rejected = hh_plain(*hh_split(chosen, rejected))
-            _same_text(chosen, rejected)
+            prompt_text, messages, chosen, rejected = _hh_record(chosen, rejected)
         return _Record(
             prompt_text,
             messages,
@@ -381,7 +498,7 @@ def _record(obj: Any, *, k: int, wait_for_k: bool = False) -> _Record:
     if "completion" in obj:
         if "completions" in obj or obj.get("ranking") is not None:
             raise _Invalid("give either 'completion' (a demonstration) or 'completions', not both")
-        demo = _Completion(_text(obj["completion"], "completion"))
+        demo = _Completion(_completion_text(obj["completion"], "completion"))
         return _Record(prompt_text, messages, metadata, [demo], None)
     if "completions" in obj:
         completions = _completions(obj["completions"])
@@ -1010,8 +1127,7 @@ def _export_row(row: dict, texts: dict[int, str]) -> dict:
         "ranking_id": row["id"],
         "item_id": row["item_id"],
         "prompt_id": row["item__prompt_id"],
-        "prompt": row["item__prompt__text"],
-        "messages": row["item__prompt__messages"],
+        "prompt": row["item__prompt__messages"] or row["item__prompt__text"],
         "metadata": row["item__prompt__metadata"],
         "completions": [{"id": cid, "text": text} for cid, text in texts.items()],
         "labeler": row["user__username"],
@@ -1041,26 +1157,38 @@ def export_rows(
             if kind == "rankings":
                 yield _export_row(row, item_texts)
                 continue
-            prompt = row["item__prompt__text"]
+            prompt, messages = row["item__prompt__text"], row["item__prompt__messages"]
             for better, worse in ranking_pairs(row["groups"]):
                 if kind == "pairs":
-                    yield {
-                        "prompt": prompt,
-                        "chosen": item_texts[better],
-                        "rejected": item_texts[worse],
-                    }
+                    yield _pair(prompt, messages, item_texts[better], item_texts[worse])
                 else:
                     yield {
-                        "chosen": hh_dialogue(prompt, item_texts[better]),
-                        "rejected": hh_dialogue(prompt, item_texts[worse]),
+                        "chosen": hh_dialogue(prompt, messages, item_texts[better]),
+                        "rejected": hh_dialogue(prompt, messages, item_texts[worse]),
                     }
 
 
-def hh_dialogue(prompt: str, completion: str) -> str:
-    """One Anthropic HH dialogue: a prompt imported from HH already holds its turns up to the
-    final "\n\nAssistant:" and is kept byte for byte; any other prompt becomes one human
-    turn: "\n\nHuman: {prompt}\n\nAssistant: {completion}", always with that one space,
-    which import takes off again (hh_plain)."""
+def _pair(prompt: str, messages: list[dict] | None, chosen: str, rejected: str) -> dict:
+    """A pairs row: plain text, or TRL's conversational preference (the prompt's turns, and
+    each completion as a list of one assistant message)."""
+    if not messages:
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    return {
+        "prompt": messages,
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+    }
+
+
+def hh_dialogue(prompt: str, messages: list[dict] | None, completion: str) -> str:
+    """One Anthropic HH dialogue. A conversation is its turns (its HH text as imported, else
+    hh_prefix) and the completion after "\\n\\nAssistant: " (the space _hh_record takes off
+    on import); a text prompt imported from HH already holds its turns and is kept byte for
+    byte; any other prompt becomes one human turn: "\\n\\nHuman: {prompt}\\n\\nAssistant:
+    {completion}", always with that one space, which import takes off again (hh_plain)."""
+    if messages:
+        prefix = prompt if hh_turns(prompt) == messages else hh_prefix(messages)
+        return f"{prefix} {completion}"
     if prompt.endswith(HH_MARKER):
         return prompt + completion
     return f"\n\nHuman: {prompt}{HH_MARKER} {completion}"

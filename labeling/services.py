@@ -38,6 +38,7 @@ from labeling.models import (
     Prompt,
     Ranking,
 )
+from rlhf.conversations import ConversationError, conversation_check, conversation_text
 from rlhf.rankings import (
     MAX_K,
     MIN_K,
@@ -169,15 +170,17 @@ def membership_remove(*, project: Project, user) -> None:
 def prompt_create(
     *, project: Project, text: str, messages: list | None = None, metadata: dict | None = None
 ) -> Prompt:
+    """A prompt: text, or a conversation (rlhf.conversations rules; ending with a user turn)
+    whose text defaults to its "role: content" rendering."""
+    if messages is not None:
+        try:
+            conversation_check(messages)
+        except ConversationError as exc:
+            raise LabelingError(f"Chat messages: {exc}.") from None
     if not isinstance(text, str) or not text.strip():
-        if messages:
-            text = "\n\n".join(f"{m.get('role', 'user')}: {m.get('content', '')}" for m in messages)
-        else:
+        if not messages:
             raise LabelingError("A prompt needs text or chat messages.")
-    if messages is not None and not (
-        isinstance(messages, list) and all(isinstance(m, dict) and "content" in m for m in messages)
-    ):
-        raise LabelingError('Chat messages must be a list of {"role", "content"} objects.')
+        text = conversation_text(messages)
     return Prompt.objects.create(
         project=project, text=text, messages=messages, metadata=metadata or {}
     )

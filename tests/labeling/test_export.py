@@ -17,6 +17,7 @@ from labeling.importexport import (
     ranking_pairs,
 )
 from labeling.models import ItemCompletion, Membership, Ranking
+from tests.labeling.chat import CHAT, said
 
 pytestmark = pytest.mark.django_db
 
@@ -252,21 +253,70 @@ def test_export_pages_through_chunks_in_order(project, admin_user):
 
 
 def stored_preferences(project) -> tuple[set, set, list]:
-    """(prompts, completions, preference pairs) of a project's rankings, by text:
-    prompts as (text, messages, metadata), completions as (prompt text, completion text),
-    pairs as a sorted list of (prompt text, better text, worse text)."""
+    """(prompts, completions, preference pairs) of a project's rankings: prompts as (prompt,
+    metadata), completions as (prompt, completion text), pairs as a sorted list of (prompt,
+    better text, worse text), where a prompt is its turns (as JSON) when it is a conversation
+    (its text is their rendering) and its text otherwise."""
     prompts, completions, pairs = set(), set(), []
     for ranking in Ranking.objects.filter(item__project=project).select_related("item__prompt"):
         prompt = ranking.item.prompt
+        key = json.dumps(prompt.messages) if prompt.messages else prompt.text
         texts = dict(
             ItemCompletion.objects.filter(item=ranking.item).values_list(
                 "completion_id", "completion__text"
             )
         )
-        prompts.add((prompt.text, json.dumps(prompt.messages), json.dumps(prompt.metadata)))
-        completions.update((prompt.text, text) for text in texts.values())
-        pairs += [(prompt.text, texts[b], texts[w]) for b, w in ranking_pairs(ranking.groups)]
+        prompts.add((key, json.dumps(prompt.metadata)))
+        completions.update((key, text) for text in texts.values())
+        pairs += [(key, texts[b], texts[w]) for b, w in ranking_pairs(ranking.groups)]
     return prompts, completions, sorted(pairs)
+
+
+def conversation_item(project, texts):
+    prompt = services.prompt_create(project=project, text="", messages=CHAT)
+    completions = [services.completion_create(prompt=prompt, text=t) for t in texts]
+    return services.item_create(project=project, prompt=prompt, completions=completions)
+
+
+def test_conversations_export_in_trl_conversational_formats(
+    project, admin_user, labeler, make_items
+):
+    plain = make_items(project, 1)[0]
+    chat = conversation_item(project, ["a", "b", "c", "d"])
+    rank(labeler, plain, [[0], [1, 2, 3]])
+    rank(labeler, chat, [[1], [0, 2, 3]])
+    pairs = list(export_rows(project=project, kind="pairs"))
+    text = plain.prompt.text
+    assert pairs[0] == {
+        "prompt": text,
+        "chosen": "Answer 0 to prompt 0",
+        "rejected": "Answer 1 to prompt 0",
+    }
+    assert pairs[3] == {"prompt": CHAT, "chosen": said("b"), "rejected": said("a")}
+    rankings = list(export_rows(project=project, kind="rankings"))
+    assert rankings[0]["prompt"] == text and rankings[1]["prompt"] == CHAT
+    hh = list(export_rows(project=project, kind="hh"))
+    assert hh[3] == {
+        "chosen": "Be brief.\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Colour of the sky?"
+        "\n\nAssistant: b",
+        "rejected": "Be brief.\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Colour of the sky?"
+        "\n\nAssistant: a",
+    }
+
+
+def test_datasets_reads_a_conversational_pairs_export(project, admin_user, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = [
+        {"prompt": CHAT, "chosen": said(f"good {i}"), "rejected": said(f"bad {i}")}
+        for i in range(3)
+    ]
+    import_file(project=project, fileobj=io.BytesIO(jsonl_bytes(rows)), user=admin_user)
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(b"".join(export_jsonl(project=project, kind="pairs")))
+    ds = datasets.load_dataset(
+        "json", data_files=str(path), split="train", cache_dir=str(tmp_path / "cache")
+    )
+    assert ds.num_rows == 3 and ds[1] == rows[1]
 
 
 @pytest.mark.parametrize("kind", EXPORT_KINDS)
@@ -287,10 +337,15 @@ def test_every_export_kind_imports_back_to_the_same_prompts_completions_and_pref
             "chosen": "\n\nHuman: 2+2?\n\nAssistant: 4",
             "rejected": "\n\nHuman: 2+2?\n\nAssistant: 5",
         },
+        {"prompt": CHAT, "chosen": said("Blue."), "rejected": said("Green.")},
+        {"chosen": [*CHAT[1:], *said("Blue!")], "rejected": [*CHAT[1:], *said("Red.")]},
+        {"prompt": CHAT, "completions": [said("x"), "y", "z"], "ranking": [[2], [0], [1]]},
     ]
     import_file(project=project, fileobj=io.BytesIO(jsonl_bytes(imported)), user=admin_user)
     item = make_items(project, 1)[0]
     rank(labeler, item, [[2], [0, 3], [1]])
+    chat_item = conversation_item(project, [f"Answer {j}" for j in range(4)])
+    rank(labeler, chat_item, [[1], [3], [0, 2]])
 
     exported = b"".join(export_jsonl(project=project, kind=kind))
     fresh = services.project_create(name="Imported back", created_by=admin_user, k=2)
@@ -298,8 +353,8 @@ def test_every_export_kind_imports_back_to_the_same_prompts_completions_and_pref
 
     source, back = stored_preferences(project), stored_preferences(fresh)
     if kind == "rankings":
-        assert back[0] == source[0]  # texts, chat turns and metadata
-    else:  # pairs and HH dialogues carry the prompt's text only
+        assert back[0] == source[0]  # prompts and metadata
+    else:  # pairs and HH dialogues carry no metadata
         assert {p[0] for p in back[0]} == {p[0] for p in source[0]}
     assert back[1] == source[1]
     assert back[2] == source[2]
@@ -322,7 +377,7 @@ def test_a_rankings_row_carries_its_ranking_as_indexes_and_imports_without_its_b
     ids = [c["id"] for c in row["completions"]]
     assert row["ranking"] == [[3], [0, 1], [2]]
     assert row["groups"] == [[ids[3]], [ids[0], ids[1]], [ids[2]]]
-    assert row["messages"] is None
+    assert row["prompt"] == item.prompt.text and "messages" not in row
     fresh = services.project_create(name="Back", created_by=admin_user)
     import_file(project=fresh, fileobj=io.BytesIO(jsonl_bytes([row])), user=admin_user)
     prompt = fresh.prompts.get()

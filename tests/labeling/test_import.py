@@ -10,6 +10,7 @@ from django.core.management import CommandError, call_command
 from labeling import services
 from labeling.importexport import ImportFileError, ImportTooLarge, detect_format, import_file
 from labeling.models import Completion, Item, ItemCompletion, Prompt, Ranking
+from tests.labeling.chat import CHAT, said
 
 pytestmark = pytest.mark.django_db
 
@@ -156,8 +157,133 @@ def test_it_splits_anthropic_hh_dialogues_at_the_last_assistant_turn_of_the_comm
     row = {"chosen": prefix + " Blue.", "rejected": prefix + " Blue-ish, I guess."}
     import_file(project=project, fileobj=jsonl(row), user=admin_user)
     ranking = Ranking.objects.select_related("item__prompt").get(item__project=project)
-    assert ranking.item.prompt.text == prefix
-    assert item_texts(ranking.item) == [" Blue.", " Blue-ish, I guess."]
+    assert ranking.item.prompt.text == prefix  # as written, for the hh export
+    assert ranking.item.prompt.messages == [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Name a colour."},
+    ]
+    assert item_texts(ranking.item) == ["Blue.", "Blue-ish, I guess."]
+
+
+def test_an_hh_dialogue_whose_turns_make_no_conversation_stays_a_text_prompt(project, admin_user):
+    prefix = "\n\nHuman: Hi\n\nHuman: again?\n\nAssistant:"  # two human turns in a row
+    row = {"chosen": prefix + " Yes.", "rejected": prefix + " No."}
+    import_file(project=project, fileobj=jsonl(row), user=admin_user)
+    prompt = Prompt.objects.get(project=project)
+    assert prompt.text == prefix and prompt.messages is None
+    assert sorted(prompt.completions.values_list("text", flat=True)) == [" No.", " Yes."]
+
+
+def test_an_hh_system_text_before_the_first_human_turn_is_a_system_turn(project, admin_user):
+    prefix = "Be kind.\n\nHuman: Hi\n\nAssistant:"
+    row = {"chosen": prefix + " Hello.", "rejected": prefix + " Go away."}
+    import_file(project=project, fileobj=jsonl(row), user=admin_user)
+    assert Prompt.objects.get(project=project).messages == [
+        {"role": "system", "content": "Be kind."},
+        {"role": "user", "content": "Hi"},
+    ]
+
+
+def test_it_imports_trl_conversational_preferences_explicit_and_implicit_prompt(
+    project, admin_user
+):
+    rows = [
+        {"prompt": CHAT, "chosen": said("Blue."), "rejected": said("Green.")},
+        {"chosen": [*CHAT, *said("Blue!")], "rejected": [*CHAT, *said("Red.")]},
+    ]
+    report = import_file(project=project, fileobj=jsonl(*rows), user=admin_user)
+    assert (report.prompts, report.completions, report.items, report.rankings) == (2, 4, 2, 2)
+    for ranking, texts in zip(
+        Ranking.objects.filter(item__project=project).select_related("item__prompt"),
+        (["Blue.", "Green."], ["Blue!", "Red."]),
+        strict=True,
+    ):
+        assert ranking.item.prompt.messages == CHAT
+        assert ranking.item.prompt.text.startswith("system: Be brief.\n\nuser: Hi")
+        assert item_texts(ranking.item) == texts
+        assert ranking.groups[0] == [ranking.item.item_completions.first().completion_id]
+
+
+def test_it_imports_conversational_completions_and_demonstrations(project, admin_user):
+    rows = [
+        {"prompt": CHAT, "completions": [said("a"), said("b"), "c", {"text": "d"}]},
+        {"prompt": CHAT, "completion": said("Blue.")},
+        {"messages": [*CHAT, *said("It is blue.")]},  # TRL's conversational language modeling
+    ]
+    import_file(project=project, fileobj=jsonl(*rows), user=admin_user)
+    queued, demo, full = Prompt.objects.filter(project=project).order_by("id")
+    assert item_texts(queued.items.get()) == ["a", "b", "c", "d"]
+    assert demo.messages == CHAT and list(demo.completions.values_list("text", flat=True)) == [
+        "Blue."
+    ]
+    assert full.messages == CHAT and not full.items.exists()
+    assert list(full.completions.values_list("text", flat=True)) == ["It is blue."]
+
+
+@pytest.mark.parametrize(
+    ("record", "words"),
+    [
+        (
+            {"messages": [{"role": "bot", "content": "hi"}]},
+            "field 'messages[0].role' is 'bot': a role is one of system, user, assistant",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "  "}]},
+            "field 'messages[0].content' is empty",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+            "field 'messages[1].role' is 'user' where 'assistant' comes next",
+        ),
+        (
+            {"messages": [{"role": "assistant", "content": "a"}]},
+            "field 'messages[0].role' is 'assistant' where 'user' comes next",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "s"}]},
+            "field 'messages[1].role' is 'system': only the first turn may be",
+        ),
+        (
+            {"messages": [{"role": "system", "content": "s"}]},
+            "field 'messages' holds a system turn and nothing to answer",
+        ),
+        (
+            {"messages": [*CHAT, *said("x")], "completions": ["a", "b", "c", "d"]},
+            "field 'messages[4].role' is 'assistant': a prompt ends with a user turn",
+        ),
+        (
+            {"prompt": CHAT[:3], "chosen": said("a"), "rejected": said("b")},
+            "field 'prompt[2].role' is 'assistant': a prompt ends with a user turn",
+        ),
+        ({"prompt": [], "completion": "x"}, "field 'prompt' must be a non-empty array"),
+        (
+            {"prompt": CHAT, "chosen": said("a") * 2, "rejected": said("b")},
+            "field 'chosen' holds 2 messages: a completion is one assistant message",
+        ),
+        (
+            {"prompt": CHAT, "chosen": [{"role": "user", "content": "a"}], "rejected": said("b")},
+            "field 'chosen[0].role' is 'user': a completion is the assistant's",
+        ),
+        (
+            {"chosen": [*CHAT, *said("a")], "rejected": [*CHAT[:2], *said("b")]},
+            "'chosen' and 'rejected' must share every turn but the last",
+        ),
+        (
+            {"prompt": CHAT, "completions": [said("a"), [{"role": "user", "content": "b"}]]},
+            "field 'completions[1][0].role' is 'user'",
+        ),
+        ({"prompt": CHAT, "messages": CHAT}, "give the conversation once"),
+    ],
+)
+def test_it_refuses_a_malformed_conversation_naming_the_line_and_field(
+    project, admin_user, record, words
+):
+    with pytest.raises(ImportFileError) as err:
+        import_file(project=project, fileobj=jsonl({"prompt": "fine"}, record), user=admin_user)
+    assert err.value.line == 2
+    assert words in err.value.message
+    assert nothing_stored(project)
 
 
 def test_it_rejects_hh_pairs_without_a_shared_assistant_prefix(project, admin_user):
