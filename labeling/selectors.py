@@ -128,6 +128,23 @@ ORDER BY ic.position
 """
 
 
+FOLD_AFTER_TURNS = 3
+"""A conversation of more user/assistant turns than this shows only its last two (and its
+system turn) until the labeler unfolds the earlier ones."""
+
+
+def conversation_view(*, messages: list[dict] | None) -> dict | None:
+    """How the ranking page lays out a conversation: {"system": the system turn or None,
+    "earlier": turns folded away, "latest": turns always shown (the last assistant reply and
+    the latest user turn)}; None for a plain-text prompt."""
+    if not messages:
+        return None
+    system = messages[0] if messages[0].get("role") == "system" else None
+    turns = messages[1:] if system else list(messages)
+    cut = len(turns) - 2 if len(turns) > FOLD_AFTER_TURNS else 0
+    return {"system": system, "earlier": turns[:cut], "latest": turns[cut:]}
+
+
 def assignment_view(*, assignment: Assignment) -> dict:
     """What the ranking page shows for a lease: the item, its prompt and its completions in
     the labeler's display order (numbered 1..K, the digit keys)."""
@@ -165,6 +182,7 @@ def assignment_view(*, assignment: Assignment) -> dict:
         "assignment": assignment,
         "item": item,
         "prompt": item.prompt,
+        "conversation": conversation_view(messages=messages),
         "completions": [completions[cid] for cid in order],
         "display_order": order,
     }

@@ -150,3 +150,31 @@ def test_two_concurrent_submits_of_one_item_store_one_ranking(project, labeler, 
     assert Ranking.objects.count() == 1
     item = Item.objects.get()
     assert (item.ranking_count, item.is_complete) == (1, True)
+
+
+def test_showing_a_long_conversation_costs_the_one_statement_a_plain_prompt_does(
+    project, labeler, make_items
+):
+    from django.template.loader import render_to_string
+
+    from labeling import selectors
+
+    make_items(project, 1)
+    turns = [{"role": ("user", "assistant")[i % 2], "content": f"turn {i}"} for i in range(9)]
+    prompt = services.prompt_create(project=project, text="", messages=turns)
+    for i in range(project.k):
+        services.completion_create(prompt=prompt, text=f"reply {i}")
+    services.items_create_for_prompt(project=project, prompt=prompt)
+
+    def show(lease):
+        view = selectors.assignment_view(assignment=lease)
+        return render_to_string("labeling/_item.html", {"project": project, **view})
+
+    counts = []
+    for _ in range(2):
+        lease = services.assignment_next(project=project, user=labeler)
+        html, n, sql = _count(lambda lease=lease: show(lease))
+        counts.append(n)
+        services.item_skip(user=labeler, item_id=lease.item_id)
+    assert "Show 7 earlier turns" in html  # the second item is the conversation
+    assert counts == [1, 1], sql

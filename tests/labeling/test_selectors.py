@@ -168,7 +168,11 @@ def test_rankings_for_project_returns_this_projects_rankings_in_order(
 def test_assignment_view_gives_the_prompt_and_completions_in_the_labelers_order(
     project, labeler, make_items
 ):
-    turns = [{"role": "user", "content": "Hi **there**"}, {"role": "assistant", "content": "Yo"}]
+    turns = [
+        {"role": "user", "content": "Hi **there**"},
+        {"role": "assistant", "content": "Yo"},
+        {"role": "user", "content": "And?"},
+    ]
     prompt = services.prompt_create(project=project, text="", messages=turns)
     completions = [
         services.completion_create(prompt=prompt, text=f"reply {i}") for i in range(project.k)
@@ -180,9 +184,31 @@ def test_assignment_view_gives_the_prompt_and_completions_in_the_labelers_order(
     assert view["prompt"].pk == prompt.pk and view["item"].prompt.pk == prompt.pk
     assert view["prompt"].messages == turns  # a list again, not JSON text
     assert view["prompt"].text == prompt.text
+    assert view["conversation"] == {"system": None, "earlier": [], "latest": turns}
     assert view["display_order"] == lease.display_order
     by_id = {c.pk: c.text for c in completions}
     assert [c.text for c in view["completions"]] == [by_id[i] for i in lease.display_order]
+
+
+def turns(n: int) -> list[dict]:
+    return [{"role": ("user", "assistant")[i % 2], "content": f"turn {i}"} for i in range(n)]
+
+
+def test_a_long_conversation_folds_all_but_its_last_two_turns_and_its_system_turn():
+    system = {"role": "system", "content": "Be brief."}
+    assert selectors.conversation_view(messages=None) is None
+    assert selectors.conversation_view(messages=[system, *turns(3)]) == {
+        "system": system,
+        "earlier": [],
+        "latest": turns(3),
+    }
+    long = turns(7)
+    assert selectors.conversation_view(messages=[system, *long]) == {
+        "system": system,
+        "earlier": long[:5],
+        "latest": long[5:],  # the last assistant reply and the latest user turn
+    }
+    assert selectors.conversation_view(messages=long)["system"] is None
 
 
 def test_project_get_for_user_sets_the_role_and_hides_other_projects(

@@ -53,6 +53,40 @@ def test_the_ranking_page_shows_the_responses_in_the_labelers_display_order(
         assert hook in html
 
 
+def test_the_ranking_page_shows_a_conversation_turn_by_turn_with_earlier_turns_folded(
+    labeler_client, project
+):
+    turns = [{"role": "system", "content": "Be **brief**."}]
+    for i in range(3):
+        turns += [
+            {"role": "user", "content": f"question {i} <script>alert(1)</script>"},
+            {"role": "assistant", "content": f"answer {i} [x](javascript:alert(1))"},
+        ]
+    turns.append({"role": "user", "content": "the latest question"})
+    prompt = services.prompt_create(project=project, text="", messages=turns)
+    for i in range(project.k):
+        services.completion_create(prompt=prompt, text=f"reply {i}")
+    services.items_create_for_prompt(project=project, prompt=prompt)
+
+    html = labeler_client.get(reverse("labeling:label", args=[project.pk])).content.decode()
+    card = html.split('id="prompt"')[1].split('class="rank-layout"')[0]
+    folded, _, shown = card.partition("</details>")
+    assert "<summary>Show 5 earlier turns</summary>" in folded
+    assert "question 0" in folded and "answer 1" in folded and "answer 2" not in folded
+    assert "answer 2" in shown and "the latest question" in shown
+    assert "<strong>brief</strong>" in folded.split("<details")[0]  # the system turn, in view
+    assert '<span class="role">user</span>' in shown
+    assert "<script>" not in card and "&lt;script&gt;" in card
+    assert 'href="javascript:' not in card
+
+
+def test_a_plain_prompt_is_shown_as_one_text(labeler_client, project, make_items):
+    make_items(project, 1)
+    html = labeler_client.get(reverse("labeling:label", args=[project.pk])).content.decode()
+    assert "earlier-turns" not in html and 'class="role"' not in html
+    assert "Prompt 0: what is 0 + 0?" in html
+
+
 def test_next_preloads_another_item_and_submit_reports_the_done_count(
     labeler_client, labeler, project, make_items
 ):
