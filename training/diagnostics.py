@@ -7,8 +7,8 @@ page, in plain words, with the numbers that show them:
   `max_new_tokens` cap and stop ending with EOS while the reward climbs (the length bias of
   learned reward models: Singhal et al. 2023, "A Long Way to Go"; the missing-EOS penalty of
   TRL and the masking of truncated completions are the usual remedies).
-- A reward model that memorised its training pairs: held-out accuracy far below training
-  accuracy, or a held-out set too small to tell (its 95% interval spans chance).
+- A reward model (or a DPO policy) that memorised its training pairs: held-out accuracy far
+  below training accuracy, or a held-out set too small to tell (its 95% interval spans chance).
 
 Pure functions of (kind, config, series): no database, so the rules are tested alone; the
 selector `job_warnings` feeds them a job's points.
@@ -87,10 +87,14 @@ def rl_warnings(config: Mapping, series: Series) -> list[dict]:
     return warnings
 
 
-def reward_warnings(config: Mapping, series: Series) -> list[dict]:
-    train = _values(series, "reward/train_accuracy")
-    held_out = _values(series, "reward/accuracy")
-    pairs = _values(series, "reward/eval_pairs")
+def _preference_warnings(
+    series: Series, *, what: str, train_key: str, held_out_key: str, pairs_key: str | None
+) -> list[dict]:
+    """A model trained on preference pairs (a reward model, a DPO policy) that memorised them:
+    held-out accuracy far below training accuracy, or too few held-out pairs to tell."""
+    train = _values(series, train_key)
+    held_out = _values(series, held_out_key)
+    pairs = _values(series, pairs_key) if pairs_key else []
     warnings = []
     if not held_out:
         if len(train) >= MIN_STEPS:
@@ -98,7 +102,7 @@ def reward_warnings(config: Mapping, series: Series) -> list[dict]:
                 {
                     "code": "no_held_out",
                     "message": (
-                        "No held-out pairs: training accuracy alone cannot tell a reward model "
+                        f"No held-out pairs: training accuracy alone cannot tell a {what} "
                         "that learned the preference from one that memorised its pairs "
                         "(set eval_fraction above 0)."
                     ),
@@ -114,7 +118,7 @@ def reward_warnings(config: Mapping, series: Series) -> list[dict]:
                 "code": "small_held_out",
                 "message": (
                     f"The held-out set has only {n} pairs: its accuracy of {acc:.2f} is "
-                    f"±{half:.2f} (95%), too few to say how well this reward model generalises. "
+                    f"±{half:.2f} (95%), too few to say how well this {what} generalises. "
                     f"Rank more items (at least {MIN_EVAL_PAIRS} held-out pairs)."
                 ),
             }
@@ -127,23 +131,43 @@ def reward_warnings(config: Mapping, series: Series) -> list[dict]:
                     "code": "overfit",
                     "message": (
                         f"Held-out accuracy {acc:.2f} is far below training accuracy "
-                        f"{train_acc:.2f}: the reward model memorised its training pairs more "
-                        "than it learned the preference, and a policy trained on it will "
-                        "optimise that noise. Rank more items, train fewer steps, or lower the "
-                        "learning rate."
+                        f"{train_acc:.2f}: the {what} memorised its training pairs more than it "
+                        "learned the preference. Rank more items, train fewer steps, or lower "
+                        "the learning rate."
                     ),
                 }
             )
     return warnings
 
 
-RULES = {"ppo": rl_warnings, "grpo": rl_warnings, "reward": reward_warnings}
+def reward_warnings(config: Mapping, series: Series) -> list[dict]:
+    return _preference_warnings(
+        series,
+        what="reward model",
+        train_key="reward/train_accuracy",
+        held_out_key="reward/accuracy",
+        pairs_key="reward/eval_pairs",
+    )
+
+
+def dpo_warnings(config: Mapping, series: Series) -> list[dict]:
+    return _preference_warnings(
+        series,
+        what="DPO policy",
+        train_key="rewards/accuracy",
+        held_out_key="eval/rewards_accuracy",
+        pairs_key=None,
+    )
+
+
+RULES = {"ppo": rl_warnings, "grpo": rl_warnings, "reward": reward_warnings, "dpo": dpo_warnings}
 # The metric keys each rule reads (what the selector loads).
 _RL_KEYS = ("objective/reward", "response/length", "response/ended_with_eos")
 KEYS = {
     "ppo": _RL_KEYS,
     "grpo": _RL_KEYS,
     "reward": ("reward/train_accuracy", "reward/accuracy", "reward/eval_pairs"),
+    "dpo": ("rewards/accuracy", "eval/rewards_accuracy"),
 }
 
 

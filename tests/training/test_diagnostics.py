@@ -95,6 +95,15 @@ def test_a_reward_model_without_a_held_out_set_says_so():
     assert _codes(warnings_for("reward", {"eval_fraction": 0.0}, series)) == ["no_held_out"]
 
 
+def test_a_dpo_policy_that_fits_its_pairs_but_not_held_out_ones_is_named():
+    series = _series(
+        rewards__accuracy=[0.5, 0.9, 1.0, 1.0, 1.0, 1.0],
+        eval__rewards_accuracy=[0.5, 0.55],
+    )
+    (warning,) = warnings_for("dpo", {}, series)
+    assert warning["code"] == "overfit" and "the DPO policy memorised" in warning["message"]
+
+
 def test_kinds_without_rules_get_no_warning():
     assert warnings_for("sft", {}, _series(loss__sft=[3.0, 2.0, 1.0])) == []
 
