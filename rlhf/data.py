@@ -10,6 +10,16 @@ Rows are plain dicts (the lines of the CLI's JSONL files):
   (Rafailov et al. 2023, arXiv:2305.18290).
 - PPO, GRPO and sampling: ``{"prompt"}``.
 
+Conversations: any row may give its prompt as ``"messages"`` (role/content turns ending with
+the user, :mod:`rlhf.conversations`) instead of, or with, the ``"prompt"`` text; an SFT row may
+be a whole conversation ending with the assistant, every assistant turn a target. Validation
+turns such a prompt into a :class:`ChatPrompt`, the text that carries its turns, so that every
+trainer hands it on as a prompt string and the encoders here render it with the tokenizer's own
+chat template (``apply_chat_template(messages, add_generation_prompt=True)``), or, for a
+tokenizer without one, with :data:`PLAIN_CHAT_TEMPLATE`. Too long a conversation loses whole
+earlier turns first (the system turn stays longest), so the latest turn is kept and no template
+header is ever cut in half.
+
 Token layout of one SFT example (right padding)::
 
     input_ids: [p0 p1 p2 c0 c1 eos pad pad]
@@ -29,6 +39,7 @@ from typing import Any
 
 import torch
 
+from rlhf.conversations import ConversationError, conversation_check, conversation_text
 from rlhf.errors import DataError
 from rlhf.rankings import MIN_K, RankingError, ranking_check
 
@@ -113,6 +124,59 @@ def _require_str(row: dict[str, Any], index: int, key: str, *, allow_empty: bool
         raise DataError(f"{where(row, index)}: field {key!r} is empty")
 
 
+class ChatPrompt(str):
+    """A conversation prompt: its plain text (what reward functions and logs see) carrying its
+    turns in ``.messages`` (what the encoders render with the chat template)."""
+
+    messages: list[dict]
+
+    def __new__(cls, text: str, messages: list[dict]):
+        obj = super().__new__(cls, text)
+        obj.messages = messages
+        return obj
+
+    def __reduce__(self):
+        return ChatPrompt, (str(self), self.messages)
+
+
+def _conversation(row: dict[str, Any], index: int, key: str, *, last: str | None) -> list[dict]:
+    try:
+        return conversation_check(row[key], name=key, last=last)
+    except ConversationError as exc:
+        raise DataError(f"{where(row, index)}: {exc}") from None
+
+
+def row_prompt(row: dict[str, Any], index: int = 0) -> str:
+    """The row's prompt: its "prompt" text, or a ChatPrompt when it has "messages"."""
+    if row.get("messages") is None:
+        _require_str(row, index, "prompt")
+        return row["prompt"]
+    messages = _conversation(row, index, "messages", last="user")
+    if row.get("prompt") is not None:
+        _require_str(row, index, "prompt")
+    return ChatPrompt(row.get("prompt") or conversation_text(messages), messages)
+
+
+def _with_messages(out: dict[str, Any], prompt: str) -> dict[str, Any]:
+    """A clean row that names its turns too (so that the data hash covers them)."""
+    if isinstance(prompt, ChatPrompt):
+        out["messages"] = prompt.messages
+    return out
+
+
+def _sft_row(row: dict[str, Any], index: int) -> dict[str, Any]:
+    """{"prompt", "completion"} (the prompt text or a conversation) or {"messages"}: a whole
+    conversation ending with the assistant."""
+    if row.get("messages") is not None and "completion" not in row:
+        messages = _conversation(row, index, "messages", last="assistant")
+        return {"messages": messages}
+    if row.get("messages") is None:
+        _require_str(row, index, "prompt", allow_empty=True)
+    _require_str(row, index, "completion")
+    prompt = row_prompt(row, index) if row.get("messages") is not None else row["prompt"]
+    return _with_messages({"prompt": prompt, "completion": row["completion"]}, prompt)
+
+
 def validate_ranking(ranking: Any, num_completions: int, *, where: str = "row") -> list[list[int]]:
     """Check a ranking (groups best first) ranks each completion index exactly once
     (:func:`rlhf.rankings.ranking_check`; a bare index stands for a group of one) and holds
@@ -136,7 +200,7 @@ def normalize_preference_row(row: dict[str, Any], index: int = 0) -> dict[str, A
     ``{"prompt","chosen","rejected"}`` becomes completions [chosen, rejected], ranking [[0],[1]].
     """
     at = where(row, index)
-    _require_str(row, index, "prompt")
+    prompt = row_prompt(row, index)
     if "completions" in row:
         comps = row["completions"]
         if (
@@ -148,15 +212,20 @@ def normalize_preference_row(row: dict[str, Any], index: int = 0) -> dict[str, A
         if "ranking" not in row:
             raise DataError(f"{at}: missing field 'ranking' (groups best first, e.g. [[0], [1]])")
         ranking = validate_ranking(row["ranking"], len(comps), where=at)
-        return {"prompt": row["prompt"], "completions": list(comps), "ranking": ranking}
+        return _with_messages(
+            {"prompt": prompt, "completions": list(comps), "ranking": ranking}, prompt
+        )
     if "chosen" in row or "rejected" in row:
         _require_str(row, index, "chosen")
         _require_str(row, index, "rejected")
-        return {
-            "prompt": row["prompt"],
-            "completions": [row["chosen"], row["rejected"]],
-            "ranking": [[0], [1]],
-        }
+        return _with_messages(
+            {
+                "prompt": prompt,
+                "completions": [row["chosen"], row["rejected"]],
+                "ranking": [[0], [1]],
+            },
+            prompt,
+        )
     raise DataError(f"{at}: expected 'completions' + 'ranking' or 'chosen' + 'rejected'")
 
 
@@ -172,14 +241,12 @@ def validate_rows(kind: str, rows: Sequence[dict[str, Any]]) -> list[dict[str, A
         if not isinstance(row, dict):
             raise DataError(f"row {index}: expected an object, got {type(row).__name__}")
         if kind == "sft":
-            _require_str(row, index, "prompt", allow_empty=True)
-            _require_str(row, index, "completion")
-            out.append({"prompt": row["prompt"], "completion": row["completion"]})
+            out.append(_sft_row(row, index))
         elif kind in ("reward", "dpo"):
             out.append(normalize_preference_row(row, index))
         elif kind in ("ppo", "grpo", "sample"):
-            _require_str(row, index, "prompt")
             clean = {k: v for k, v in row.items() if not k.startswith("_")}
+            clean["prompt"] = row_prompt(row, index)
             out.append(clean)
         else:
             raise DataError(f"unknown run kind {kind!r}")
@@ -189,11 +256,89 @@ def validate_rows(kind: str, rows: Sequence[dict[str, Any]]) -> list[dict[str, A
 # ---------------------------------------------------------------------------- tokens
 
 
+PLAIN_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if not loop.first %}{{ '\\n\\n' }}{% endif %}"
+    "{{ m['role'] }}: {{ m['content'] }}"
+    "{% if m['role'] == 'assistant' and eos_token %}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\\n\\nassistant:' }}{% endif %}"
+)
+"""How a conversation is rendered for a tokenizer without a chat template: the "role: content"
+blocks of :func:`rlhf.conversations.conversation_text`, each assistant turn ended by EOS."""
+
+
+def _has_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def render_conversation(tokenizer, messages: list[dict], *, add_generation_prompt: bool) -> str:
+    """A conversation as text: the tokenizer's chat template, else PLAIN_CHAT_TEMPLATE."""
+    template = None if _has_template(tokenizer) else PLAIN_CHAT_TEMPLATE
+    return tokenizer.apply_chat_template(
+        messages,
+        chat_template=template,
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+    )
+
+
+def _tokens(tokenizer, text: str, *, templated: bool, offsets: bool = False):
+    # a chat template writes its own special tokens; plain text gets the tokenizer's (BOS)
+    return tokenizer(text, add_special_tokens=not templated, return_offsets_mapping=offsets)
+
+
+def _drop_first_exchange(messages: list[dict]) -> list[dict] | None:
+    """The conversation without its earliest user turn and the assistant turn after it (a
+    system turn stays), or None when no earlier exchange is left to drop."""
+    lead = 1 if messages[0]["role"] == "system" else 0
+    rest = messages[lead:]
+    if len(rest) <= 2:  # a user turn, or a user turn and its answer: the latest exchange
+        return None
+    return messages[:lead] + rest[2:]
+
+
+def encode_chat_prompt(tokenizer, messages: list[dict], *, max_len: int) -> list[int]:
+    """Token ids of a conversation with the generation prompt, at most ``max_len`` of them:
+    whole earlier exchanges are dropped first, then the system turn, and only then is the
+    latest user turn's text cut from its start, so that the template's headers stay whole."""
+    templated = _has_template(tokenizer)
+
+    def encode(msgs):
+        text = render_conversation(tokenizer, msgs, add_generation_prompt=True)
+        return _tokens(tokenizer, text, templated=templated)["input_ids"]
+
+    ids = encode(messages)
+    while max_len > 0 and len(ids) > max_len:
+        shorter = _drop_first_exchange(messages)
+        if shorter is None and messages[0]["role"] == "system" and len(messages) > 1:
+            shorter = messages[1:]
+        if shorter is None:
+            return _cut_latest_turn(encode, messages, max_len)
+        messages = shorter
+        ids = encode(messages)
+    return ids
+
+
+def _cut_latest_turn(encode, messages: list[dict], max_len: int) -> list[int]:
+    """A single user turn too long for ``max_len``: keep the end of its text (re-rendered, so
+    the template's headers stay whole)."""
+    turn = messages[-1]
+    text = turn["content"]
+    while text:
+        ids = encode([{**turn, "content": text}])
+        if len(ids) <= max_len:
+            return ids
+        text = text[len(ids) - max_len :]  # a token is at least one character
+    raise DataError(f"max_len={max_len} leaves no room for the chat template's headers")
+
+
 def format_prompt(tokenizer, prompt: str, *, chat_template: bool = False) -> str:
-    """The prompt text fed to the model: raw, or wrapped by the tokenizer's chat template."""
+    """The prompt text fed to the model: raw, or wrapped by the tokenizer's chat template.
+    A ChatPrompt is always rendered as its conversation."""
+    if isinstance(prompt, ChatPrompt):
+        return render_conversation(tokenizer, prompt.messages, add_generation_prompt=True)
     if not chat_template:
         return prompt
-    if not getattr(tokenizer, "chat_template", None):
+    if not _has_template(tokenizer):
         raise DataError("chat_template=True but the tokenizer has no chat template")
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
@@ -203,7 +348,10 @@ def format_prompt(tokenizer, prompt: str, *, chat_template: bool = False) -> str
 def encode_prompt(
     tokenizer, prompt: str, *, max_len: int, chat_template: bool = False
 ) -> list[int]:
-    """Prompt token ids (with the tokenizer's special tokens), keeping the last ``max_len``."""
+    """Prompt token ids (with the tokenizer's special tokens), keeping the last ``max_len``;
+    a ChatPrompt keeps its latest turns whole (:func:`encode_chat_prompt`)."""
+    if isinstance(prompt, ChatPrompt):
+        return encode_chat_prompt(tokenizer, prompt.messages, max_len=max_len)
     text = format_prompt(tokenizer, prompt, chat_template=chat_template)
     add_special = not chat_template  # a chat template already writes its special tokens
     ids = tokenizer(text, add_special_tokens=add_special)["input_ids"]
@@ -234,6 +382,49 @@ def encode_prompt_completion(
     return ids, len(p_ids)
 
 
+def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character span of every assistant turn in it: from
+    the end of the generation prompt before the turn to the end of the turn as rendered (its
+    end-of-turn token included, the whitespace after it not). DataError when the template does
+    not render a conversation as the growing prefix of itself."""
+    full = render_conversation(tokenizer, messages, add_generation_prompt=False)
+    spans = []
+    for i, turn in enumerate(messages):
+        if turn["role"] != "assistant":
+            continue
+        head = render_conversation(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = render_conversation(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not (full.startswith(upto) and upto.startswith(head)):
+            raise DataError(
+                "the chat template does not render a conversation as a prefix of its longer "
+                "self, so assistant turns cannot be told apart for the loss"
+            )
+        spans.append((len(head), len(upto.rstrip())))
+    return full, spans
+
+
+def encode_conversation(
+    tokenizer, messages: list[dict], *, max_seq_len: int
+) -> tuple[list[int], list[bool]]:
+    """Token ids of a whole conversation and, per token, whether it is a target: a token of
+    an assistant turn (its text and end-of-turn token, not its header). Whole earlier
+    exchanges are dropped while it is too long; then the end is cut off."""
+    templated = _has_template(tokenizer)
+    while True:
+        text, spans = assistant_spans(tokenizer, messages)
+        enc = _tokens(tokenizer, text, templated=templated, offsets=True)
+        ids = enc["input_ids"]
+        shorter = _drop_first_exchange(messages)
+        if len(ids) <= max_seq_len or shorter is None:
+            break
+        messages = shorter
+    targets = [
+        end > start and any(a <= start < b for a, b in spans)
+        for start, end in enc["offset_mapping"]
+    ]
+    return ids[:max_seq_len], targets[:max_seq_len]
+
+
 def completion_mask(prompt_lens: torch.Tensor, seq_lens: torch.Tensor, T: int) -> torch.Tensor:
     """[B] prompt lengths, [B] sequence lengths -> [B,T] bool, True on completion tokens (right padding)."""
     pos = torch.arange(T, device=prompt_lens.device).unsqueeze(0)  # [1,T]
@@ -260,26 +451,45 @@ def pad_sequences(
     return ids, mask
 
 
-def collate_sft(examples: Sequence[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Pre-tokenized (ids, prompt_len) pairs -> input_ids, attention_mask, labels (completion only)."""
+def collate_sft(
+    examples: Sequence[tuple[list[int], int | list[bool]]], pad_id: int
+) -> dict[str, torch.Tensor]:
+    """Pre-tokenized examples -> input_ids, attention_mask, labels (targets only). An example
+    is (ids, prompt_len): every token after the prompt is a target; or (ids, targets): one
+    flag per token (a conversation's assistant turns)."""
     input_ids, attention_mask = pad_sequences([ids for ids, _ in examples], pad_id, side="right")
-    T = input_ids.shape[1]
-    prompt_lens = torch.tensor([p for _, p in examples], dtype=torch.long)
-    seq_lens = torch.tensor([len(ids) for ids, _ in examples], dtype=torch.long)
-    mask = completion_mask(prompt_lens, seq_lens, T)
+    B, T = input_ids.shape
+    mask = torch.zeros((B, T), dtype=torch.bool)
+    for i, (ids, target) in enumerate(examples):
+        if isinstance(target, int):
+            mask[i, target : len(ids)] = True
+        else:
+            mask[i, : len(target)] = torch.as_tensor(target, dtype=torch.bool)
     labels = torch.where(mask, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def target_count(example: tuple[list[int], int | list[bool]]) -> int:
+    """How many target tokens an SFT example has (0: nothing to learn from)."""
+    ids, target = example
+    return len(ids) - target if isinstance(target, int) else sum(target)
+
+
 class SFTCollator:
-    """Rows {"prompt","completion"} -> a right-padded batch with completion-only labels."""
+    """Rows {"prompt","completion"} or {"messages"} -> a right-padded batch whose labels are
+    the completion (or every assistant turn of the conversation) only."""
 
     def __init__(self, tokenizer, *, max_seq_len: int, chat_template: bool = False):
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         self.chat_template = chat_template
 
-    def encode(self, row: dict[str, Any]) -> tuple[list[int], int]:
+    def encode(self, row: dict[str, Any]) -> tuple[list[int], int | list[bool]]:
+        messages = row.get("messages")
+        if messages is not None:
+            if messages[-1]["role"] != "assistant":  # a conversation prompt + its completion
+                messages = [*messages, {"role": "assistant", "content": row["completion"]}]
+            return encode_conversation(self.tokenizer, messages, max_seq_len=self.max_seq_len)
         return encode_prompt_completion(
             self.tokenizer,
             row["prompt"],

@@ -29,7 +29,14 @@ import torch.nn.functional as F
 
 from rlhf.checkpoint import load_adapter_weights, load_training_state
 from rlhf.config import BaseConfig, OfflineConfig
-from rlhf.data import IGNORE_INDEX, SFTCollator, collate_sft, validate_rows, where
+from rlhf.data import (
+    IGNORE_INDEX,
+    SFTCollator,
+    collate_sft,
+    target_count,
+    validate_rows,
+    where,
+)
 from rlhf.errors import DataError
 from rlhf.loop import (
     OnStep,
@@ -248,7 +255,9 @@ def train_sft(
     resume_from: str | os.PathLike | None = None,
     eval_data: list[dict[str, Any]] | None = None,
 ) -> TrainResult:
-    """Train a LoRA adapter on {"prompt","completion"} rows; return the last checkpoint.
+    """Train a LoRA adapter on {"prompt","completion"} rows (the prompt text or "messages") or
+    whole conversations {"messages"} with the loss on every assistant turn (rlhf.data:
+    SFTCollator); return the last checkpoint.
 
     on_step(step, metrics) after every optimizer step (loss/sft, optim/lr, optim/grad_norm,
     perf/tokens_per_s, progress/total_steps, eval/loss when computed). should_stop() is checked
@@ -268,8 +277,8 @@ def train_sft(
     model, tokenizer, device, _dtype = load_policy(cfg, adapter_name=ADAPTER)
     collator = SFTCollator(tokenizer, max_seq_len=cfg.max_seq_len, chat_template=cfg.chat_template)
     examples = [collator.encode(r) for r in checked(rows, should_stop)]
-    for i, (ids, p_len) in enumerate(examples):
-        if len(ids) <= p_len:
+    for i, example in enumerate(examples):
+        if not target_count(example):
             at = where(data[i], i)
             raise DataError(
                 f"{at}: no completion tokens left after truncation to max_seq_len={cfg.max_seq_len}"

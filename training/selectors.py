@@ -163,6 +163,15 @@ def ranking_ids_for_project(*, project: Project) -> list[int]:
     return ids
 
 
+def _with_turns(row: dict, messages: list | None) -> dict:
+    """An engine row that also carries its prompt's conversation ("messages"), which the
+    engine renders with the model's chat template; plain prompts keep their rows as they were
+    (so their snapshot hashes do not change)."""
+    if messages:
+        row["messages"] = messages
+    return row
+
+
 def preference_rows(*, ranking_ids: list[int]) -> list[dict]:
     """Rankings as engine rows {"prompt", "completions", "ranking"} (indices into completions,
     in the item's display position order), in the order of ``ranking_ids``."""
@@ -184,11 +193,14 @@ def preference_rows(*, ranking_ids: list[int]) -> list[dict]:
             continue  # deleted since the snapshot: the hash check reports it
         shown = [ic.completion for ic in ranking.item.item_completions.all()]
         rows.append(
-            {
-                "prompt": ranking.item.prompt.text,
-                "completions": [c.text for c in shown],
-                "ranking": ids_to_indices(ranking.groups, [c.pk for c in shown]),
-            }
+            _with_turns(
+                {
+                    "prompt": ranking.item.prompt.text,
+                    "completions": [c.text for c in shown],
+                    "ranking": ids_to_indices(ranking.groups, [c.pk for c in shown]),
+                },
+                ranking.item.prompt.messages,
+            )
         )
     return rows
 
@@ -200,8 +212,15 @@ def prompt_ids_for_project(*, project: Project, limit: int | None = None) -> lis
 
 def prompt_rows(*, prompt_ids: list[int]) -> list[dict]:
     """Prompts as engine rows {"prompt"} in the order of ``prompt_ids``."""
-    texts = dict(Prompt.objects.filter(pk__in=prompt_ids).values_list("id", "text"))
-    return [{"prompt": texts[pid]} for pid in prompt_ids if pid in texts]
+    found = {
+        pid: (text, messages)
+        for pid, text, messages in Prompt.objects.filter(pk__in=prompt_ids).values_list(
+            "id", "text", "messages"
+        )
+    }
+    return [
+        _with_turns({"prompt": found[pid][0]}, found[pid][1]) for pid in prompt_ids if pid in found
+    ]
 
 
 def demonstration_ids_for_project(*, project: Project) -> list[int]:
@@ -233,7 +252,10 @@ def demonstration_rows(*, completion_ids: list[int]) -> list[dict]:
         c.pk: c for c in Completion.objects.filter(pk__in=completion_ids).select_related("prompt")
     }
     return [
-        {"prompt": found[cid].prompt.text, "completion": found[cid].text}
+        _with_turns(
+            {"prompt": found[cid].prompt.text, "completion": found[cid].text},
+            found[cid].prompt.messages,
+        )
         for cid in completion_ids
         if cid in found
     ]
