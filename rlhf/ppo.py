@@ -89,8 +89,10 @@ from rlhf.rl import (
     RLRun,
     kl_k1,
     list_mean,
+    loss_mask,
     make_rollout,
     masked_mean,
+    penalise_missing_eos,
     position_ids_from_mask,
     response_logprobs,
     rollout_logprobs,
@@ -167,10 +169,6 @@ class PPOConfig(RLConfig):
 
     whiten_rewards: bool = False
     """Normalise per-token rewards (scale only) before GAE (Huang et al. 2024: off for TL;DR)."""
-
-    missing_eos_penalty: float | None = None
-    """If set, subtract this from the score of responses that hit max_new_tokens without an
-    EOS (Huang et al. 2024 replaces their score by -1)."""
 
     init_value_from_reward: bool = True
     """Start the value adapter and head from the reward model when it shares the base model
@@ -509,10 +507,9 @@ def _ppo_step(
     # 1-2. rollout and score ------------------------------------------------------------------
     ro = make_rollout(cfg=cfg, step=step, run=run, repeats=1)
     t1 = time.perf_counter()
-    scores = ro.scores
-    if cfg.missing_eos_penalty is not None:
-        scores = scores - cfg.missing_eos_penalty * (~ro.ended).float()
+    scores = penalise_missing_eos(ro.scores, ro.ended, cfg.missing_eos_penalty)  # [B]
     mask = ro.response_mask  # [B, R]
+    pg_mask = loss_mask(mask, ro.ended, mask_truncated=cfg.mask_truncated_completions)
     R = ro.response_len
     logprobs, entropy = rollout_logprobs(
         model, ro, adapter="policy", temperature=cfg.temperature, chunk=micro, with_entropy=True
@@ -551,7 +548,11 @@ def _ppo_step(
                 model.set_adapter("policy")
                 new_logp, _ = response_logprobs(model, ids, am, keep, temperature=cfg.temperature)
                 pg_loss, clipfrac, approxkl = clipped_policy_loss(
-                    new_logp, logprobs[mi][:, :keep], advantages[mi][:, :keep], m, cfg.cliprange
+                    new_logp,
+                    logprobs[mi][:, :keep],
+                    advantages[mi][:, :keep],
+                    pg_mask[mi][:, :keep],
+                    cfg.cliprange,
                 )
                 check_finite(pg_loss, step, name="loss/policy")
                 (pg_loss / cfg.grad_accum_steps).backward()

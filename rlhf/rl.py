@@ -31,7 +31,7 @@ import torch
 
 from rlhf.checkpoint import read_state, resolve_checkpoint
 from rlhf.config import BaseConfig
-from rlhf.data import encode_prompts, validate_rows
+from rlhf.data import encode_prompt, encode_prompts, validate_rows
 from rlhf.errors import ConfigError, NonFiniteLossError, RewardFunctionError
 from rlhf.loop import (
     Resume,
@@ -43,7 +43,8 @@ from rlhf.loop import (
     stop_point,
     sync_device,
 )
-from rlhf.modeling import load_policy, next_token_logits, token_logprobs
+from rlhf.modeling import active_adapter, load_policy, next_token_logits, token_logprobs
+from rlhf.reward import RewardScorer
 from rlhf.sampling import (
     MergedAdapter,
     check_generation_cache,
@@ -93,6 +94,16 @@ class RLConfig(BaseConfig):
     compiled into a CUDA graph once, in the first step, and replayed every token after),
     "dynamic" (the plain growing cache, no compile) or "auto" (static on CUDA, else dynamic)."""
 
+    missing_eos_penalty: float | None = None
+    """If set, subtract this from the score of every response that hit ``max_new_tokens``
+    without an EOS, so running into the cap never pays (Huang et al. 2024 replace the score of
+    such a response by -1; TRL's ``missing_eos_penalty``, default None)."""
+
+    mask_truncated_completions: bool = False
+    """Leave responses that hit ``max_new_tokens`` without an EOS out of the policy loss: a cut
+    response is not an outcome to learn from (Yu et al. 2025, DAPO, arXiv:2503.14476,
+    "overlong filtering"; TRL's ``mask_truncated_completions``, default False)."""
+
     lora_dropout: float = 0.0
     """No dropout in RL, so log-probs at sampling and update time agree (Huang et al. 2024)."""
 
@@ -129,6 +140,8 @@ class RLConfig(BaseConfig):
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         if not self.cliprange > 0:
             raise ConfigError(f"cliprange must be > 0, got {self.cliprange}")
+        if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
+            raise ConfigError(f"missing_eos_penalty must be >= 0, got {self.missing_eos_penalty}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,6 +155,26 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> 
     if dim is None:
         return (x * mask).sum() / mask.sum().clamp(min=1.0)
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1.0)
+
+
+def penalise_missing_eos(
+    scores: torch.Tensor, ended: torch.Tensor, penalty: float | None
+) -> torch.Tensor:
+    """scores [B] minus ``penalty`` where ``ended`` [B] (bool: the response ended with an EOS)
+    is False; unchanged when ``penalty`` is None."""
+    if penalty is None:
+        return scores
+    return scores - penalty * (~ended).to(scores.dtype)
+
+
+def loss_mask(
+    response_mask: torch.Tensor, ended: torch.Tensor, *, mask_truncated: bool
+) -> torch.Tensor:
+    """The tokens the policy loss sees: response_mask [B, R], with the rows of truncated
+    responses (``ended`` [B] False) zeroed when ``mask_truncated``."""
+    if not mask_truncated:
+        return response_mask
+    return response_mask * ended.to(response_mask.dtype).unsqueeze(1)
 
 
 def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
@@ -262,11 +295,18 @@ def _same_model(a: str, b: str) -> bool:
 
 
 class Rewarder:
-    """One score per (prompt, completion): a Python ``reward_fn`` or a reward model checkpoint.
+    """One score per response: a Python ``reward_fn``, a reward model checkpoint or a scorer.
 
     A reward model whose base is the policy's base (state.json lineage/config) is loaded as the
     frozen adapter "reward" + head into the SAME model (no second copy of the weights); any
     other reward model (e.g. an encoder) is loaded on its own.
+
+    What a causal reward model reads (:attr:`reads`): with the policy's tokenizer, the
+    generated token ids themselves ("ids"), with an EOS only where one was generated; with
+    another tokenizer, the decoded text tokenized again ("text+eos"), EOS appended only to
+    responses that ended. Either way a response cut at ``max_new_tokens`` is never scored as a
+    finished one: the reward model was trained on completions that end with EOS and reads the
+    reward at the last token. An encoder reward model and a scorer object get the text ("text").
     """
 
     def __init__(
@@ -278,13 +318,12 @@ class Rewarder:
         self.scorer = None
         self.checkpoint: Path | None = None
         self.shares_base = False
+        self.reads = "text"
         self.description = (
             getattr(reward_fn, "__qualname__", repr(reward_fn)) if reward_fn else None
         )
         if reward_model is not None:
             if isinstance(reward_model, (str, Path)):
-                from rlhf.reward import RewardScorer
-
                 self.checkpoint = resolve_checkpoint(reward_model)
                 state = read_state(self.checkpoint)
                 rm_base = state.get("lineage", {}).get("base_model") or state.get("config", {}).get(
@@ -301,9 +340,24 @@ class Rewarder:
             else:  # an already built scorer: scorer(prompts, completions) -> Tensor[B]
                 self.scorer = reward_model
                 self.description = type(reward_model).__name__
+        if isinstance(self.scorer, RewardScorer) and self.scorer.encoder.base_kind == "causal":
+            same = self.scorer.encoder.tokenizer is tokenizer or (
+                self.scorer.encoder.tokenizer.get_vocab() == tokenizer.get_vocab()
+            )
+            self.reads = "ids" if same else "text+eos"
 
     @torch.no_grad()
-    def __call__(self, prompts: Sequence[str], completions: Sequence[str]) -> torch.Tensor:
+    def __call__(
+        self,
+        prompts: Sequence[str],
+        completions: Sequence[str],
+        *,
+        responses: Sequence[Sequence[int]] | None = None,
+        ended: Sequence[bool] | None = None,
+    ) -> torch.Tensor:
+        """Scores [B] (float32, CPU). ``responses``: each response's generated ids up to and
+        including its EOS; ``ended``: whether it has one. Without them a causal reward model
+        gets the text with an EOS appended, as in its training."""
         if self.reward_fn is not None:
             return torch.tensor(
                 [
@@ -311,7 +365,52 @@ class Rewarder:
                     for p, c in zip(prompts, completions, strict=True)
                 ]
             )
-        return torch.as_tensor(self.scorer(list(prompts), list(completions))).detach().float().cpu()
+        if self.reads == "text" or responses is None or ended is None:
+            out = self.scorer(list(prompts), list(completions))
+            return torch.as_tensor(out).detach().float().cpu()
+        encoder = self.scorer.encoder
+        eos = encoder.tokenizer.eos_token_id
+        seqs = []
+        for i, prompt in enumerate(prompts):
+            if self.reads == "ids":
+                ids = list(responses[i])
+            else:
+                ids = encoder.tokenizer(completions[i], add_special_tokens=False)["input_ids"]
+                ids = ids + ([eos] if ended[i] and eos is not None else [])
+            seqs.append(
+                reward_input_ids(
+                    encoder.tokenizer,
+                    prompt,
+                    ids,
+                    max_seq_len=encoder.max_seq_len,
+                    chat_template=encoder.chat_template,
+                )
+            )
+        return score_token_ids(self.scorer, seqs)
+
+
+def reward_input_ids(
+    tokenizer, prompt: str, completion_ids: Sequence[int], *, max_seq_len: int, chat_template: bool
+) -> list[int]:
+    """What a causal reward model reads for one response: the prompt as in its training
+    (:func:`rlhf.data.encode_prompt`: special tokens, chat template, cut from the left to
+    ``max_seq_len - 1``) followed by ``completion_ids`` as given, then cut to ``max_seq_len``."""
+    p_ids = encode_prompt(
+        tokenizer, prompt, max_len=max(1, max_seq_len - 1), chat_template=chat_template
+    )
+    return (p_ids + list(completion_ids))[:max_seq_len]
+
+
+@torch.no_grad()
+def score_token_ids(scorer, seqs: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Rewards [N] (float32, CPU) of token-id sequences under a
+    :class:`rlhf.reward.RewardScorer`, in its batches, with its adapter active."""
+    out = []
+    with active_adapter(scorer.rm.peft_model, scorer.adapter_name):
+        for i in range(0, len(seqs), scorer.batch_size):
+            ids, mask = scorer.encoder.batch(seqs[i : i + scorer.batch_size], scorer.device)
+            out.append(scorer.rm(ids, mask).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
 
 
 def call_reward_fn(fn: Callable[[str, str], float], prompt: str, completion: str) -> float:
@@ -486,7 +585,13 @@ def make_rollout(*, cfg, step: int, run: RLRun, repeats: int) -> Rollout:
 
     t1 = time.perf_counter()
     completions = tokenizer.batch_decode(responses, skip_special_tokens=True)
-    scores = run.rewarder(prompts, completions).to(device)  # [B]
+    lengths = resp_mask.sum(1).tolist()  # up to and including the EOS, when there is one
+    scores = run.rewarder(
+        prompts,
+        completions,
+        responses=[row[:n] for row, n in zip(responses.tolist(), lengths, strict=True)],
+        ended=ended.tolist(),
+    ).to(device)  # [B]
     check_scores(scores, step, completions)
     sync_device(device)
     return Rollout(

@@ -26,7 +26,10 @@ from rlhf.sampling import (
     ended_with_eos,
     generate,
 )
+from tests.rlhf import test_rl
 from tests.rlhf.resume import full_and_resumed
+
+reward_checkpoint = test_rl.reward_checkpoint  # the fixture: a reward model on the tiny base
 
 # ------------------------------------------------------------------------------ pure helpers
 
@@ -386,52 +389,6 @@ def test_ppo_stops_cleanly_on_a_nan_reward_without_writing_a_checkpoint(tiny_mod
     with pytest.raises(NonFiniteLossError, match="reward is nan at step 1"):
         train_ppo(cfg, PROMPTS, output_dir=tmp_path, reward_fn=lambda p, c: float("nan"))
     assert not list(tmp_path.glob("step-*"))
-
-
-@pytest.fixture(scope="module")
-def reward_checkpoint(tiny_model_dir, tmp_path_factory):
-    """A reward model on the tiny base, trained for a few steps (vowel-rich text preferred)."""
-    from rlhf.reward import RewardConfig, train_reward
-
-    rows = [
-        {
-            "prompt": f"Question {i}:",
-            "chosen": " aeiou aia eo" * (1 + i % 2),
-            "rejected": " xkcd brr pst" * (1 + i % 3),
-        }
-        for i in range(8)
-    ]
-    cfg = RewardConfig(
-        model=str(tiny_model_dir),
-        batch_size=4,
-        max_steps=5,
-        lora_r=4,
-        lora_alpha=8,
-        learning_rate=1e-3,
-        max_seq_len=48,
-        eval_fraction=0.0,
-    )
-    return train_reward(cfg, rows, output_dir=tmp_path_factory.mktemp("rm")).checkpoint_dir
-
-
-@pytest.mark.slow
-def test_a_reward_model_on_the_same_base_is_loaded_into_the_policy_model(
-    tiny_model_dir, reward_checkpoint
-):
-    from rlhf.reward import RewardScorer
-
-    cfg = _small_cfg(tiny_model_dir)
-    model, tok, device, _ = _load_policy(cfg)
-    rewarder = Rewarder(
-        cfg=cfg, model=model, tokenizer=tok, device=device, reward_model=reward_checkpoint
-    )
-    assert rewarder.shares_base and "reward" in model.peft_config  # one copy of the base weights
-    assert not any(p.requires_grad for n, p in model.named_parameters() if ".reward." in n)
-    prompts, completions = ["Question 1:", "Question 2:"], [" aeiou", " xkcd"]
-    standalone = RewardScorer.from_checkpoint(reward_checkpoint, device="cpu")
-    torch.testing.assert_close(
-        rewarder(prompts, completions), standalone(prompts, completions).cpu(), atol=1e-5, rtol=1e-5
-    )
 
 
 @pytest.mark.slow

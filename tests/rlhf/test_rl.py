@@ -8,8 +8,19 @@ import torch
 
 from rlhf.data import encode_prompts
 from rlhf.modeling import load_policy
-from rlhf.ppo import PPOConfig
-from rlhf.rl import kl_k1, kl_k2, kl_k3, response_logprobs
+from rlhf.reward import RewardScorer
+from rlhf.rl import (
+    Rewarder,
+    RLConfig,
+    kl_k1,
+    kl_k2,
+    kl_k3,
+    loss_mask,
+    penalise_missing_eos,
+    response_logprobs,
+    reward_input_ids,
+    score_token_ids,
+)
 from rlhf.sampling import completion_mask_after_eos, eos_token_ids
 
 # ------------------------------------------------------------------------------ pure helpers
@@ -36,11 +47,27 @@ def test_k1_and_k3_average_to_the_true_kl_over_samples_from_the_policy():
     assert bool((kl_k3(logp, logq) >= 0).all())
 
 
+def test_the_missing_eos_penalty_lowers_only_the_responses_without_an_eos():
+    scores = torch.tensor([1.0, 0.5, -1.0])
+    ended = torch.tensor([True, False, False])
+    torch.testing.assert_close(
+        penalise_missing_eos(scores, ended, 2.0), torch.tensor([1.0, -1.5, -3.0])
+    )
+    assert penalise_missing_eos(scores, ended, None) is scores
+
+
+def test_the_loss_mask_drops_the_rows_of_truncated_responses_only_when_asked():
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    ended = torch.tensor([True, False])
+    assert loss_mask(mask, ended, mask_truncated=False) is mask
+    assert loss_mask(mask, ended, mask_truncated=True).tolist() == [[1, 1, 0], [0, 0, 0]]
+
+
 # ------------------------------------------------------------------------------ model plumbing
 
 
 def _policy(model_dir):
-    cfg = PPOConfig(model=str(model_dir), max_seq_len=48, lora_r=4, lora_alpha=8)
+    cfg = RLConfig(model=str(model_dir), max_seq_len=48, lora_r=4, lora_alpha=8)
     model, tok, device, _ = load_policy(cfg)
     model.eval()  # as the RL runs: no dropout
     g = torch.Generator().manual_seed(0)  # a policy adapter that is not the identity
@@ -88,3 +115,80 @@ def test_training_logprobs_match_the_sampling_distribution_with_left_padding(tin
         )
     torch.testing.assert_close(logp * rmask, sampled * rmask, atol=1e-4, rtol=0)
     assert bool((entropy > 0).all())
+
+
+# ------------------------------------------------------------------------------ reward inputs
+
+
+@pytest.fixture(scope="module")
+def reward_checkpoint(tiny_model_dir, tmp_path_factory):
+    """A reward model on the tiny base, trained for a few steps (vowel-rich text preferred)."""
+    from rlhf.reward import RewardConfig, train_reward
+
+    rows = [
+        {
+            "prompt": f"Question {i}:",
+            "chosen": " aeiou aia eo" * (1 + i % 2),
+            "rejected": " xkcd brr pst" * (1 + i % 3),
+        }
+        for i in range(8)
+    ]
+    cfg = RewardConfig(
+        model=str(tiny_model_dir),
+        batch_size=4,
+        max_steps=5,
+        lora_r=4,
+        lora_alpha=8,
+        learning_rate=1e-3,
+        max_seq_len=48,
+        eval_fraction=0.0,
+    )
+    return train_reward(cfg, rows, output_dir=tmp_path_factory.mktemp("rm")).checkpoint_dir
+
+
+def _rewarder_in_the_policy_model(model_dir, reward_checkpoint):
+    cfg = RLConfig(model=str(model_dir), max_seq_len=48, lora_r=4, lora_alpha=8)
+    model, tok, device = _policy(model_dir)
+    rewarder = Rewarder(
+        cfg=cfg, model=model, tokenizer=tok, device=device, reward_model=reward_checkpoint
+    )
+    return rewarder, model, tok
+
+
+@pytest.mark.slow
+def test_a_reward_model_on_the_same_base_is_loaded_into_the_policy_model(
+    tiny_model_dir, reward_checkpoint
+):
+    rewarder, model, tok = _rewarder_in_the_policy_model(tiny_model_dir, reward_checkpoint)
+    assert rewarder.shares_base and "reward" in model.peft_config  # one copy of the base weights
+    assert not any(p.requires_grad for n, p in model.named_parameters() if ".reward." in n)
+    prompts, completions = ["Question 1:", "Question 2:"], [" aeiou", " xkcd"]
+    standalone = RewardScorer.from_checkpoint(reward_checkpoint, device="cpu")
+    torch.testing.assert_close(
+        rewarder(prompts, completions), standalone(prompts, completions).cpu(), atol=1e-5, rtol=1e-5
+    )
+
+
+@pytest.mark.slow
+def test_a_reward_model_with_the_policys_tokenizer_reads_the_eos_only_where_it_was_generated(
+    tiny_model_dir, reward_checkpoint
+):
+    rewarder, model, tok = _rewarder_in_the_policy_model(tiny_model_dir, reward_checkpoint)
+    assert rewarder.reads == "ids"
+    prompts, completions = ["Question 1:", "Question 2:"], [" aeiou aia", " xkcd brr"]
+    ids = [tok(c, add_special_tokens=False)["input_ids"] for c in completions]
+    eos = tok.eos_token_id
+    # the first response ended (its EOS was generated), the second was cut at the length cap
+    scores = rewarder(prompts, completions, responses=[ids[0] + [eos], ids[1]], ended=[True, False])
+    as_text = RewardScorer.from_checkpoint(reward_checkpoint, device="cpu")(prompts, completions)
+    # an ended response scores as its text does (the reward model's training appends EOS) ...
+    assert float(scores[0]) == pytest.approx(float(as_text[0]), abs=1e-5)
+    # ... a cut one is read without the EOS it never wrote, not as a finished answer
+    cut = reward_input_ids(tok, prompts[1], ids[1], max_seq_len=48, chat_template=False)
+    assert cut[-1] != eos
+    assert float(scores[1]) == pytest.approx(
+        float(score_token_ids(rewarder.scorer, [cut])), abs=1e-5
+    )
+    assert abs(float(scores[1]) - float(as_text[1])) > 1e-3
+    # without the generated ids (a caller that has only text) the text is scored as before
+    torch.testing.assert_close(rewarder(prompts, completions), as_text, atol=1e-5, rtol=1e-5)
