@@ -13,7 +13,19 @@ and the objective (eq. 3), maximised, is
 
 with ρ_it = π_θ(o_it | q, o_i<t) / π_θold(o_it | ...) and the per-token KL estimated by k3
 (eq. 4: π_ref/π_θ - log π_ref/π_θ - 1). The reference is the base model with adapters
-disabled, so GRPO keeps one copy of the weights. Rollouts, reward inputs and checkpoints are
+disabled, so GRPO keeps one copy of the weights.
+
+``loss_type`` picks how token terms are summed into the loss (:func:`grpo_loss`):
+
+- "grpo": as above, each completion's mean over its own |o_i| tokens, then the mean over
+  completions. Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective"
+  (arXiv:2503.20783, sec. 3.1) show the 1/|o_i| is a length bias: a long wrong answer is
+  penalised less per token than a short one, which favours growing incorrect responses.
+- "dr_grpo" (Dr. GRPO, Liu et al. 2025, eq. 4): the token sums divided by one constant,
+  ``max_new_tokens``, for every completion (then the mean over completions). The paper's Dr.
+  GRPO also drops the std scaling of the advantages: ``scale_rewards=False``.
+- "dapo": token-level, the sum over every token of the minibatch divided by its number of
+  tokens (Yu et al. 2025, DAPO, arXiv:2503.14476, eq. 8). Rollouts, reward inputs and checkpoints are
 shared with PPO (:mod:`rlhf.rl`).
 """
 
@@ -48,13 +60,17 @@ from rlhf.rl import (
     kl_k1,
     kl_k3,
     list_mean,
+    loss_mask,
     make_rollout,
     masked_mean,
+    penalise_missing_eos,
     response_logprobs,
     rollout_logprobs,
     rollout_metrics,
     start_rl_run,
 )
+
+LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
 
 
 @dataclass
@@ -85,8 +101,15 @@ class GRPOConfig(RLConfig):
     """KL coefficient β against the reference (DeepSeekMath sec. 4.2: 0.04). 0 drops the term."""
 
     scale_rewards: bool = True
-    """Divide by the group's std (DeepSeekMath eq. under sec. 4.1.2). False keeps only the mean
-    baseline (Liu et al. 2025, "Understanding R1-Zero-Like Training", Dr. GRPO)."""
+    """Divide the advantages by the group's std (DeepSeekMath sec. 4.1.2). False keeps only the
+    mean baseline: one of Dr. GRPO's two changes (Liu et al. 2025: the std scaling is a
+    question-difficulty bias); the other is ``loss_type="dr_grpo"``."""
+
+    loss_type: str = "grpo"
+    """How token terms become the loss: "grpo" (each completion's token mean, DeepSeekMath eq.
+    3), "dr_grpo" (token sums / max_new_tokens, Liu et al. 2025; with scale_rewards=False this
+    is their Dr. GRPO) or "dapo" (token sum / tokens of the minibatch, Yu et al. 2025). TRL's
+    GRPOConfig offers the same three."""
 
     def rollout_rows(self) -> tuple[str, int]:
         return "batch_size * num_generations", self.batch_size * self.num_generations
@@ -101,6 +124,10 @@ class GRPOConfig(RLConfig):
             raise ConfigError(f"num_iterations must be > 0, got {self.num_iterations}")
         if self.beta < 0:
             raise ConfigError(f"beta must be >= 0, got {self.beta}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ConfigError(
+                f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}"
+            )
 
 
 def group_advantages(
@@ -130,12 +157,17 @@ def grpo_loss(
     *,
     cliprange: float,
     beta: float,
+    loss_type: str = "grpo",
+    max_new_tokens: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The GRPO loss (minus eq. 3 of Shao et al. 2024) for a batch of completions.
 
     logprobs, old_logprobs, ref_logprobs, mask: [B, T]; advantages: [B] (one per completion).
-    Per token ``max(-ρÂ, -clip(ρ)Â) + β·k3``; averaged over each completion's tokens, then over
-    completions. Returns ``(loss, stats)`` with clipfrac and the mean k3 (detached).
+    Per token ``max(-ρÂ, -clip(ρ)Â) + β·k3``, then by ``loss_type`` (module docstring):
+    "grpo" averages over each completion's tokens, then over completions; "dr_grpo" sums each
+    completion's tokens and divides by ``max_new_tokens``, then averages over completions;
+    "dapo" divides the sum over all tokens by their number. Returns ``(loss, stats)`` with
+    clipfrac and the mean k3 (detached).
     """
     adv = advantages.to(logprobs.dtype).unsqueeze(1).expand_as(logprobs)  # [B, T]
     ratio = torch.exp(logprobs - old_logprobs)
@@ -146,14 +178,34 @@ def grpo_loss(
     if ref_logprobs is not None and beta > 0:
         kl = kl_k3(logprobs, ref_logprobs)
         per_token = per_token + beta * kl
-    per_seq = masked_mean(per_token, mask, dim=1)  # [B]
-    loss = per_seq.mean()
+    if loss_type == "grpo":
+        loss = masked_mean(per_token, mask, dim=1).mean()
+    elif loss_type == "dr_grpo":
+        if not max_new_tokens:
+            raise ValueError('loss_type="dr_grpo" needs max_new_tokens (the constant divisor)')
+        loss = (per_token * mask.to(per_token.dtype)).sum(1).mean() / max_new_tokens
+    elif loss_type == "dapo":
+        loss = masked_mean(per_token, mask)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((pg2 > pg1).to(logprobs.dtype), mask),
             "kl_k3": masked_mean(kl, mask) if kl is not None else torch.zeros(()),
         }
     return loss, stats
+
+
+def micro_batch_share(
+    loss_type: str, micro_mask: torch.Tensor, minibatch_mask: torch.Tensor
+) -> float:
+    """The weight of a micro-batch's :func:`grpo_loss` in its minibatch's loss, so that the
+    weighted sum over micro-batches is the loss of the whole minibatch: its share of the
+    completions (the loss is a mean over completions), or for "dapo" of the loss tokens.
+    Masks: [b, R] of the micro-batch, [B, R] of the minibatch."""
+    if loss_type == "dapo":
+        return float(micro_mask.sum()) / max(float(minibatch_mask.sum()), 1.0)
+    return micro_mask.shape[0] / minibatch_mask.shape[0]
 
 
 @stops_while_loading("grpo")
@@ -254,7 +306,9 @@ def _grpo_step(
     mask = ro.response_mask  # [N, R]
 
     t1 = time.perf_counter()
-    advantages = group_advantages(ro.scores, G, scale=cfg.scale_rewards)  # [N]
+    scores = penalise_missing_eos(ro.scores, ro.ended, cfg.missing_eos_penalty)  # [N]
+    advantages = group_advantages(scores, G, scale=cfg.scale_rewards)  # [N]
+    pg_mask = loss_mask(mask, ro.ended, mask_truncated=cfg.mask_truncated_completions)
     # π_old: needed when the policy moves before a sample is used (several minibatches or
     # iterations); with one update per batch the ratio is 1 and logπ.detach() stands in.
     reuse = cfg.num_iterations * cfg.num_minibatches > 1
@@ -280,9 +334,10 @@ def _grpo_step(
             else torch.arange(N, device=device)
         )
         for mb_start in range(0, N, minibatch):
-            for mi in order[mb_start : mb_start + minibatch].split(micro):
+            rows = order[mb_start : mb_start + minibatch]
+            for mi in rows.split(micro):
                 ids, am, keep = ro.trimmed(mi)
-                m = mask[mi][:, :keep]
+                m = pg_mask[mi][:, :keep]
                 logp, _ = response_logprobs(model, ids, am, keep, temperature=cfg.temperature)
                 old = old_logprobs[mi][:, :keep] if reuse else logp.detach()
                 loss, stats = grpo_loss(
@@ -293,10 +348,11 @@ def _grpo_step(
                     m,
                     cliprange=cfg.cliprange,
                     beta=cfg.beta,
+                    loss_type=cfg.loss_type,
+                    max_new_tokens=cfg.max_new_tokens,
                 )
                 check_finite(loss, step, name="loss/policy")
-                # each micro-batch's loss is a mean over its completions: weight by its share
-                (loss * (len(mi) / minibatch)).backward()
+                (loss * micro_batch_share(cfg.loss_type, pg_mask[mi], pg_mask[rows])).backward()
                 losses.append(float(loss.detach()))
                 clipfracs.append(float(stats["clipfrac"]))
                 kls.append(float(stats["kl_k3"]))

@@ -7,7 +7,14 @@ import torch
 
 from rlhf.config import config_from_dict
 from rlhf.errors import ConfigError
-from rlhf.grpo import GRPOConfig, group_advantages, grpo_loss, train_grpo
+from rlhf.grpo import (
+    LOSS_TYPES,
+    GRPOConfig,
+    group_advantages,
+    grpo_loss,
+    micro_batch_share,
+    train_grpo,
+)
 from rlhf.rl import kl_k3
 from tests.rlhf.resume import full_and_resumed
 
@@ -49,11 +56,72 @@ def test_grpo_loss_at_ratio_one_is_minus_the_mean_advantage_plus_beta_k3():
     assert float(logp.grad[0, 1]) == pytest.approx(-2.0 / 6 + 0.1 * (1 - math.exp(0.0)) / 6)
 
 
+# two completions at ratio 1, β = 0: each real token's term is -Â
+#   completion 0: Â = 1, three tokens -> terms -1, -1, -1 (sum -3, mean -1)
+#   completion 1: Â = -2, one token (the rest padding) -> term 2 (sum 2, mean 2)
+LOGP = torch.tensor([[-1.0, -2.0, -3.0, -4.0], [-0.5, -9.0, -9.0, -9.0]])
+MASK = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+ADV = torch.tensor([1.0, -2.0])
+
+
+def _loss_at_ratio_one(loss_type: str, rows=slice(None)):
+    logp = LOGP[rows].clone().requires_grad_(True)
+    loss, _ = grpo_loss(
+        logp,
+        logp.detach(),
+        None,
+        ADV[rows],
+        MASK[rows],
+        cliprange=0.2,
+        beta=0.0,
+        loss_type=loss_type,
+        max_new_tokens=4,
+    )
+    loss.backward()
+    return float(loss.detach()), logp.grad
+
+
+def test_grpo_loss_types_match_hand_computed_numbers():
+    # "grpo": mean of the completions' token means: (-1 + 2) / 2
+    loss, grad = _loss_at_ratio_one("grpo")
+    assert loss == pytest.approx(0.5)
+    # a token of the 3-token completion weighs 1/(2·3), the lone token 1/2: the length bias
+    torch.testing.assert_close(grad[:, 0], torch.tensor([-1 / 6, 1.0]))
+    # "dr_grpo": token sums / max_new_tokens (4), mean over completions: (-3 + 2) / 4 / 2
+    loss, grad = _loss_at_ratio_one("dr_grpo")
+    assert loss == pytest.approx(-0.125)
+    # every token weighs 1/(2·4), whatever its completion's length
+    torch.testing.assert_close(grad[:, 0], torch.tensor([-1 / 8, 2 / 8]))
+    # "dapo": the sum over the 4 real tokens / 4
+    loss, grad = _loss_at_ratio_one("dapo")
+    assert loss == pytest.approx(-0.25)
+    torch.testing.assert_close(grad[:, 0], torch.tensor([-1 / 4, 2 / 4]))
+    assert float(grad[0, 3]) == 0.0 and float(grad[1, 1:].abs().sum()) == 0.0  # padding
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_micro_batch_losses_weighted_by_their_share_add_up_to_the_minibatch_loss(loss_type):
+    whole, _ = _loss_at_ratio_one(loss_type)
+    parts = [
+        _loss_at_ratio_one(loss_type, rows)[0] * micro_batch_share(loss_type, MASK[rows], MASK)
+        for rows in (slice(0, 1), slice(1, 2))
+    ]
+    assert sum(parts) == pytest.approx(whole)
+
+
+def test_micro_batch_share_counts_completions_or_for_dapo_tokens():
+    assert micro_batch_share("grpo", MASK[:1], MASK) == 0.5
+    assert micro_batch_share("dr_grpo", MASK[:1], MASK) == 0.5
+    assert micro_batch_share("dapo", MASK[:1], MASK) == 0.75  # 3 of the 4 loss tokens
+
+
 def test_grpo_config_needs_a_group_of_at_least_two(tiny_model_dir):
     with pytest.raises(ConfigError, match="num_generations"):
         config_from_dict("grpo", {"model": str(tiny_model_dir), "num_generations": 1})
     cfg = config_from_dict("grpo", {"model": str(tiny_model_dir)})
     assert isinstance(cfg, GRPOConfig) and cfg.beta == 0.04
+    with pytest.raises(ConfigError, match="loss_type"):
+        config_from_dict("grpo", {"model": str(tiny_model_dir), "loss_type": "bnpo"})
 
 
 def text_length(prompt: str, completion: str) -> float:
