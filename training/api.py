@@ -81,6 +81,10 @@ class JobOut(Schema):
         return obj.progress_percent
 
     @staticmethod
+    def resolve_result(obj: Job) -> dict:
+        return selectors.job_result(job=obj)
+
+    @staticmethod
     def resolve_checkpoint_ids(obj: Job) -> list[int]:
         return list(obj.checkpoints.values_list("id", flat=True))
 

@@ -18,7 +18,15 @@ from django.db.models import Count, Prefetch, QuerySet
 from django.http import Http404
 
 from config.ids import as_id
-from labeling.models import Completion, ItemCompletion, Membership, Project, Prompt, Ranking
+from labeling.models import (
+    Completion,
+    Item,
+    ItemCompletion,
+    Membership,
+    Project,
+    Prompt,
+    Ranking,
+)
 from rlhf.rankings import ids_to_indices
 from training.models import Checkpoint, Job, MetricPoint
 
@@ -274,3 +282,70 @@ def input_rows(*, input_kind: str, ids: list[int]) -> list[dict]:
 
 def prompts_by_id(*, prompt_ids: list[int]) -> dict[int, Prompt]:
     return Prompt.objects.in_bulk(prompt_ids)
+
+
+# --------------------------------------------------------------------------- evaluations
+
+
+def eval_human_result(*, job: Job) -> dict | None:
+    """The labelers' verdict on an evaluation job's A-vs-B items (None when the job sent none):
+    A's win rate over B from every labeler ranking of those items (a tie counts one half, with
+    its 95% interval), how often the labelers agree with the reward model where both chose a
+    side, and one row per ranked item (prompt, the labelers' verdicts, the reward model's)."""
+    from training import evaluation
+
+    if job.kind != Job.Kind.EVAL or not job.options.get("send_to_labelers"):
+        return None
+    sides = {}  # item id -> {"a": (completion id, reward), "b": ...}
+    for item_id, completion_id, generation in ItemCompletion.objects.filter(
+        item__project_id=job.project_id,
+        item__source=Item.Source.EVAL,
+        completion__generation__job_id=job.pk,
+    ).values_list("item_id", "completion_id", "completion__generation"):
+        side = (generation or {}).get("eval_side")
+        if side in ("a", "b"):
+            sides.setdefault(item_id, {})[side] = (completion_id, (generation or {}).get("reward"))
+    sides = {i: s for i, s in sides.items() if len(s) == 2}
+    rankings = Ranking.objects.filter(item_id__in=list(sides), source=Ranking.Source.LABELER)
+    counts = {"a": 0, "b": 0, "tie": 0}
+    agree = disagree = 0
+    by_item: dict[int, list[str]] = {}
+    for item_id, groups in rankings.values_list("item_id", "groups"):
+        rank = {cid: r for r, group in enumerate(groups) for cid in group}
+        a_id, b_id = sides[item_id]["a"][0], sides[item_id]["b"][0]
+        human = evaluation.verdict(-rank[a_id], -rank[b_id])
+        counts[human] += 1
+        by_item.setdefault(item_id, []).append(human)
+    prompts = dict(
+        Prompt.objects.filter(items__id__in=list(by_item)).values_list("items__id", "text")
+    )
+    items = []
+    for item_id, verdicts in sorted(by_item.items()):
+        ra, rb = sides[item_id]["a"][1], sides[item_id]["b"][1]
+        rm = evaluation.verdict(ra, rb) if ra is not None and rb is not None else None
+        for human in verdicts:
+            if rm in ("a", "b") and human != "tie":
+                agree, disagree = agree + (human == rm), disagree + (human != rm)
+        items.append(
+            {
+                "item_id": item_id,
+                "prompt": prompts.get(item_id, "")[:200],
+                "human": verdicts,
+                "reward_model": rm,
+            }
+        )
+    result = evaluation.win_rate(wins=counts["a"], ties=counts["tie"], losses=counts["b"])
+    return {
+        **result,
+        "items_sent": len(sides),
+        "items_ranked": len(by_item),
+        "agreement_with_reward_model": agree / (agree + disagree) if agree + disagree else None,
+        "items": items,
+    }
+
+
+def job_result(*, job: Job) -> dict:
+    """The job's stored result; an evaluation sent to labelers adds their verdict under
+    "human", computed as they rank (they rank after the job has ended)."""
+    human = eval_human_result(job=job)
+    return {**(job.result or {}), "human": human} if human is not None else (job.result or {})

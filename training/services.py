@@ -636,7 +636,10 @@ def eval_pairs_store(
     *, job: Job, pairs: list[dict], checkpoint_a: Checkpoint, checkpoint_b: Checkpoint | None
 ) -> int:
     """Send A-vs-B pairs to labelers: per prompt, A's and B's completions as an item of 2
-    (source eval). ``pairs`` holds {"prompt_id", "a", "b"}. Returns the number of items."""
+    (source eval). ``pairs`` holds {"prompt_id", "a", "b"} and optionally the reward model's
+    scores "reward_a", "reward_b", kept with each completion so that the labelers' verdicts
+    can be set beside the reward model's (selectors.eval_human_result). Returns the number
+    of items."""
     from labeling import services as labeling_services
 
     prompts = selectors.prompts_by_id(prompt_ids=[p["prompt_id"] for p in pairs])
@@ -653,11 +656,15 @@ def eval_pairs_store(
                     source=Completion.Source.MODEL,
                     checkpoint_id=ckpt.pk if ckpt else None,
                     model_name=(ckpt.name if ckpt else job.base_model)[:500],
-                    generation={"job_id": job.pk, "eval_side": side},
+                    generation={
+                        "job_id": job.pk,
+                        "eval_side": side,
+                        **({"reward": score} if score is not None else {}),
+                    },
                 )
-                for side, text, ckpt in (
-                    ("a", pair["a"], checkpoint_a),
-                    ("b", pair["b"], checkpoint_b),
+                for side, text, ckpt, score in (
+                    ("a", pair["a"], checkpoint_a, pair.get("reward_a")),
+                    ("b", pair["b"], checkpoint_b, pair.get("reward_b")),
                 )
             ]
             labeling_services.item_create(

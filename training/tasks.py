@@ -19,7 +19,7 @@ from pathlib import Path
 
 from celery import shared_task
 
-from training import selectors, services
+from training import evaluation, selectors, services
 from training.models import Checkpoint, Job
 from training.rewards import reward_rule_get
 from training.runtime import JobMonitor, stop_on_sigterm
@@ -263,9 +263,8 @@ def _run_eval(job: Job, rows: list[dict], monitor: JobMonitor) -> tuple[str, dic
             texts_b.append(cb["text"])
             prompt_ids.append(pid)
     scores_a, scores_b = _score(job, prompts, texts_a), _score(job, prompts, texts_b)
-    wins = sum(1 for x, y in zip(scores_a, scores_b, strict=True) if x > y)
-    ties = sum(1 for x, y in zip(scores_a, scores_b, strict=True) if x == y)
-    n = len(scores_a)
+    verdicts = [evaluation.verdict(x, y) for x, y in zip(scores_a, scores_b, strict=True)]
+    wins, ties, n = verdicts.count("a"), verdicts.count("tie"), len(verdicts)
     points, running = [], 0.0
     for i, (x, y) in enumerate(zip(scores_a, scores_b, strict=True), start=1):
         running += 1.0 if x > y else 0.5 if x == y else 0.0
@@ -276,11 +275,7 @@ def _run_eval(job: Job, rows: list[dict], monitor: JobMonitor) -> tuple[str, dic
         ]
     services.metric_points_write(job_id=job.pk, token=monitor.token, points=points)
     result = {
-        "win_rate": (wins + 0.5 * ties) / n if n else None,
-        "wins": wins,
-        "ties": ties,
-        "losses": n - wins - ties,
-        "n": n,
+        **evaluation.win_rate(wins=wins, ties=ties, losses=n - wins - ties),
         "mean_reward_a": sum(scores_a) / n if n else None,
         "mean_reward_b": sum(scores_b) / n if n else None,
         "checkpoint_a": a.pk,
@@ -288,8 +283,10 @@ def _run_eval(job: Job, rows: list[dict], monitor: JobMonitor) -> tuple[str, dic
     }
     if job.options.get("send_to_labelers"):
         pairs = [
-            {"prompt_id": p, "a": x, "b": y}
-            for p, x, y in zip(prompt_ids, texts_a, texts_b, strict=True)
+            {"prompt_id": p, "a": x, "b": y, "reward_a": ra, "reward_b": rb}
+            for p, x, y, ra, rb in zip(
+                prompt_ids, texts_a, texts_b, scores_a, scores_b, strict=True
+            )
         ]
         result["items_sent"] = services.eval_pairs_store(
             job=job, pairs=pairs, checkpoint_a=a, checkpoint_b=b

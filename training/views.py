@@ -162,6 +162,7 @@ def job_detail(request, job_id: int):
             "config_json": json.dumps(job.config, indent=2),
             "warnings": selectors.job_warnings(job=job),
             "result_json": json.dumps(job.result, indent=2) if job.result else "",
+            "human": selectors.eval_human_result(job=job),
         },
     )
 
@@ -221,7 +222,7 @@ def job_summary(job: Job) -> dict:
         "heartbeat_at": job.heartbeat_at.isoformat() if job.heartbeat_at else None,
         "started_at": job.started_at.isoformat() if job.started_at else None,
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,
-        "result": job.result,
+        "result": selectors.job_result(job=job),
         "is_active": job.is_active,
     }
 
