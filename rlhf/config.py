@@ -170,6 +170,39 @@ class OfflineConfig(BaseConfig):
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
 
 
+DROPOUT_ATTRIBUTES = (
+    "dropout",
+    "attention_dropout",
+    "hidden_dropout",
+    "activation_dropout",
+    "attn_pdrop",
+    "resid_pdrop",
+    "embd_pdrop",
+    "hidden_dropout_prob",
+    "attention_probs_dropout_prob",
+    "classifier_dropout",
+)
+"""Float settings through which transformers models apply dropout without an ``nn.Dropout``
+(e.g. Llama's attention reads ``self.attention_dropout`` in training mode)."""
+
+
+def disable_dropout(model: Any) -> None:
+    """Turn dropout off in ``model`` for good, also in ``train()`` mode: p = 0 on every
+    ``nn.Dropout`` (LoRA's included) and 0.0 for the :data:`DROPOUT_ATTRIBUTES` of every module
+    and of every model config. What a config's ``disable_dropout`` applies (TRL's
+    ``disable_dropout_in_model``). torch is imported here only, so ``rlhf.config`` stays light."""
+    from torch import nn
+
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.p = 0.0
+        targets = [module, getattr(module, "config", None)]
+        for target in targets:
+            for name in DROPOUT_ATTRIBUTES:
+                if isinstance(getattr(target, name, None), float):
+                    setattr(target, name, 0.0)
+
+
 def same_setting(a: Any, b: Any) -> bool:
     """Two values of one config field, compared as settings: a list of module names (e.g.
     target_modules) in another order is the same set."""
@@ -343,6 +376,7 @@ __all__ = [
     "config_class",
     "config_from_dict",
     "config_to_dict",
+    "disable_dropout",
     "field",
     "same_setting",
 ]

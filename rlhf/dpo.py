@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf.checkpoint import load_adapter_weights, load_training_state
-from rlhf.config import OfflineConfig
+from rlhf.config import OfflineConfig, disable_dropout
 from rlhf.data import completion_mask, encode_prompt_completion, pad_sequences
 from rlhf.errors import ConfigError, DataError
 from rlhf.loop import (
@@ -117,6 +117,11 @@ class DPOConfig(OfflineConfig):
 
     warmup_ratio: float = 0.1
     """Linear warm-up fraction (Rafailov et al. warm up for 150 steps, ~10% of a short run)."""
+
+    disable_dropout: bool = True
+    """Train with dropout off (LoRA's and the model's): the policy's log-probs are then the
+    same function in the training forward as in the reference's and the evals' (TRL's DPOConfig
+    default ``disable_dropout=True``). False trains with ``lora_dropout`` and the model's own."""
 
     reference: str = "auto"
     """The reference policy π_ref: "base" = the base model with adapters disabled; "init" =
@@ -252,6 +257,8 @@ def train_dpo(
     resume = resume_point(resume_from, "dpo", cfg)
     stop_point(should_stop)
     model, tokenizer, device, _dtype = load_policy(cfg, adapter_name=ADAPTER)
+    if cfg.disable_dropout:
+        disable_dropout(model)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     pad_id = tokenizer.pad_token_id

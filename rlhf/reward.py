@@ -49,7 +49,7 @@ from rlhf.checkpoint import (
     read_state,
     resolve_checkpoint,
 )
-from rlhf.config import OfflineConfig
+from rlhf.config import OfflineConfig, disable_dropout
 from rlhf.data import encode_prompt_completion, pad_sequences, validate_rows
 from rlhf.errors import ConfigError
 from rlhf.loop import (
@@ -225,6 +225,10 @@ class RewardConfig(OfflineConfig):
 
     reference_max_completions: int = 4096
     """At most this many training completions (a seeded sample) form the reference set."""
+
+    disable_dropout: bool = True
+    """Train with dropout off (LoRA's and the model's), so a completion's reward is the same
+    function in training as when scored (TRL's RewardConfig default ``disable_dropout=True``)."""
 
     def validate(self) -> None:
         super().validate()
@@ -482,6 +486,8 @@ def train_reward(
     stop_point(should_stop)
     rm, encoder, device = build_reward_model(cfg)
     peft_model, head = rm.peft_model, rm.head
+    if cfg.disable_dropout:
+        disable_dropout(peft_model)
     head.linear.bias.requires_grad_(
         False
     )  # the pairwise loss ignores a shift; set by normalisation

@@ -253,6 +253,62 @@ def test_with_an_init_adapter_the_reference_is_that_policy_also_after_a_resume(
     torch.testing.assert_close(ref_after, ref_before, rtol=1e-5, atol=1e-5)
 
 
+def test_disable_dropout_makes_a_training_mode_forward_deterministic(tiny_model_dir):
+    from rlhf.config import disable_dropout
+    from rlhf.modeling import load_policy
+
+    model, tok, _, _ = load_policy(dpo_config(tiny_model_dir, lora_dropout=0.5))
+    with torch.no_grad():  # a LoRA update that is not zero, so its dropout shows
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    attention = [m for m in model.modules() if hasattr(m, "attention_dropout")]
+    assert attention
+    for m in attention:  # as a model config with attention dropout would set it
+        m.attention_dropout = 0.3
+    ids = tok(["Question: sea blue? Answer: yes"], return_tensors="pt")["input_ids"]
+    model.train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+        disable_dropout(model)
+        assert model.training
+        assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+    assert all(m.attention_dropout == 0.0 for m in attention)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("disable", [True, False])
+def test_dpo_trains_with_dropout_off_by_default_so_step_one_matches_the_reference(
+    disable, tiny_model_dir, tmp_path
+):
+    rows = yes_no_rows(12, 4)
+    # an init adapter saved with LoRA dropout 0.5 (and its policy away from zero)
+    first = train_dpo(
+        dpo_config(tiny_model_dir, max_steps=3, batch_size=4, eval_fraction=0.0, lora_dropout=0.5),
+        rows,
+        output_dir=tmp_path / "first",
+    )
+    cfg = dpo_config(
+        tiny_model_dir,
+        max_steps=1,
+        batch_size=8,
+        eval_fraction=0.0,
+        init_adapter=str(first.checkpoint_dir),
+        reference="init",
+        disable_dropout=disable,
+    )
+    assert DPOConfig(model="m").disable_dropout  # the default
+    steps = []
+    train_dpo(cfg, rows, output_dir=tmp_path / "second", on_step=lambda s, m: steps.append(m))
+    # step 1's policy is the reference: its implicit rewards are 0 unless dropout perturbs it
+    drift = abs(steps[0]["rewards/chosen"]) + abs(steps[0]["rewards/rejected"])
+    if disable:
+        assert drift < 1e-5
+    else:
+        assert drift > 1e-3
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
