@@ -12,7 +12,9 @@
   the queue (``released``);
 - a heartbeat thread proves the worker is alive every ``TRAINING_HEARTBEAT_S`` seconds, also
   during a long step or while the base model loads; if the process dies (kill -9), the
-  heartbeat stops and ``services.jobs_recover_stale`` takes the job back.
+  heartbeat stops and ``services.jobs_recover_stale`` takes the job back. At each beat it
+  also reports the checkpoints the engine has completed since (``on_checkpoint``), so they
+  are usable while the job still runs.
 
 Log records of the ``rlhf`` logger are copied into the job's log tail while it runs.
 """
@@ -94,8 +96,12 @@ class JobMonitor:
         total_steps: int = 0,
         save_every: int = 0,
         heartbeat_s: float | None = None,
+        on_checkpoint=None,
     ):
         self.job_id = job_id
+        self.on_checkpoint = on_checkpoint  # called with each new complete checkpoint folder
+        self._seen_checkpoints: set[str] = set()
+        self.output_dir: str | None = None
         self.save_every = save_every
         self.token = token
         self.total_steps = total_steps
@@ -132,10 +138,33 @@ class JobMonitor:
         if self._thread is not None:
             self._thread.join(timeout=max(5.0, self.heartbeat_s * 2))
         self.flush()
+        self.check_checkpoints()
+
+    def watch_checkpoints(self, output_dir: str) -> None:
+        """Report each checkpoint the engine completes in ``output_dir`` (``on_checkpoint``),
+        checked at every heartbeat and when the monitor closes. Those already there (a resumed
+        run's) are reported at the first check too: registering is idempotent."""
+        self.output_dir = output_dir
+
+    def check_checkpoints(self) -> None:
+        if self.on_checkpoint is None or self.output_dir is None or self.lost:
+            return
+        from rlhf.checkpoint import list_checkpoints
+
+        for path in list_checkpoints(self.output_dir):
+            if str(path) in self._seen_checkpoints:
+                continue
+            try:
+                self.on_checkpoint(path)
+            except Exception:  # the final registration at the end of the job tries again
+                logger.exception("job %s: could not register %s", self.job_id, path)
+                continue
+            self._seen_checkpoints.add(str(path))
 
     def _heartbeat_loop(self) -> None:
         try:
             while not self._stop.wait(self.heartbeat_s):
+                self.check_checkpoints()
                 try:
                     beat = services.job_heartbeat(job_id=self.job_id, token=self.token)
                 except Exception:  # a database blip: try again at the next beat

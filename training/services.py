@@ -582,6 +582,40 @@ def checkpoint_register(
     return ckpt
 
 
+def checkpoint_register_output(
+    *, job: Job, path: str | Path, step: int, metrics: dict | None = None, stopped: bool = False
+) -> Checkpoint:
+    """Register a checkpoint folder a training job wrote, in its output role (and, for PPO,
+    the value adapter + head it also holds, with the policy as parent). Called as soon as the
+    folder is complete (live checkpoints: sample from or evaluate a running job's step 20) and
+    again for the final one; registering a folder twice returns the first row."""
+    metrics = metrics or {}
+    name = f"{job.kind} #{job.pk} step {step}" + (" (cancelled)" if stopped else "")
+    ckpt = checkpoint_register(
+        job=job,
+        path=path,
+        role=OUTPUT_ROLE[job.kind],
+        step=step,
+        metrics=metrics,
+        parent=job.parent_checkpoint,
+        name=name,
+    )
+    if stopped and ckpt.name != name:  # registered live, then the run stopped on it
+        Checkpoint.objects.filter(pk=ckpt.pk).update(name=name)
+        ckpt.name = name
+    if job.kind == Job.Kind.PPO and (Path(path) / "value").is_dir():
+        checkpoint_register(
+            job=job,
+            path=path,
+            role=Checkpoint.Role.VALUE,
+            step=step,
+            metrics={k: v for k, v in metrics.items() if k.startswith(("loss/value", "value/"))},
+            parent=ckpt,
+            name=f"ppo #{job.pk} value step {step}",
+        )
+    return ckpt
+
+
 def samples_store(
     *,
     job: Job,

@@ -48,6 +48,7 @@ def _job_run(job_id: int) -> str:
         token=token,
         total_steps=job.total_steps,
         save_every=int(job.config.get("save_every") or 0),
+        on_checkpoint=_live_checkpoint(job) if job.kind in services.OUTPUT_ROLE else None,
     )
     status, error, result = Job.Status.FAILED, "", {}
     with monitor:
@@ -116,6 +117,21 @@ def _stopped(monitor: JobMonitor) -> str:
 # --------------------------------------------------------------------------- kinds
 
 
+def _live_checkpoint(job: Job):
+    """Register each checkpoint the engine completes while the job runs (JobMonitor calls it
+    with the folder), so it can be sampled from or evaluated before the job ends."""
+    from rlhf.checkpoint import read_state
+
+    def register(path: Path) -> None:
+        state = read_state(path)
+        ckpt = services.checkpoint_register_output(
+            job=job, path=path, step=int(state.get("step", 0)), metrics=state.get("metrics")
+        )
+        logger.info("job %s: checkpoint #%s registered while running", job.pk, ckpt.pk)
+
+    return register
+
+
 def _reward_inputs(job: Job) -> dict:
     if job.reward_checkpoint_id:
         return {"reward_model": job.reward_checkpoint.path}
@@ -133,6 +149,7 @@ def _run_training(job: Job, rows: list[dict], monitor: JobMonitor) -> tuple[str,
     monitor.log(
         f"loading {cfg.model}" + (f" with adapter {cfg.init_adapter}" if cfg.init_adapter else "")
     )
+    monitor.watch_checkpoints(job.output_dir)
     resume = latest_checkpoint(job.output_dir)
     start_step = int(read_state(resume).get("step", 0)) if resume is not None else 0
     # A retried attempt continues from its checkpoint (or from scratch): drop the points the
@@ -164,34 +181,17 @@ def _run_training(job: Job, rows: list[dict], monitor: JobMonitor) -> tuple[str,
         return RELEASED, {}
     summary = {"step": result.step, "metrics": _finite(result.metrics)}
     if result.checkpoint_dir is not None:
-        ckpt = services.checkpoint_register(
+        ckpt = services.checkpoint_register_output(
             job=job,
             path=result.checkpoint_dir,
-            role=services.OUTPUT_ROLE[job.kind],
             step=result.step,
             metrics=result.metrics,
-            parent=job.parent_checkpoint,
-            name=f"{job.kind} #{job.pk} step {result.step}"
-            + (" (cancelled)" if result.stopped else ""),
+            stopped=result.stopped,
         )
         summary["checkpoint_id"] = ckpt.pk
         monitor.log(f"checkpoint #{ckpt.pk}: {result.checkpoint_dir}")
-        if job.kind == Job.Kind.PPO and (Path(result.checkpoint_dir) / "value").is_dir():
-            # PPO also leaves its value adapter + head in the folder: registered as a value
-            # checkpoint with the policy as its parent.
-            value = services.checkpoint_register(
-                job=job,
-                path=result.checkpoint_dir,
-                role=Checkpoint.Role.VALUE,
-                step=result.step,
-                metrics={
-                    k: v
-                    for k, v in result.metrics.items()
-                    if k.startswith(("loss/value", "value/"))
-                },
-                parent=ckpt,
-                name=f"ppo #{job.pk} value step {result.step}",
-            )
+        value = ckpt.children.filter(role=Checkpoint.Role.VALUE, path=ckpt.path).first()
+        if value is not None:
             summary["value_checkpoint_id"] = value.pk
     return (Job.Status.CANCELLED if result.stopped else Job.Status.SUCCEEDED), summary
 

@@ -40,7 +40,7 @@
     if (cancel && !job.is_active) cancel.hidden = true;
   }
 
-  // Checkpoints appear when the job registers them (at its end): list the new ones.
+  // Checkpoints appear as the job registers them (each one soon after the engine saves it).
   function showCheckpoints(rows) {
     var body = document.querySelector("#job-checkpoints tbody");
     if (!body || !rows.length) return;

@@ -208,17 +208,30 @@ def test_dpo_job_trains_a_policy_on_the_rankings(worker, project, admin_user):
     assert ckpt.role == Checkpoint.Role.POLICY and job.input_kind == Job.Input.RANKINGS
 
 
-def test_cancel_stops_a_running_job_within_a_step_or_two(worker, project, admin_user):
+def test_checkpoints_are_usable_while_the_job_runs_and_cancel_stops_it_within_a_step_or_two(
+    worker, project, admin_user
+):
     job = launch(project, admin_user, "sft", ENDLESS)
-    wait_for(lambda: running(job.pk).step >= 3, timeout=90, message="the job to run a few steps")
+    # live checkpoints: each one the engine completes (every 5 steps) is registered at the
+    # next heartbeat, while the job still runs, with its step and metrics
+    live = wait_for(
+        lambda: running(job.pk) and Checkpoint.objects.filter(job=job).first(),
+        timeout=90,
+        message="a checkpoint registered while the job runs",
+        details=lambda: _details(job.pk),
+    )
+    assert job_state(job.pk).status == Job.Status.RUNNING
+    assert live.step % 5 == 0 and live.role == Checkpoint.Role.POLICY and "loss/sft" in live.metrics
+    assert live.name == f"sft #{job.pk} step {live.step}"
     services.job_cancel(job=job_state(job.pk))
     asked_at = time.monotonic()
     job = finished(job.pk, timeout=30)
     assert job.status == Job.Status.CANCELLED, job.error
     assert time.monotonic() - asked_at < 15
     assert job.step < 100_000
-    ckpt = Checkpoint.objects.get(job=job)  # the engine saved where it stopped
+    ckpt = Checkpoint.objects.filter(job=job).order_by("-step").first()  # saved where it stopped
     assert "(cancelled)" in ckpt.name and ckpt.step == job.step
+    assert Checkpoint.objects.filter(job=job, name__endswith="(cancelled)").count() == 1
 
 
 def test_a_job_whose_worker_is_killed_resumes_from_its_last_checkpoint(worker, project, admin_user):
@@ -274,7 +287,10 @@ def test_a_stopped_worker_checkpoints_its_job_at_the_next_step_and_the_next_work
     stopped_at = int(released.log_tail.split("stopped at step ")[1].split(";")[0])
     assert stopped_at >= 7
     assert int(read_state(latest_checkpoint(job.output_dir))["step"]) == stopped_at
-    assert not Checkpoint.objects.filter(job=job).exists()  # not registered: the run goes on
+    # its checkpoints are usable (registered live), none of them marked as where a run ended
+    steps = set(Checkpoint.objects.filter(job=job).values_list("step", flat=True))
+    assert stopped_at in steps and max(steps) == stopped_at
+    assert not Checkpoint.objects.filter(job=job, name__contains="cancelled").exists()
     worker.start()
     wait_for(
         lambda: (j := running(job.pk)).step > stopped_at and j.status == Job.Status.RUNNING,
