@@ -203,6 +203,24 @@ def disable_dropout(model: Any) -> None:
                     setattr(target, name, 0.0)
 
 
+REFERENCES = ("auto", "base", "init")
+
+
+def resolve_reference(reference: str, init_adapter: str | None) -> str:
+    """The reference policy π_ref of a run that has a ``reference`` field (DPO, PPO, GRPO):
+    "base" (the base model with adapters disabled) or "init" (the policy as loaded from
+    ``init_adapter``, π_SFT); "auto" = "init" when there is an init_adapter, else "base" (they
+    are the same model then: a fresh LoRA adapter starts at zero). ConfigError for a value
+    out of range, or "init" without an init_adapter."""
+    if reference not in REFERENCES:
+        raise ConfigError(f"reference must be auto, base or init, got {reference!r}")
+    if reference == "init" and not init_adapter:
+        raise ConfigError("reference='init' needs init_adapter (the SFT checkpoint)")
+    if reference == "auto":
+        return "init" if init_adapter else "base"
+    return reference
+
+
 def same_setting(a: Any, b: Any) -> bool:
     """Two values of one config field, compared as settings: a list of module names (e.g.
     target_modules) in another order is the same set."""
@@ -377,6 +395,7 @@ __all__ = [
     "config_from_dict",
     "config_to_dict",
     "disable_dropout",
+    "resolve_reference",
     "field",
     "same_setting",
 ]

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf.checkpoint import load_adapter_weights, load_training_state
-from rlhf.config import OfflineConfig, disable_dropout
+from rlhf.config import OfflineConfig, disable_dropout, resolve_reference
 from rlhf.data import completion_mask, encode_prompt_completion, pad_sequences
 from rlhf.errors import ConfigError, DataError
 from rlhf.loop import (
@@ -135,10 +135,7 @@ class DPOConfig(OfflineConfig):
             raise ConfigError(f"beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.reference not in ("auto", "base", "init"):
-            raise ConfigError(f"reference must be auto, base or init, got {self.reference!r}")
-        if self.reference == "init" and not self.init_adapter:
-            raise ConfigError("reference='init' needs init_adapter (the SFT checkpoint)")
+        resolve_reference(self.reference, self.init_adapter)
 
 
 # --------------------------------------------------------------------------------------------
@@ -291,9 +288,7 @@ def train_dpo(
         load_adapter_weights(model, resume.checkpoint, ADAPTER)
         training_state = load_training_state(resume.checkpoint, optimizer, scheduler)
         ref_logps = training_state.get("extra", {}).get("ref_logps")
-    reference = (
-        cfg.reference if cfg.reference != "auto" else ("init" if cfg.init_adapter else "base")
-    )
+    reference = resolve_reference(cfg.reference, cfg.init_adapter)
     if ref_logps is None or len(ref_logps) != len(seqs.ids):
         # π_ref once, before training. "init": the policy adapter as loaded (resume: reload it)
         every = list(range(len(seqs.ids)))

@@ -12,8 +12,9 @@ and the objective (eq. 3), maximised, is
     1/G Σ_i 1/|o_i| Σ_t [ min(ρ_it Â_i, clip(ρ_it, 1-ε, 1+ε) Â_i) - β D_KL(π_θ ‖ π_ref)_it ]
 
 with ρ_it = π_θ(o_it | q, o_i<t) / π_θold(o_it | ...) and the per-token KL estimated by k3
-(eq. 4: π_ref/π_θ - log π_ref/π_θ - 1). The reference is the base model with adapters
-disabled, so GRPO keeps one copy of the weights.
+(eq. 4: π_ref/π_θ - log π_ref/π_θ - 1). The reference is the policy the run starts from
+(``init_adapter``, as a frozen adapter) or the base model with adapters disabled
+(``config.reference``), so GRPO keeps one copy of the weights.
 
 ``loss_type`` picks how token terms are summed into the loss (:func:`grpo_loss`):
 
@@ -316,7 +317,7 @@ def _grpo_step(
         model, ro, adapter="policy", temperature=cfg.temperature, chunk=micro, with_entropy=True
     )
     ref_logprobs, _ = rollout_logprobs(
-        model, ro, adapter=None, temperature=cfg.temperature, chunk=micro
+        model, ro, adapter=run.reference_adapter, temperature=cfg.temperature, chunk=micro
     )
     model.set_adapter("policy")
     sync_device(device)

@@ -14,7 +14,8 @@ One PPO step (``train_ppo``):
    ``"reward"`` + head on the SAME base model when it shares it, else its own model) gives
    one score per completion.
 3. Per-token reward (Ziegler et al. 2019, eq. 2): ``r_t = -β (log π(a_t) - log π_ref(a_t))``,
-   plus the score at the last response token. π_ref = the base model with adapters disabled.
+   plus the score at the last response token. π_ref = the init (SFT) policy, or the base model
+   with adapters disabled when there is none (``config.reference``).
 4. GAE (Schulman et al. 2016, arXiv:1506.02438) with γ = 1, λ = 0.95 on the values of the
    ``"value"`` adapter + :class:`ScalarHead`; advantages whitened over the batch.
 5. ``ppo_epochs`` passes over ``num_minibatches`` minibatches: clipped policy loss and
@@ -27,7 +28,9 @@ Roles on one copy of the base weights:
   model's adapter and head when the reward model shares the base, as InstructGPT does),
 - reward: frozen adapter ``"reward"`` + head (:class:`rlhf.reward.RewardScorer`) or a Python
   function,
-- reference: the same model inside ``with model.disable_adapter():``.
+- reference: the SFT policy the run starts from (``config.init_adapter``) as a frozen adapter
+  ``"reference"`` (InstructGPT sec. 3.5: the KL is to the SFT model), else the same model
+  inside ``with model.disable_adapter():`` (``config.reference``).
 
 Dropout is off during PPO (the model stays in ``eval()`` mode, Huang et al. 2024) so
 that the first minibatch's probability ratio is exactly 1.
@@ -515,7 +518,7 @@ def _ppo_step(
         model, ro, adapter="policy", temperature=cfg.temperature, chunk=micro, with_entropy=True
     )
     ref_logprobs, _ = rollout_logprobs(
-        model, ro, adapter=None, temperature=cfg.temperature, chunk=micro
+        model, ro, adapter=run.reference_adapter, temperature=cfg.temperature, chunk=micro
     )
     with torch.no_grad():
         model.set_adapter("value")

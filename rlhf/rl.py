@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from rlhf.checkpoint import read_state, resolve_checkpoint
-from rlhf.config import BaseConfig
+from rlhf.config import BaseConfig, resolve_reference
 from rlhf.data import encode_prompt, encode_prompts, validate_rows
 from rlhf.errors import ConfigError, NonFiniteLossError, RewardFunctionError
 from rlhf.loop import (
@@ -43,7 +43,14 @@ from rlhf.loop import (
     stop_point,
     sync_device,
 )
-from rlhf.modeling import active_adapter, load_policy, next_token_logits, token_logprobs
+from rlhf.modeling import (
+    active_adapter,
+    load_frozen_adapter,
+    load_policy,
+    next_token_logits,
+    source_adapter_dir,
+    token_logprobs,
+)
 from rlhf.reward import RewardScorer
 from rlhf.sampling import (
     MergedAdapter,
@@ -55,6 +62,9 @@ from rlhf.sampling import (
 )
 
 log = logging.getLogger(__name__)
+
+REFERENCE = "reference"
+"""Name of the frozen adapter that holds π_ref when it is the init policy (``reference="init"``)."""
 
 # --------------------------------------------------------------------------------------------
 # Config
@@ -93,6 +103,12 @@ class RLConfig(BaseConfig):
     """KV cache of the rollouts: "static" (fixed shape, so on CUDA the decoding step is
     compiled into a CUDA graph once, in the first step, and replayed every token after),
     "dynamic" (the plain growing cache, no compile) or "auto" (static on CUDA, else dynamic)."""
+
+    reference: str = "auto"
+    """The KL reference π_ref: "base" = the base model with adapters disabled; "init" = the
+    policy as loaded from ``init_adapter`` (π_SFT, as InstructGPT sec. 3.5 penalises the KL
+    to the SFT model), kept as a frozen adapter "reference" of the same model, also after a
+    resume; "auto" = "init" when init_adapter is set, else "base" (the same model then)."""
 
     missing_eos_penalty: float | None = None
     """If set, subtract this from the score of every response that hit ``max_new_tokens``
@@ -140,6 +156,7 @@ class RLConfig(BaseConfig):
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         if not self.cliprange > 0:
             raise ConfigError(f"cliprange must be > 0, got {self.cliprange}")
+        resolve_reference(self.reference, self.init_adapter)
         if self.missing_eos_penalty is not None and self.missing_eos_penalty < 0:
             raise ConfigError(f"missing_eos_penalty must be >= 0, got {self.missing_eos_penalty}")
 
@@ -249,14 +266,13 @@ def rollout_logprobs(
     chunk: int,
     with_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs [B, R] of the rollout's responses under ``adapter`` (None = the reference:
-    adapters disabled), ``chunk`` rows at a time; optionally the per-token entropy."""
+    """Log-probs [B, R] of the rollout's responses under ``adapter`` (None = adapters
+    disabled: the base model), ``chunk`` rows at a time; optionally the per-token entropy."""
     B, R = ro.response_mask.shape
     logp = torch.zeros(B, R, device=ro.input_ids.device)
     ent = torch.zeros(B, R, device=ro.input_ids.device) if with_entropy else None
-    ctx = model.disable_adapter() if adapter is None else contextlib.nullcontext()
-    if adapter is not None:
-        model.set_adapter(adapter)
+    # active_adapter puts the active adapter and every requires_grad flag back afterwards
+    ctx = model.disable_adapter() if adapter is None else active_adapter(model, adapter)
     with ctx:
         for sl in row_chunks(B, chunk):
             lp, e = response_logprobs(
@@ -448,6 +464,7 @@ class RLRun:
     lineage: dict[str, Any]
     eos_ids: list[int]
     merger: MergedAdapter | None
+    reference_adapter: str | None = None  # π_ref's adapter; None = adapters disabled (the base)
 
 
 def start_rl_run(
@@ -470,6 +487,9 @@ def start_rl_run(
     stop_point(should_stop)
     model, tokenizer, device, _dtype = load_policy(cfg, init_from=resume.checkpoint)
     model.eval()
+    reference = resolve_reference(cfg.reference, cfg.init_adapter)
+    if reference == "init":  # π_SFT from init_adapter, also when the policy comes from a resume
+        load_frozen_adapter(model, source_adapter_dir(cfg.init_adapter, "policy"), REFERENCE)
     stop_point(should_stop)  # the reward model may be a second large model to load
     rewarder = Rewarder(
         cfg=cfg,
@@ -484,7 +504,9 @@ def start_rl_run(
             "rollouts use a static KV cache: the first step compiles the decoding step into a "
             "CUDA graph (tens of seconds), later steps replay it"
         )
-    run_lineage = lineage(cfg, rows, parent=resume.parent(cfg), reward=rewarder.description)
+    run_lineage = lineage(
+        cfg, rows, parent=resume.parent(cfg), reward=rewarder.description, reference=reference
+    )
     resume.check_data(run_lineage)
     stop_point(should_stop)
     return RLRun(
@@ -497,6 +519,7 @@ def start_rl_run(
         lineage=run_lineage,
         eos_ids=eos_token_ids(tokenizer, model),
         merger=MergedAdapter(model, "policy") if cfg.merge_for_generation else None,
+        reference_adapter=REFERENCE if reference == "init" else None,
     )
 
 

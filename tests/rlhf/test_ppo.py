@@ -30,6 +30,7 @@ from tests.rlhf import test_rl
 from tests.rlhf.resume import full_and_resumed
 
 reward_checkpoint = test_rl.reward_checkpoint  # the fixture: a reward model on the tiny base
+init_adapter = test_rl.init_adapter  # the fixture: an SFT-like policy adapter
 
 # ------------------------------------------------------------------------------ pure helpers
 
@@ -447,3 +448,22 @@ def test_ppo_with_a_reward_model_on_another_base_loads_it_on_its_own(tiny_model_
     )
     assert result.step == 1 and math.isfinite(history[0]["objective/reward"])
     assert (result.checkpoint_dir / "heads" / "value.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_ppo_started_from_an_init_adapter_takes_it_as_the_kl_reference(
+    tiny_model_dir, init_adapter, tmp_path
+):
+    kls = {}
+    for reference in ("auto", "base"):
+        history = []
+        train_ppo(
+            _small_cfg(tiny_model_dir, init_adapter=init_adapter, reference=reference, max_steps=1),
+            PROMPTS,
+            output_dir=tmp_path / reference,
+            reward_fn=text_length,
+            on_step=lambda s, m, h=history: h.append(m),
+        )
+        kls[reference] = history[0]["objective/kl"]
+    # step 1's policy is the init adapter: no KL to itself, a clear one to the base model
+    assert abs(kls["auto"]) < 1e-5 and kls["base"] > 0.1, kls

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from rlhf.config import config_to_dict
 from rlhf.data import encode_prompts
 from rlhf.modeling import load_policy
 from rlhf.reward import RewardScorer
@@ -22,6 +23,7 @@ from rlhf.rl import (
     score_token_ids,
 )
 from rlhf.sampling import completion_mask_after_eos, eos_token_ids
+from tests.rlhf.resume import full_and_resumed
 
 # ------------------------------------------------------------------------------ pure helpers
 
@@ -192,3 +194,62 @@ def test_a_reward_model_with_the_policys_tokenizer_reads_the_eos_only_where_it_w
     assert abs(float(scores[1]) - float(as_text[1])) > 1e-3
     # without the generated ids (a caller that has only text) the text is scored as before
     torch.testing.assert_close(rewarder(prompts, completions), as_text, atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------ the KL reference
+
+
+def length_reward(prompt: str, completion: str) -> float:
+    return len(completion) / 16
+
+
+@pytest.fixture
+def init_adapter(tiny_model_dir, tmp_path):
+    """An SFT-like policy adapter (random, far from the base model) saved as a PEFT folder."""
+    model, _, _ = _policy(tiny_model_dir)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B.policy." in name:
+                p.normal_(std=0.2, generator=torch.Generator().manual_seed(1))
+    model.save_pretrained(tmp_path / "init", selected_adapters=["policy"])
+    return str(tmp_path / "init")
+
+
+@pytest.mark.slow
+def test_started_from_an_init_adapter_the_reference_is_that_policy_also_after_a_resume(
+    tiny_model_dir, init_adapter, tmp_path
+):
+    from rlhf.grpo import GRPOConfig, train_grpo
+
+    cfg = GRPOConfig(
+        model=str(tiny_model_dir),
+        init_adapter=init_adapter,
+        batch_size=2,
+        num_generations=2,
+        max_new_tokens=6,
+        max_seq_len=48,
+        learning_rate=5e-2,
+        max_steps=3,
+        save_every=1,
+    )
+    assert cfg.reference == "auto"
+    prompts = [{"prompt": f"Question {i}: tell me something."} for i in range(4)]
+    full, resumed, _, _ = full_and_resumed(
+        train_grpo, cfg, prompts, tmp_path / "runs", stop_after=1, reward_fn=length_reward
+    )
+    # step 1: the policy is the init adapter, so its log-probs equal the reference's: KL 0
+    assert abs(full[1]["objective/kl"]) < 1e-5 and full[1]["loss/kl"] < 1e-6
+    assert full[3]["objective/kl"] > 1e-3  # the policy moved away from it
+    # after the resume the reference is still the init policy, not the resumed one
+    for step in (2, 3):
+        assert resumed[step]["objective/kl"] == pytest.approx(full[step]["objective/kl"], rel=1e-4)
+    base = GRPOConfig(**{**config_to_dict(cfg), "reference": "base", "max_steps": 1})
+    on_base: dict[int, dict] = {}
+    train_grpo(
+        base,
+        prompts,
+        output_dir=tmp_path / "base",
+        reward_fn=length_reward,
+        on_step=on_base.__setitem__,
+    )
+    assert on_base[1]["objective/kl"] > 0.1  # the SFT policy's distance to the base model
