@@ -47,6 +47,7 @@ class ErrorOut(Schema):
     detail: str
     code: str = "invalid"
     line: int | None = None
+    field: str | None = None
 
 
 class ProjectOut(Schema):
@@ -85,6 +86,17 @@ class ProjectDetailOut(Schema):
     is_admin: bool
     my_done: int
     progress: ProgressOut
+
+
+class ProjectPatchIn(Schema):
+    """The settings to change; those left out stay as they are."""
+
+    name: str | None = None
+    instructions: str | None = None
+    k: int | None = None
+    annotations_per_item: int | None = None
+    allow_ties: bool | None = None
+    lease_seconds: int | None = None
 
 
 class CompletionOut(Schema):
@@ -180,7 +192,10 @@ ERRORS = {400: ErrorOut, 404: ErrorOut, 409: ErrorOut, **INVALID}
 
 
 def _refused(e: LabelingError) -> Status:
-    return Status(e.status_code, {"detail": e.message, "code": e.code})
+    body = {"detail": e.message, "code": e.code}
+    if e.field:
+        body["field"] = e.field
+    return Status(e.status_code, body)
 
 
 # --------------------------------------------------------------------------- projects
@@ -191,10 +206,7 @@ def project_list(request):
     return list(selectors.project_list_for_user(user=request.auth))
 
 
-@router.get("/projects/{project_id}", response={200: ProjectDetailOut, 404: ErrorOut, **INVALID})
-def project_detail(request, project_id: int):
-    user = request.auth
-    project = selectors.project_get_for_user(user=user, project_id=project_id)
+def _project_detail(project, user) -> dict:
     return {
         "id": project.pk,
         "name": project.name,
@@ -209,6 +221,33 @@ def project_detail(request, project_id: int):
         "my_done": selectors.labeler_done_count(project=project, user=user),
         "progress": selectors.project_progress(project=project),
     }
+
+
+@router.get("/projects/{project_id}", response={200: ProjectDetailOut, 404: ErrorOut, **INVALID})
+def project_detail(request, project_id: int):
+    project = selectors.project_get_for_user(user=request.auth, project_id=project_id)
+    return _project_detail(project, request.auth)
+
+
+@router.patch(
+    "/projects/{project_id}",
+    response={200: ProjectDetailOut, 400: ErrorOut, 404: ErrorOut, **INVALID},
+    summary="Change a project's settings (project admins); K only while it has no items",
+    description="Send only the settings to change. A refusal is a 400 naming the `field`.",
+)
+def project_update(request, project_id: int, payload: ProjectPatchIn):
+    project = selectors.project_get_for_user(user=request.auth, project_id=project_id, admin=True)
+    changes = payload.model_dump(exclude_unset=True)
+    for key, value in changes.items():
+        if value is None and key != "instructions":
+            return Status(
+                400, {"detail": f"{key} cannot be null.", "code": "invalid", "field": key}
+            )
+    try:
+        services.project_update(project=project, **changes)
+    except LabelingError as e:
+        return _refused(e)
+    return _project_detail(project, request.auth)
 
 
 @router.post(

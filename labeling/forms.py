@@ -9,6 +9,7 @@ from django.contrib.auth.forms import AuthenticationForm
 from django.core.cache import cache
 
 from labeling.models import Membership, Project
+from labeling.services import PROJECT_SETTINGS
 
 
 def _throttle_key(username: str, ip: str) -> str:
@@ -93,20 +94,34 @@ class ThrottledAdminAuthenticationForm(LoginThrottleMixin, AdminAuthenticationFo
 class ProjectForm(forms.ModelForm):
     class Meta:
         model = Project
-        fields = [
-            "name",
-            "instructions",
-            "k",
-            "annotations_per_item",
-            "allow_ties",
-            "lease_seconds",
-        ]
+        fields = list(PROJECT_SETTINGS)
         labels = {
             "k": "Responses per item (K)",
             "annotations_per_item": "Labelers per item",
             "lease_seconds": "Lease (seconds a labeler keeps an item)",
         }
         widgets = {"instructions": forms.Textarea(attrs={"rows": 8})}
+
+
+class ProjectSettingsForm(ProjectForm):
+    """The project form for an existing project: starts from its settings; K is read-only
+    once the project has items."""
+
+    def __init__(self, *args, project: Project, k_locked: bool, **kwargs):
+        initial = {name: getattr(project, name) for name in self.Meta.fields}
+        super().__init__(*args, initial=initial, **kwargs)
+        if k_locked:
+            self.fields["k"].disabled = True
+            self.fields["k"].help_text = (
+                "Fixed: the project has items of this many responses. Make a new project for "
+                "another K."
+            )
+
+
+def add_service_error(form: forms.Form, error) -> None:
+    """Show a LabelingError on the field it names (or above the form)."""
+    field = getattr(error, "field", None)
+    form.add_error(field if field in form.fields else None, error.message)
 
 
 class MemberForm(forms.Form):

@@ -22,7 +22,7 @@ from datetime import UTC, timedelta
 
 from django.contrib.auth import get_user_model
 from django.db import IntegrityError, connection, transaction
-from django.db.models import F, Q
+from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
@@ -64,9 +64,11 @@ class LabelingError(Exception):
     status_code = 400
     code = "invalid"
 
-    def __init__(self, message: str):
+    def __init__(self, message: str, *, field: str | None = None):
         super().__init__(message)
         self.message = message
+        # The request field at fault, where one is (forms attach the message to it).
+        self.field = field
 
 
 class ItemNotFound(LabelingError):
@@ -100,6 +102,65 @@ class InvalidRanking(LabelingError):
 # --------------------------------------------------------------------------- projects
 
 
+# The settings an admin sets at creation and may change later (K only while no item exists).
+PROJECT_SETTINGS = (
+    "name",
+    "instructions",
+    "k",
+    "annotations_per_item",
+    "allow_ties",
+    "lease_seconds",
+)
+MIN_LEASE_SECONDS = 30
+MAX_LEASE_SECONDS = 30 * 24 * 3600
+_UNSET = object()
+
+
+def _project_settings_clean(values: dict) -> dict:
+    """Check the given project settings; each error names its field."""
+    clean = {}
+    for key, value in values.items():
+        if key == "name":
+            value = value.strip() if isinstance(value, str) else ""
+            if not value:
+                raise LabelingError("A project needs a name.", field="name")
+            if len(value) > 200:
+                raise LabelingError("A project name is limited to 200 characters.", field="name")
+        elif key == "instructions":
+            if value is None:
+                value = ""
+            if not isinstance(value, str):
+                raise LabelingError("Instructions must be text.", field="instructions")
+        elif key == "k":
+            if not k_in_range(value):
+                raise LabelingError(
+                    f"K (responses per item) must be between {MIN_K} and {MAX_K}, not {value!r}.",
+                    field="k",
+                )
+        elif key == "annotations_per_item":
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 50:
+                raise LabelingError(
+                    f"Annotations per item must be between 1 and 50, not {value!r}.",
+                    field="annotations_per_item",
+                )
+        elif key == "allow_ties":
+            if not isinstance(value, bool):
+                raise LabelingError("allow_ties must be true or false.", field="allow_ties")
+        elif key == "lease_seconds":
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or not MIN_LEASE_SECONDS <= value <= MAX_LEASE_SECONDS
+            ):
+                raise LabelingError(
+                    f"A lease must last from {MIN_LEASE_SECONDS} seconds to 30 days "
+                    f"({MAX_LEASE_SECONDS} seconds), not {value!r}.",
+                    field="lease_seconds",
+                )
+        clean[key] = value
+    return clean
+
+
 def project_create(
     *,
     name: str,
@@ -111,31 +172,69 @@ def project_create(
     lease_seconds: int | None = None,
 ) -> Project:
     """Create a project; its creator becomes an admin member."""
-    name = (name or "").strip()
-    if not name:
-        raise LabelingError("A project needs a name.")
-    if not k_in_range(k):
-        raise LabelingError(
-            f"K (responses per item) must be between {MIN_K} and {MAX_K}, not {k!r}."
-        )
-    if not isinstance(annotations_per_item, int) or not 1 <= annotations_per_item <= 50:
-        raise LabelingError(
-            f"Annotations per item must be between 1 and 50, not {annotations_per_item!r}."
-        )
-    if lease_seconds is not None and lease_seconds < 30:
-        raise LabelingError("A lease must last at least 30 seconds.")
+    values = {
+        "name": name,
+        "instructions": instructions,
+        "k": k,
+        "annotations_per_item": annotations_per_item,
+        "allow_ties": bool(allow_ties),
+    }
+    if lease_seconds is not None:
+        values["lease_seconds"] = lease_seconds
+    values = _project_settings_clean(values)
     with transaction.atomic():
-        project = Project.objects.create(
-            name=name,
-            instructions=instructions or "",
-            k=k,
-            annotations_per_item=annotations_per_item,
-            allow_ties=bool(allow_ties),
-            created_by=created_by,
-            **({"lease_seconds": lease_seconds} if lease_seconds is not None else {}),
-        )
+        project = Project.objects.create(created_by=created_by, **values)
         if created_by is not None:
             Membership.objects.create(project=project, user=created_by, role=Membership.Role.ADMIN)
+    return project
+
+
+def project_update(
+    *,
+    project: Project,
+    name=_UNSET,
+    instructions=_UNSET,
+    k=_UNSET,
+    annotations_per_item=_UNSET,
+    allow_ties=_UNSET,
+    lease_seconds=_UNSET,
+) -> Project:
+    """Change the settings given (the others stay). K can change only while the project has
+    no item (items are made of K completions and never change). A new number of annotations
+    per item re-marks which queue items are complete, so raising it sends ranked items back
+    to the queue and lowering it completes the ones that now have enough. A new lease length
+    applies to leases handed out from now on."""
+    given = {
+        "name": name,
+        "instructions": instructions,
+        "k": k,
+        "annotations_per_item": annotations_per_item,
+        "allow_ties": allow_ties,
+        "lease_seconds": lease_seconds,
+    }
+    values = _project_settings_clean({key: v for key, v in given.items() if v is not _UNSET})
+    with transaction.atomic():
+        locked = Project.objects.select_for_update().get(pk=project.pk)
+        if "k" in values and values["k"] != locked.k and locked.items.exists():
+            raise LabelingError(
+                f"K cannot change from {locked.k} to {values['k']}: the project has items of "
+                f"{locked.k} responses. Make a new project for another K.",
+                field="k",
+            )
+        old_annotations = locked.annotations_per_item
+        for key, value in values.items():
+            setattr(locked, key, value)
+        if values:
+            locked.save(update_fields=list(values))
+        if locked.annotations_per_item != old_annotations:
+            Item.objects.filter(project=locked, source__in=QUEUE_SOURCES).update(
+                is_complete=Case(
+                    When(ranking_count__gte=locked.annotations_per_item, then=Value(True)),
+                    default=Value(False),
+                )
+            )
+    for key, value in values.items():
+        setattr(project, key, value)
     return project
 
 

@@ -12,6 +12,7 @@ page_patterns = [
     path("account/tokens/", views.api_tokens, name="api_tokens"),
     path("projects/new/", views.project_create_view, name="project_create"),
     path("projects/<id:project_id>/", views.project_dashboard, name="project_dashboard"),
+    path("projects/<id:project_id>/settings/", views.project_settings, name="project_settings"),
     path("projects/<id:project_id>/members/", views.member_add, name="member_add"),
     path("projects/<id:project_id>/import/", views.project_import, name="project_import"),
     path("projects/<id:project_id>/export/", views.project_export, name="project_export"),

@@ -24,7 +24,14 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from config.ids import as_id
 from labeling import selectors, services
 from labeling.auth import api_token_create, api_token_revoke, api_tokens_for_user
-from labeling.forms import ImportForm, MemberForm, ProjectForm, ThrottledAuthenticationForm
+from labeling.forms import (
+    ImportForm,
+    MemberForm,
+    ProjectForm,
+    ProjectSettingsForm,
+    ThrottledAuthenticationForm,
+    add_service_error,
+)
 from labeling.services import LabelingError
 
 
@@ -58,11 +65,30 @@ def project_create_view(request):
         try:
             project = services.project_create(created_by=request.user, **form.cleaned_data)
         except LabelingError as e:
-            form.add_error(None, e.message)
+            add_service_error(form, e)
         else:
             messages.success(request, f"Created {project.name}. Add labelers below.")
             return redirect("labeling:project_dashboard", project_id=project.pk)
     return render(request, "labeling/project_form.html", {"form": form})
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def project_settings(request, project_id):
+    """Project admins change the settings (K only while the project has no items)."""
+    project = selectors.project_get_for_user(user=request.user, project_id=project_id, admin=True)
+    form = ProjectSettingsForm(
+        request.POST or None, project=project, k_locked=project.items.exists()
+    )
+    if request.method == "POST" and form.is_valid():
+        try:
+            services.project_update(project=project, **form.cleaned_data)
+        except LabelingError as e:
+            add_service_error(form, e)
+        else:
+            messages.success(request, f"Saved the settings of {project.name}.")
+            return redirect("labeling:project_dashboard", project_id=project.pk)
+    return render(request, "labeling/project_form.html", {"form": form, "project": project})
 
 
 @login_required
