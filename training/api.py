@@ -75,6 +75,25 @@ class JobOut(Schema):
     finished_at: datetime | None
     heartbeat_at: datetime | None
     checkpoint_ids: list[int]
+    queue_position: int | None = Field(
+        None, description="Queued jobs: 1-based place in the shared queue (other projects' too)."
+    )
+    steps_per_s: float | None = Field(
+        None, description="Steps done over seconds since the job started (loading included)."
+    )
+    eta_s: int | None = Field(None, description="Running jobs: seconds left at that pace.")
+
+    @staticmethod
+    def resolve_queue_position(obj: Job) -> int | None:
+        return _with_queue_info(obj).queue_position
+
+    @staticmethod
+    def resolve_steps_per_s(obj: Job) -> float | None:
+        return _with_queue_info(obj).steps_per_s
+
+    @staticmethod
+    def resolve_eta_s(obj: Job) -> int | None:
+        return _with_queue_info(obj).eta_s
 
     @staticmethod
     def resolve_progress(obj: Job) -> int:
@@ -87,6 +106,12 @@ class JobOut(Schema):
     @staticmethod
     def resolve_checkpoint_ids(obj: Job) -> list[int]:
         return list(obj.checkpoints.values_list("id", flat=True))
+
+
+def _with_queue_info(job: Job) -> Job:
+    if not hasattr(job, "queue_position"):  # a list is annotated in one go by list_jobs
+        selectors.jobs_with_queue_info(jobs=[job])
+    return job
 
 
 class WarningOut(Schema):
@@ -166,8 +191,10 @@ def launch_job(request, payload: LaunchIn):
 
 @router.get("/training/jobs", response={200: list[JobOut], **INVALID})
 def list_jobs(request, project_id: QueryId | None = None, limit: int = 100):
-    return list(
-        selectors.jobs_for_user(user=request.user, project_id=project_id)[: max(1, min(limit, 500))]
+    return selectors.jobs_with_queue_info(
+        jobs=selectors.jobs_for_user(user=request.user, project_id=project_id)[
+            : max(1, min(limit, 500))
+        ]
     )
 
 

@@ -14,8 +14,9 @@ import hashlib
 import json
 from collections.abc import Iterable
 
-from django.db.models import Count, Prefetch, QuerySet
+from django.db.models import Count, F, Prefetch, QuerySet
 from django.http import Http404
+from django.utils import timezone
 
 from config.ids import as_id
 from labeling.models import (
@@ -349,3 +350,51 @@ def job_result(*, job: Job) -> dict:
     "human", computed as they rank (they rank after the job has ended)."""
     human = eval_human_result(job=job)
     return {**(job.result or {}), "human": human} if human is not None else (job.result or {})
+
+
+# --------------------------------------------------------------------------- the job queue
+
+
+def queue_positions() -> dict[int, int]:
+    """{job id: 1-based place in the queue} of every queued job, in the order the workers take
+    them (enqueued first, then id). The queue is shared by every project, so a job's place
+    counts the jobs of other projects ahead of it too (only their number shows)."""
+    queued = (
+        Job.objects.filter(status=Job.Status.QUEUED)
+        .order_by(F("enqueued_at").asc(nulls_first=True), "id")
+        .values_list("id", flat=True)
+    )
+    return {job_id: place for place, job_id in enumerate(queued, start=1)}
+
+
+def job_pace(*, job: Job, now=None) -> dict:
+    """{"steps_per_s", "eta_s"} of a running job (each None when unknown): the steps it has
+    done over the seconds since it started, and the seconds left at that pace. The pace counts
+    the model loading, so it starts low and settles as the job runs; a finished job keeps the
+    pace of its whole run and no ETA."""
+    end = job.finished_at if not job.is_active else (now or timezone.now())
+    if job.started_at is None or end is None or job.step <= 0:
+        return {"steps_per_s": None, "eta_s": None}
+    seconds = (end - job.started_at).total_seconds()
+    if seconds <= 0:
+        return {"steps_per_s": None, "eta_s": None}
+    rate = job.step / seconds
+    left = job.total_steps - job.step
+    running = job.status == Job.Status.RUNNING
+    return {
+        "steps_per_s": rate,
+        "eta_s": round(left / rate) if running and left > 0 else None,
+    }
+
+
+def jobs_with_queue_info(*, jobs: Iterable[Job]) -> list[Job]:
+    """The jobs, each with ``queue_position`` (None unless queued), ``steps_per_s`` and
+    ``eta_s`` set: what the job list, the job page and the API show of the queue."""
+    places = queue_positions()
+    now = timezone.now()
+    jobs = list(jobs)
+    for job in jobs:
+        job.queue_position = places.get(job.pk)
+        pace = job_pace(job=job, now=now)
+        job.steps_per_s, job.eta_s = pace["steps_per_s"], pace["eta_s"]
+    return jobs

@@ -15,6 +15,7 @@ from django.core.exceptions import PermissionDenied
 from django.http import Http404, JsonResponse
 from django.shortcuts import redirect, render
 from django.urls import reverse
+from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from config.ids import MAX_ID, as_id
@@ -49,9 +50,13 @@ def job_list(request):
         if project_id
         else None
     )
-    jobs = selectors.jobs_for_user(user=request.user, project_id=project.pk if project else None)[
-        :200
-    ]
+    jobs = selectors.jobs_with_queue_info(
+        jobs=selectors.jobs_for_user(user=request.user, project_id=project.pk if project else None)[
+            :200
+        ]
+    )
+    for job in jobs:
+        job.queue_note = queue_note(job)
     return render(
         request,
         "training/job_list.html",
@@ -61,6 +66,8 @@ def job_list(request):
             "projects": selectors.projects_admin_for_user(user=request.user).order_by("name"),
             "kinds": [(k, label, KIND_HELP[k]) for k, label in Job.Kind.choices],
             "any_active": any(j.is_active for j in jobs),
+            "running": [j for j in jobs if j.status == Job.Status.RUNNING],
+            "queued": sum(j.status == Job.Status.QUEUED for j in jobs),
         },
     )
 
@@ -150,6 +157,8 @@ def checkpoint_actions(c: Checkpoint) -> list[tuple[str, str]]:
 @require_GET
 def job_detail(request, job_id: int):
     job = selectors.job_get_for_user(user=request.user, job_id=job_id)
+    selectors.jobs_with_queue_info(jobs=[job])
+    job.queue_note = queue_note(job)
     checkpoints = list(job.checkpoints.all())
     for c in checkpoints:
         c.actions = checkpoint_actions(c)
@@ -177,6 +186,7 @@ def job_metrics(request, job_id: int):
     returned cursor back to get only new points.
     """
     job = selectors.job_get_for_user(user=request.user, job_id=job_id)
+    selectors.jobs_with_queue_info(jobs=[job])
     try:
         after = min(max(0, int(request.GET.get("after", "0"))), MAX_ID)
     except ValueError:
@@ -206,7 +216,36 @@ def job_metrics(request, job_id: int):
     )
 
 
+def duration_text(seconds: float) -> str:
+    """An ETA as a person reads it: "45 s", "3 min 5 s", "2 h 10 min"."""
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+def queue_note(job: Job) -> str:
+    """Where a job stands, in words, for the job list and the job page (set by
+    selectors.jobs_with_queue_info): its place in the queue, or its worker, pace and ETA."""
+    if job.status == Job.Status.QUEUED:
+        place = getattr(job, "queue_position", None)
+        return f"#{place} in the queue" if place else "queued"
+    parts = []
+    if job.status == Job.Status.RUNNING and job.worker:
+        parts.append(f"on {job.worker}")
+    rate = getattr(job, "steps_per_s", None)
+    if rate:
+        parts.append(f"{rate:.3g} steps/s" if rate >= 0.1 else f"{1 / rate:.3g} s/step")
+    eta = getattr(job, "eta_s", None)
+    if eta is not None:
+        parts.append(f"about {duration_text(eta)} left")
+    return " · ".join(parts)
+
+
 def job_summary(job: Job) -> dict:
+    """What the job page and the job list poll of a job (after jobs_with_queue_info)."""
     return {
         "id": job.pk,
         "kind": job.kind,
@@ -224,14 +263,25 @@ def job_summary(job: Job) -> dict:
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,
         "result": selectors.job_result(job=job),
         "is_active": job.is_active,
+        "queue_position": getattr(job, "queue_position", None),
+        "steps_per_s": getattr(job, "steps_per_s", None),
+        "eta_s": getattr(job, "eta_s", None),
+        "queue_note": queue_note(job),
     }
 
 
 @login_required
 @require_POST
 def job_cancel(request, job_id: int):
+    """The answer to the page's "Cancel job…" question (a POST with CSRF); back to the page
+    it was asked on (``next``, this site only) or to the job."""
     job = selectors.job_get_for_user(user=request.user, job_id=job_id)
     services.job_cancel(job=job)
+    back = request.POST.get("next", "")
+    if back and url_has_allowed_host_and_scheme(
+        back, allowed_hosts={request.get_host()}, require_https=request.is_secure()
+    ):
+        return redirect(back)
     return redirect("training:job_detail", job_id=job.pk)
 
 

@@ -36,8 +36,21 @@
       err.hidden = !job.error;
       if (err.textContent !== job.error) err.textContent = job.error;
     }
+    text("job-queue", job.queue_note || "");
     var cancel = document.getElementById("cancel-form");
     if (cancel && !job.is_active) cancel.hidden = true;
+    if (cancel && job.cancel_requested && cancel.tagName === "DETAILS") {
+      var done = document.createElement("p");
+      done.className = cancel.className;
+      done.id = cancel.id;
+      var button = document.createElement("button");
+      button.type = "button";
+      button.id = "cancel-button";
+      button.disabled = true;
+      button.textContent = "Cancelling…";
+      done.appendChild(button);
+      cancel.replaceWith(done);
+    }
   }
 
   // Checkpoints appear as the job registers them (each one soon after the engine saves it).
