@@ -15,7 +15,7 @@ A ranking is a list of groups, best first; a group holding several ids is a tie:
 from __future__ import annotations
 
 from itertools import combinations
-from math import sqrt
+from math import exp, lgamma, log, log1p, sqrt
 
 Groups = list[list[int]]
 
@@ -58,3 +58,75 @@ def kendall_tau_b(a: Groups, b: Groups) -> float | None:
     if denominator == 0:
         return None
     return (c["concordant"] - c["discordant"]) / denominator
+
+
+# --------------------------------------------------------------------------- labeler patterns
+#
+# The per-labeler report (labeling.selectors.labeler_report) asks two questions of each
+# labeler's rankings and answers them with an exact test, no scipy:
+#
+# - position bias: is the response shown first ranked best more often than chance? With K
+#   responses and a best group of t (t > 1 is a tie), a labeler who ignores the order puts the
+#   first-shown response in the best group with probability t / K.
+# - length preference: of two responses of different lengths ranked apart, is the longer
+#   preferred more often than half the time?
+
+
+def first_shown_is_best(groups: Groups, display_order: list[int]) -> tuple[bool, float] | None:
+    """(whether the response shown first is in the best group, the chance of that: t / K);
+    None when the order shown is unknown or the ranking ties everything (nothing to learn)."""
+    if not display_order or not groups:
+        return None
+    k = sum(len(g) for g in groups)
+    if len(groups[0]) >= k:
+        return None
+    return display_order[0] in groups[0], len(groups[0]) / k
+
+
+def longer_preferred(groups: Groups, lengths: dict[int, int]) -> tuple[int, int]:
+    """(pairs where the longer response is ranked above the shorter, pairs compared): every
+    two responses in different groups whose lengths differ."""
+    positions = rank_positions(groups)
+    wins = pairs = 0
+    for x, y in combinations(sorted(c for c in positions if c in lengths), 2):
+        if positions[x] == positions[y] or lengths[x] == lengths[y]:
+            continue
+        pairs += 1
+        better, worse = (x, y) if positions[x] < positions[y] else (y, x)
+        wins += lengths[better] > lengths[worse]
+    return wins, pairs
+
+
+def _binomial_pmf(n: int, p: float) -> list[float]:
+    """P(X = x) for x = 0..n, X ~ Binomial(n, p), through logarithms (no overflow)."""
+    if p <= 0.0 or p >= 1.0:
+        return [float(x == (n if p >= 1.0 else 0)) for x in range(n + 1)]
+    log_p, log_q = log(p), log1p(-p)
+    return [
+        exp(lgamma(n + 1) - lgamma(x + 1) - lgamma(n - x + 1) + x * log_p + (n - x) * log_q)
+        for x in range(n + 1)
+    ]
+
+
+def _convolve(a: list[float], b: list[float]) -> list[float]:
+    out = [0.0] * (len(a) + len(b) - 1)
+    for i, x in enumerate(a):
+        if x:
+            for j, y in enumerate(b):
+                out[i + j] += x * y
+    return out
+
+
+def exact_test_p_value(successes: int, trials: dict[float, int]) -> float | None:
+    """Two-sided exact p-value of `successes` among independent trials, `trials` mapping a
+    success probability to how many trials had it (one probability: the binomial test). The
+    p-value sums the probabilities of every outcome no more likely than the one observed,
+    as scipy.stats.binomtest does (with its 1e-7 relative tolerance). None without trials."""
+    pmf = [1.0]
+    for p, n in sorted(trials.items()):
+        if n:
+            pmf = _convolve(pmf, _binomial_pmf(n, p))
+    if len(pmf) == 1 or not 0 <= successes < len(pmf):
+        return None
+    observed = pmf[successes] * (1 + 1e-7)
+    return min(1.0, sum(q for q in pmf if q <= observed))

@@ -162,6 +162,47 @@ class FlagOut(Schema):
     reason: str
 
 
+class PositionBiasOut(Schema):
+    rankings: int
+    first_ranked_best: int
+    rate: float | None
+    chance: float | None
+    p_value: float | None
+
+
+class LengthPreferenceOut(Schema):
+    pairs: int
+    longer_preferred: int
+    rate: float | None
+    p_value: float | None
+
+
+class AgreementOut(Schema):
+    items: int
+    agreement: float | None
+    kendall_tau: float | None
+
+
+class PeerAgreementOut(AgreementOut):
+    user_id: int
+    username: str
+
+
+class LabelerReportOut(Schema):
+    user_id: int
+    username: str
+    rankings: int
+    median_seconds: float | None
+    skips: int
+    flags: int
+    position_bias: PositionBiasOut
+    length_preference: LengthPreferenceOut
+    consensus: AgreementOut
+    labelers: list[PeerAgreementOut]
+    flagged: bool
+    reasons: list[str]
+
+
 class ImportOut(Schema):
     format: str
     records: int
@@ -330,6 +371,19 @@ def item_flag(request, item_id: int, payload: FlagIn):
     except LabelingError as e:
         return _refused(e)
     return {"id": flag.pk, "item_id": flag.item_id, "reason": flag.reason}
+
+
+@router.get(
+    "/projects/{project_id}/labelers",
+    response={200: list[LabelerReportOut], 404: ErrorOut, **INVALID},
+    summary="Per-labeler report (project admins): position bias, length preference, "
+    "agreement with the consensus and with each labeler, time, skips, flags",
+    description="A labeler whose pattern stands out has `flagged` true and `reasons` in plain "
+    "words (labeling.selectors.labeler_report says when).",
+)
+def labeler_report(request, project_id: int):
+    project = selectors.project_get_for_user(user=request.auth, project_id=project_id, admin=True)
+    return selectors.labeler_report(project=project)
 
 
 # --------------------------------------------------------------------------- import / export

@@ -7,13 +7,21 @@ from collections import defaultdict
 from itertools import combinations
 from statistics import median
 
+from django.contrib.auth import get_user_model
 from django.db import connection
-from django.db.models import Count, IntegerField, OuterRef, Q, QuerySet, Subquery, Value
-from django.db.models.functions import Coalesce
+from django.db.models import Count, Exists, IntegerField, OuterRef, Q, QuerySet, Subquery, Value
+from django.db.models.functions import Coalesce, Length
 from django.http import Http404
 
 from config.ids import as_id
-from labeling.agreement import kendall_tau_b, pair_counts
+from labeling.agreement import (
+    exact_test_p_value,
+    first_shown_is_best,
+    kendall_tau_b,
+    longer_preferred,
+    pair_counts,
+    rank_positions,
+)
 from labeling.models import (
     Assignment,
     Completion,
@@ -192,7 +200,7 @@ def _labeler_rankings(project: Project) -> list[dict]:
     return list(
         Ranking.objects.filter(item__project=project, user__isnull=False)
         .order_by("id")
-        .values("item_id", "user_id", "groups", "seconds_spent")
+        .values("item_id", "user_id", "groups", "seconds_spent", "display_order")
     )
 
 
@@ -302,3 +310,237 @@ def item_completion_texts(*, item_ids) -> dict[int, dict[int, str]]:
     ):
         out[item_id][cid] = text
     return dict(out)
+
+
+# --------------------------------------------------------------------------- labeler report
+
+REPORT_MIN_RANKINGS = 20
+"""A labeler's position bias or length preference is flagged only over this many rankings."""
+REPORT_MIN_SHARED_ITEMS = 10
+"""Agreement with the consensus is judged only over this many items shared with others."""
+REPORT_P_VALUE = 0.01
+"""A pattern is flagged when chance alone would produce it less often than this."""
+REPORT_LENGTH_GAP = 0.2
+"""...and, for length, when the labeler's rate is this far from the other labelers' rate (good
+answers may well be longer: what stands out is a labeler the others do not follow)."""
+REPORT_CONSENSUS_GAP = 0.25
+"""Agreement with the consensus this far below the other labelers' median is flagged."""
+
+
+def _rate(part: int, whole: int) -> float | None:
+    return part / whole if whole else None
+
+
+def _percent(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def labeler_report(*, project: Project) -> list[dict]:
+    """One row per labeler of the project (and per other member who ranked, skipped or
+    flagged there), most rankings first:
+
+    - `rankings`, `median_seconds`, `skips` (items given back without a flag), `flags`;
+    - `position_bias`: of the rankings whose display order is known, how often the response
+      shown first is ranked best (`rate`), against `chance` (the mean of t / K, t the size of
+      the best group), with the exact two-sided `p_value`;
+    - `length_preference`: over every two responses ranked apart whose lengths differ, how
+      often the longer is preferred, against 0.5, with its `p_value` (pairs of one ranking
+      are counted as independent trials: a rough test, strict enough at p < 0.01);
+    - `consensus`: agreement with the Borda-count consensus of the OTHER labelers' rankings of
+      the same items (pairwise agreement rate and mean Kendall tau-b);
+    - `labelers`: pairwise agreement and mean tau-b with each other labeler on shared items;
+    - `flagged` and `reasons`: plain words for the admin, when a pattern is far from chance
+      (position), from chance and the others (length) or from the others (consensus).
+    """
+    from labeling.importexport import borda_consensus  # importexport imports this module
+
+    rankings = _labeler_rankings(project)
+    lengths = dict(
+        ItemCompletion.objects.filter(item__project=project, item__rankings__user__isnull=False)
+        .annotate(n=Length("completion__text"))
+        .values_list("completion_id", "n")
+        .distinct()
+    )
+    skips = dict(
+        Assignment.objects.filter(item__project=project, status=Assignment.Status.SKIPPED)
+        .exclude(Exists(Flag.objects.filter(item=OuterRef("item"), user=OuterRef("user"))))
+        .values("user_id")
+        .annotate(n=Count("pk"))
+        .values_list("user_id", "n")
+    )
+    flags = dict(
+        Flag.objects.filter(item__project=project)
+        .values("user_id")
+        .annotate(n=Count("pk"))
+        .values_list("user_id", "n")
+    )
+    labelers = set(
+        Membership.objects.filter(project=project, role=Membership.Role.LABELER).values_list(
+            "user_id", flat=True
+        )
+    )
+    user_ids = labelers | {r["user_id"] for r in rankings} | set(skips) | set(flags)
+    names = dict(get_user_model().objects.filter(pk__in=user_ids).values_list("pk", "username"))
+
+    rows = {
+        uid: {
+            "seconds": [],
+            "first": 0,
+            "chances": defaultdict(int),
+            "longer": 0,
+            "pairs": 0,
+            "consensus": {"items": 0, "same": 0, "pairs": 0, "taus": []},
+            "others": defaultdict(lambda: {"items": 0, "same": 0, "pairs": 0, "taus": []}),
+            "count": 0,
+        }
+        for uid in user_ids
+    }
+    by_item: dict[int, list[dict]] = defaultdict(list)
+    for r in rankings:
+        row = rows[r["user_id"]]
+        row["count"] += 1
+        by_item[r["item_id"]].append(r)
+        if r["seconds_spent"] is not None:
+            row["seconds"].append(r["seconds_spent"])
+        shown = first_shown_is_best(r["groups"], r["display_order"])
+        if shown is not None:
+            row["first"] += shown[0]
+            row["chances"][shown[1]] += 1
+        wins, pairs = longer_preferred(r["groups"], lengths)
+        row["longer"] += wins
+        row["pairs"] += pairs
+    for item_rankings in by_item.values():
+        for r in item_rankings:
+            others = [o["groups"] for o in item_rankings if o is not r]
+            if not others:
+                continue
+            order = sorted(rank_positions(r["groups"]))
+            _add_comparison(
+                rows[r["user_id"]]["consensus"], r["groups"], borda_consensus(others, order)
+            )
+        for a, b in combinations(item_rankings, 2):
+            _add_comparison(rows[a["user_id"]]["others"][b["user_id"]], a["groups"], b["groups"])
+            _add_comparison(rows[b["user_id"]]["others"][a["user_id"]], b["groups"], a["groups"])
+
+    out = []
+    for uid, row in rows.items():
+        trials = sum(row["chances"].values())
+        chance = sum(p * n for p, n in row["chances"].items()) / trials if trials else None
+        out.append(
+            {
+                "user_id": uid,
+                "username": names.get(uid, f"user {uid}"),
+                "rankings": row["count"],
+                "median_seconds": median(row["seconds"]) if row["seconds"] else None,
+                "skips": skips.get(uid, 0),
+                "flags": flags.get(uid, 0),
+                "position_bias": {
+                    "rankings": trials,
+                    "first_ranked_best": row["first"],
+                    "rate": _rate(row["first"], trials),
+                    "chance": chance,
+                    "p_value": exact_test_p_value(row["first"], row["chances"]),
+                },
+                "length_preference": {
+                    "pairs": row["pairs"],
+                    "longer_preferred": row["longer"],
+                    "rate": _rate(row["longer"], row["pairs"]),
+                    "p_value": exact_test_p_value(row["longer"], {0.5: row["pairs"]}),
+                },
+                "consensus": _comparison_out(row["consensus"]),
+                "labelers": sorted(
+                    (
+                        {"user_id": other, "username": names.get(other, f"user {other}")}
+                        | _comparison_out(c)
+                        for other, c in row["others"].items()
+                    ),
+                    key=lambda o: o["username"],
+                ),
+                "_longer": (row["longer"], row["pairs"]),
+            }
+        )
+    for row in out:
+        row["reasons"] = _report_reasons(row, out)
+        row["flagged"] = bool(row["reasons"])
+    for row in out:
+        del row["_longer"]
+    out.sort(key=lambda r: (-r["rankings"], r["username"]))
+    return out
+
+
+def _add_comparison(acc: dict, a, b) -> None:
+    counts = pair_counts(a, b)
+    acc["items"] += 1
+    acc["same"] += counts["same"]
+    acc["pairs"] += counts["pairs"]
+    tau = kendall_tau_b(a, b)
+    if tau is not None:
+        acc["taus"].append(tau)
+
+
+def _comparison_out(acc: dict) -> dict:
+    return {
+        "items": acc["items"],
+        "agreement": _rate(acc["same"], acc["pairs"]),
+        "kendall_tau": sum(acc["taus"]) / len(acc["taus"]) if acc["taus"] else None,
+    }
+
+
+def _report_reasons(row: dict, everyone: list[dict]) -> list[str]:
+    """Why the admin should look at this labeler's work (empty: nothing stands out)."""
+    reasons = []
+    others = [o for o in everyone if o["user_id"] != row["user_id"]]
+    pos = row["position_bias"]
+    if (
+        pos["rankings"] >= REPORT_MIN_RANKINGS
+        and pos["p_value"] is not None
+        and pos["p_value"] < REPORT_P_VALUE
+    ):
+        more = pos["rate"] > pos["chance"]
+        reasons.append(
+            f"Ranks the response shown first as the best in {pos['first_ranked_best']} of "
+            f"{pos['rankings']} rankings ({_percent(pos['rate'])}), where chance is "
+            f"{_percent(pos['chance'])} (p = {pos['p_value']:.2g}): "
+            + (
+                "the order is random, so this looks like ranking by position, not by reading."
+                if more
+                else "the response shown first is passed over more often than chance allows."
+            )
+        )
+    length = row["length_preference"]
+    wins = sum(o["_longer"][0] for o in others)
+    pairs = sum(o["_longer"][1] for o in others)
+    others_rate = _rate(wins, pairs)
+    if (
+        row["rankings"] >= REPORT_MIN_RANKINGS
+        and length["p_value"] is not None
+        and length["p_value"] < REPORT_P_VALUE
+        and (others_rate is None or abs(length["rate"] - others_rate) >= REPORT_LENGTH_GAP)
+    ):
+        reasons.append(
+            f"Prefers the {'longer' if length['rate'] > 0.5 else 'shorter'} response in "
+            f"{max(length['longer_preferred'], length['pairs'] - length['longer_preferred'])} "
+            f"of {length['pairs']} pairs ranked apart (p = {length['p_value']:.2g} against an "
+            "even split)"
+            + (
+                f", where the other labelers prefer the longer in {_percent(others_rate)}."
+                if others_rate is not None
+                else "."
+            )
+        )
+    mine = row["consensus"]
+    peers = [
+        o["consensus"]["agreement"]
+        for o in others
+        if o["consensus"]["items"] >= REPORT_MIN_SHARED_ITEMS
+        and o["consensus"]["agreement"] is not None
+    ]
+    if mine["items"] >= REPORT_MIN_SHARED_ITEMS and mine["agreement"] is not None and peers:
+        typical = median(peers)
+        if mine["agreement"] < typical - REPORT_CONSENSUS_GAP:
+            reasons.append(
+                f"Agrees with the other labelers' consensus on {_percent(mine['agreement'])} "
+                f"of response pairs over {mine['items']} shared items, where the others' "
+                f"median is {_percent(typical)}."
+            )
+    return reasons

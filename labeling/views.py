@@ -104,6 +104,7 @@ def project_dashboard(request, project_id):
         "flags": selectors.flagged_items(project=project)[:100],
         "stats": selectors.labeler_stats(project=project),
         "agreement": selectors.project_agreement(project=project),
+        "labeler_report": selectors.labeler_report(project=project),
         "member_form": MemberForm(),
         "import_form": ImportForm(),
     }
