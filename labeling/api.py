@@ -17,6 +17,7 @@ from datetime import datetime
 
 from django.conf import settings
 from django.http import StreamingHttpResponse
+from django.urls import reverse
 from ninja import File, Form, Router, Schema
 from ninja.files import UploadedFile
 from ninja.responses import Status
@@ -384,6 +385,189 @@ def item_flag(request, item_id: int, payload: FlagIn):
 def labeler_report(request, project_id: int):
     project = selectors.project_get_for_user(user=request.auth, project_id=project_id, admin=True)
     return selectors.labeler_report(project=project)
+
+
+# --------------------------------------------------------------------------- people
+
+
+class MemberIn(Schema):
+    username: str
+    role: str = "labeler"
+
+
+class MemberOut(Schema):
+    user_id: int
+    username: str
+    role: str
+
+
+class UserCreateIn(Schema):
+    username: str
+    password: str
+    role: str = "labeler"
+
+
+class InviteIn(Schema):
+    role: str = "labeler"
+    days: int = services.INVITE_DAYS
+
+
+class InviteInfoOut(Schema):
+    id: int
+    role: str
+    created_at: datetime
+    expires_at: datetime
+
+
+class InviteOut(InviteInfoOut):
+    token: str
+    url: str
+
+
+class InviteAcceptIn(Schema):
+    token: str
+    username: str
+    password: str
+
+
+class InviteAcceptOut(Schema):
+    user_id: int
+    username: str
+    project_id: int
+    role: str
+
+
+def _member(m) -> dict:
+    return {"user_id": m.user_id, "username": m.user.username, "role": m.role}
+
+
+@router.get(
+    "/projects/{project_id}/members",
+    response={200: list[MemberOut], 404: ErrorOut, **INVALID},
+    summary="The project's members (project admins)",
+)
+def member_list(request, project_id: int):
+    project = selectors.project_get_for_user(user=request.auth, project_id=project_id, admin=True)
+    return [_member(m) for m in selectors.project_members(project=project)]
+
+
+@router.post(
+    "/projects/{project_id}/members",
+    response={200: MemberOut, **ERRORS},
+    summary="Add an existing user by username, or change a member's role (project admins)",
+)
+def member_add(request, project_id: int, payload: MemberIn):
+    project = selectors.project_get_for_user(user=request.auth, project_id=project_id, admin=True)
+    try:
+        m = services.membership_add_by_username(
+            project=project, username=payload.username, role=payload.role
+        )
+    except LabelingError as e:
+        return _refused(e)
+    return _member(m)
+
+
+@router.delete(
+    "/projects/{project_id}/members/{user_id}",
+    response={204: None, **ERRORS},
+    summary="Remove a member (project admins); their rankings stay, their leases end",
+)
+def member_remove(request, project_id: int, user_id: int):
+    project = selectors.project_get_for_user(user=request.auth, project_id=project_id, admin=True)
+    try:
+        services.membership_remove(project=project, user_id=user_id)
+    except LabelingError as e:
+        return _refused(e)
+    return Status(204, None)
+
+
+@router.post(
+    "/projects/{project_id}/users",
+    response={201: MemberOut, **ERRORS},
+    summary="Create an account and make it a member (project admins)",
+)
+def user_create(request, project_id: int, payload: UserCreateIn):
+    project = selectors.project_get_for_user(user=request.auth, project_id=project_id, admin=True)
+    try:
+        m = services.user_create_for_project(
+            project=project, username=payload.username, password=payload.password, role=payload.role
+        )
+    except LabelingError as e:
+        return _refused(e)
+    return Status(201, _member(m))
+
+
+@router.post(
+    "/projects/{project_id}/invites",
+    response={201: InviteOut, **ERRORS},
+    summary="Create a one-time invite link for a role (project admins); the token is shown "
+    "only in this response",
+)
+def invite_create(request, project_id: int, payload: InviteIn | None = None):
+    payload = payload or InviteIn()
+    project = selectors.project_get_for_user(user=request.auth, project_id=project_id, admin=True)
+    try:
+        created = services.invite_create(
+            project=project, role=payload.role, days=payload.days, created_by=request.auth
+        )
+    except LabelingError as e:
+        return _refused(e)
+    invite = created.invite
+    return Status(
+        201,
+        {
+            "id": invite.pk,
+            "role": invite.role,
+            "created_at": invite.created_at,
+            "expires_at": invite.expires_at,
+            "token": created.token,
+            "url": request.build_absolute_uri(reverse("invite_accept", args=[created.token])),
+        },
+    )
+
+
+@router.get(
+    "/projects/{project_id}/invites",
+    response={200: list[InviteInfoOut], 404: ErrorOut, **INVALID},
+    summary="The project's open invites (not their tokens)",
+)
+def invite_list(request, project_id: int):
+    project = selectors.project_get_for_user(user=request.auth, project_id=project_id, admin=True)
+    return list(selectors.project_open_invites(project=project))
+
+
+@router.delete(
+    "/projects/{project_id}/invites/{invite_id}",
+    response={204: None, **ERRORS},
+    summary="Revoke an unused invite (project admins)",
+)
+def invite_revoke(request, project_id: int, invite_id: int):
+    project = selectors.project_get_for_user(user=request.auth, project_id=project_id, admin=True)
+    try:
+        services.invite_revoke(project=project, invite_id=invite_id)
+    except LabelingError as e:
+        return _refused(e)
+    return Status(204, None)
+
+
+@router.post(
+    "/invites/accept",
+    auth=None,
+    response={201: InviteAcceptOut, **ERRORS},
+    summary="Use an invite: create the account it allows (no login needed; once per invite)",
+)
+def invite_accept(request, payload: InviteAcceptIn):
+    try:
+        user = services.invite_accept(
+            token=payload.token, username=payload.username, password=payload.password
+        )
+    except LabelingError as e:
+        return _refused(e)
+    m = user.memberships.get()
+    return Status(
+        201,
+        {"user_id": user.pk, "username": user.username, "project_id": m.project_id, "role": m.role},
+    )
 
 
 # --------------------------------------------------------------------------- import / export

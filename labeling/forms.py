@@ -9,7 +9,7 @@ from django.contrib.auth.forms import AuthenticationForm
 from django.core.cache import cache
 
 from labeling.models import Membership, Project
-from labeling.services import PROJECT_SETTINGS
+from labeling.services import INVITE_DAYS, MAX_INVITE_DAYS, PROJECT_SETTINGS
 
 
 def _throttle_key(username: str, ip: str) -> str:
@@ -127,6 +127,40 @@ def add_service_error(form: forms.Form, error) -> None:
 class MemberForm(forms.Form):
     username = forms.CharField(max_length=150)
     role = forms.ChoiceField(choices=Membership.Role.choices, initial=Membership.Role.LABELER)
+
+
+class InviteForm(forms.Form):
+    role = forms.ChoiceField(choices=Membership.Role.choices, initial=Membership.Role.LABELER)
+    days = forms.IntegerField(
+        label="Valid for (days)", min_value=1, max_value=MAX_INVITE_DAYS, initial=INVITE_DAYS
+    )
+
+
+class UserCreateForm(forms.Form):
+    username = forms.CharField(max_length=150)
+    password = forms.CharField(strip=False, widget=forms.PasswordInput(render_value=False))
+    role = forms.ChoiceField(choices=Membership.Role.choices, initial=Membership.Role.LABELER)
+
+
+class InviteAcceptForm(forms.Form):
+    username = forms.CharField(max_length=150)
+    password1 = forms.CharField(label="Password", strip=False, widget=forms.PasswordInput)
+    password2 = forms.CharField(label="Password again", strip=False, widget=forms.PasswordInput)
+
+    def clean(self):
+        cleaned = super().clean()
+        if cleaned.get("password1") and cleaned.get("password1") != cleaned.get("password2"):
+            self.add_error("password2", "The two passwords differ.")
+        return cleaned
+
+
+def form_errors_text(form: forms.Form) -> str:
+    """A form's errors as one line naming each field, for a message after a redirect."""
+    parts = []
+    for name, errors in form.errors.items():
+        label = form.fields[name].label or name.replace("_", " ").capitalize()
+        parts.append(f"{label if name != '__all__' else ''}: {' '.join(errors)}".lstrip(": "))
+    return " ".join(parts)
 
 
 class ImportForm(forms.Form):

@@ -12,6 +12,7 @@ from django.db import connection
 from django.db.models import Count, Exists, IntegerField, OuterRef, Q, QuerySet, Subquery, Value
 from django.db.models.functions import Coalesce, Length
 from django.http import Http404
+from django.utils import timezone
 
 from config.ids import as_id
 from labeling.agreement import (
@@ -26,6 +27,7 @@ from labeling.models import (
     Assignment,
     Completion,
     Flag,
+    Invite,
     Item,
     ItemCompletion,
     Membership,
@@ -96,6 +98,13 @@ def project_get_for_user(*, user, project_id, admin: bool = False) -> Project:
 
 def project_members(*, project: Project) -> QuerySet[Membership]:
     return project.memberships.select_related("user").order_by("role", "user__username")
+
+
+def project_open_invites(*, project: Project) -> QuerySet[Invite]:
+    """The project's invites that can still be used (not used, not expired), newest first."""
+    return project.invites.filter(used_at__isnull=True, expires_at__gt=timezone.now()).order_by(
+        "-created_at", "-id"
+    )
 
 
 def project_progress(*, project: Project) -> dict:

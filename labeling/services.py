@@ -21,16 +21,20 @@ from dataclasses import dataclass, field
 from datetime import UTC, timedelta
 
 from django.contrib.auth import get_user_model
+from django.contrib.auth.password_validation import validate_password
+from django.core.exceptions import ValidationError
 from django.db import IntegrityError, connection, transaction
 from django.db.models import Case, F, Q, Value, When
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 
 from config.ids import as_id
+from labeling.auth import token_hash
 from labeling.models import (
     Assignment,
     Completion,
     Flag,
+    Invite,
     Item,
     ItemCompletion,
     Membership,
@@ -90,6 +94,20 @@ class LeaseExpired(LabelingError):
 
     status_code = 409
     code = "lease_expired"
+
+
+class MemberNotFound(LabelingError):
+    """The user is not a member of the project."""
+
+    status_code = 404
+    code = "member_not_found"
+
+
+class InviteNotFound(LabelingError):
+    """The invite link is unknown, used, expired or revoked."""
+
+    status_code = 404
+    code = "invite_not_found"
 
 
 class InvalidRanking(LabelingError):
@@ -259,8 +277,152 @@ def membership_add_by_username(*, project: Project, username: str, role: str) ->
     return membership_set(project=project, user=user, role=role)
 
 
-def membership_remove(*, project: Project, user) -> None:
-    Membership.objects.filter(project=project, user=user).delete()
+def membership_remove(*, project: Project, user_id) -> None:
+    """Take a member out of the project. Their rankings stay (they are data); their live
+    leases end at once, so the items go to other labelers. The last admin cannot leave."""
+    user_pk = as_id(user_id)
+    with transaction.atomic():
+        membership = (
+            Membership.objects.select_for_update()
+            .filter(project=project, user_id=user_pk)
+            .select_related("user")
+            .first()
+            if user_pk is not None
+            else None
+        )
+        if membership is None:
+            raise MemberNotFound(f"User {user_id} is not a member of {project.name}.")
+        if membership.role == Membership.Role.ADMIN:
+            admins = Membership.objects.select_for_update().filter(
+                project=project, role=Membership.Role.ADMIN
+            )
+            if len(admins) <= 1:
+                raise LabelingError(
+                    f"{membership.user.username} is the project's last admin: make another "
+                    "member an admin first.",
+                    field="user_id",
+                )
+        membership.delete()
+        Assignment.objects.filter(
+            item__project=project, user_id=user_pk, status=Assignment.Status.ACTIVE
+        ).update(status=Assignment.Status.EXPIRED)
+
+
+def user_create_for_project(
+    *, project: Project, username: str, password: str, role: str
+) -> Membership:
+    """Create an account (Django's password rules apply) and make it a member with `role`."""
+    if role not in Membership.Role.values:
+        raise LabelingError(
+            f"Unknown role {role!r}; use one of {', '.join(Membership.Role.values)}.", field="role"
+        )
+    with transaction.atomic():
+        user = _user_create(username=username, password=password)
+        return membership_set(project=project, user=user, role=role)
+
+
+def _user_create(*, username: str, password: str):
+    User = get_user_model()
+    username = (username or "").strip() if isinstance(username, str) else ""
+    try:
+        User.username_validator(username)
+    except ValidationError as exc:
+        raise LabelingError(f"Username: {' '.join(exc.messages)}", field="username") from None
+    if not username or len(username) > 150:
+        raise LabelingError("A username has 1 to 150 characters.", field="username")
+    if User.objects.filter(username__iexact=username).exists():
+        raise LabelingError(f"The username {username!r} is taken.", field="username")
+    if not isinstance(password, str) or not password:
+        raise LabelingError("Choose a password.", field="password")
+    try:
+        validate_password(password, User(username=username))
+    except ValidationError as exc:
+        raise LabelingError(" ".join(exc.messages), field="password") from None
+    try:
+        with transaction.atomic():
+            return User.objects.create_user(username=username, password=password)
+    except IntegrityError:  # taken by a concurrent request since the check
+        raise LabelingError(f"The username {username!r} is taken.", field="username") from None
+
+
+INVITE_DAYS = 7
+MAX_INVITE_DAYS = 90
+
+
+@dataclass
+class InviteCreated:
+    invite: Invite
+    token: str  # the raw token, for the link; shown once, never stored
+
+
+def invite_create(
+    *, project: Project, role: str, created_by, days: int = INVITE_DAYS
+) -> InviteCreated:
+    """A one-time link for a new person to join `project` with `role`, valid `days` days."""
+    if role not in Membership.Role.values:
+        raise LabelingError(
+            f"Unknown role {role!r}; use one of {', '.join(Membership.Role.values)}.", field="role"
+        )
+    if isinstance(days, bool) or not isinstance(days, int) or not 1 <= days <= MAX_INVITE_DAYS:
+        raise LabelingError(
+            f"An invite lasts 1 to {MAX_INVITE_DAYS} days, not {days!r}.", field="days"
+        )
+    raw = secrets.token_urlsafe(32)
+    invite = Invite.objects.create(
+        project=project,
+        role=role,
+        token_hash=token_hash(raw),
+        created_by=created_by,
+        expires_at=timezone.now() + timedelta(days=days),
+    )
+    return InviteCreated(invite=invite, token=raw)
+
+
+def invite_revoke(*, project: Project, invite_id) -> None:
+    """Delete an unused invite of the project: its link stops working."""
+    invite_pk = as_id(invite_id)
+    deleted = (
+        invite_pk is not None
+        and Invite.objects.filter(project=project, pk=invite_pk, used_at__isnull=True).delete()[0]
+    )
+    if not deleted:
+        raise InviteNotFound(f"Invite {invite_id} does not exist or was used already.")
+
+
+def invite_for_token(*, token: str) -> Invite:
+    """The open invite a link's token names; InviteNotFound when unknown, used or expired."""
+    invite = (
+        Invite.objects.filter(token_hash=token_hash(token or "")).select_related("project").first()
+    )
+    _invite_check_open(invite)
+    return invite
+
+
+def _invite_check_open(invite: Invite | None) -> None:
+    if invite is None or invite.used_at is not None or invite.expires_at <= timezone.now():
+        raise InviteNotFound(
+            "This invite link is not valid: it was used already, it expired or it was revoked. "
+            "Ask the project's admin for a new one."
+        )
+
+
+def invite_accept(*, token: str, username: str, password: str):
+    """Create the account the invite allows and add it to the project; the invite is used up
+    in the same transaction (its row lock makes two uses at once one)."""
+    with transaction.atomic():
+        invite = (
+            Invite.objects.select_for_update()
+            .filter(token_hash=token_hash(token or ""))
+            .select_related("project")
+            .first()
+        )
+        _invite_check_open(invite)
+        user = _user_create(username=username, password=password)
+        membership_set(project=invite.project, user=user, role=invite.role)
+        invite.used_at = timezone.now()
+        invite.used_by = user
+        invite.save(update_fields=["used_at", "used_by"])
+    return user
 
 
 # --------------------------------------------------------------------------- prompts and items

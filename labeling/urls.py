@@ -14,6 +14,19 @@ page_patterns = [
     path("projects/<id:project_id>/", views.project_dashboard, name="project_dashboard"),
     path("projects/<id:project_id>/settings/", views.project_settings, name="project_settings"),
     path("projects/<id:project_id>/members/", views.member_add, name="member_add"),
+    path("projects/<id:project_id>/people/", views.project_people, name="project_people"),
+    path(
+        "projects/<id:project_id>/members/<id:user_id>/remove/",
+        views.member_remove,
+        name="member_remove",
+    ),
+    path("projects/<id:project_id>/users/", views.user_create_view, name="user_create"),
+    path("projects/<id:project_id>/invites/", views.invite_create_view, name="invite_create"),
+    path(
+        "projects/<id:project_id>/invites/<id:invite_id>/revoke/",
+        views.invite_revoke_view,
+        name="invite_revoke",
+    ),
     path("projects/<id:project_id>/import/", views.project_import, name="project_import"),
     path("projects/<id:project_id>/export/", views.project_export, name="project_export"),
     path(
@@ -43,5 +56,6 @@ page_patterns = [
 urlpatterns = [
     path("accounts/login/", views.ThrottledLoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("invite/<str:token>/", views.invite_accept_view, name="invite_accept"),
     path("", include((page_patterns, "labeling"))),
 ]

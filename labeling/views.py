@@ -12,12 +12,14 @@ import json
 
 from django.conf import settings
 from django.contrib import messages
+from django.contrib.auth import login as auth_login
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.shortcuts import redirect, render
 from django.template.loader import render_to_string
+from django.urls import reverse
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
@@ -26,11 +28,15 @@ from labeling import selectors, services
 from labeling.auth import api_token_create, api_token_revoke, api_tokens_for_user
 from labeling.forms import (
     ImportForm,
+    InviteAcceptForm,
+    InviteForm,
     MemberForm,
     ProjectForm,
     ProjectSettingsForm,
     ThrottledAuthenticationForm,
+    UserCreateForm,
     add_service_error,
+    form_errors_text,
 )
 from labeling.services import LabelingError
 
@@ -126,6 +132,125 @@ def member_add(request, project_id):
     else:
         messages.error(request, "Give a username and a role.")
     return redirect("labeling:project_dashboard", project_id=project.pk)
+
+
+NEW_INVITE_KEY = "new_invite_link"
+
+
+@never_cache  # the page that shows a new invite link must not be kept by any cache
+@login_required
+@require_GET
+def project_people(request, project_id):
+    """Members (remove them), new accounts and one-time invite links, for project admins."""
+    project = selectors.project_get_for_user(user=request.user, project_id=project_id, admin=True)
+    context = {
+        "project": project,
+        "members": selectors.project_members(project=project),
+        "invites": selectors.project_open_invites(project=project),
+        "new_invite": request.session.pop(NEW_INVITE_KEY, None),
+        "invite_form": InviteForm(),
+        "user_form": UserCreateForm(),
+        "member_form": MemberForm(),
+    }
+    return render(request, "labeling/people.html", context)
+
+
+@login_required
+@require_POST
+def member_remove(request, project_id, user_id):
+    project = selectors.project_get_for_user(user=request.user, project_id=project_id, admin=True)
+    try:
+        services.membership_remove(project=project, user_id=user_id)
+    except LabelingError as e:
+        messages.error(request, e.message)
+    else:
+        if user_id == request.user.pk:
+            messages.success(request, f"You left {project.name}.")
+            return redirect("labeling:home")
+        messages.success(request, f"User {user_id} is no longer a member of {project.name}.")
+    return redirect("labeling:project_people", project_id=project.pk)
+
+
+@login_required
+@require_POST
+def user_create_view(request, project_id):
+    project = selectors.project_get_for_user(user=request.user, project_id=project_id, admin=True)
+    form = UserCreateForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, form_errors_text(form))
+    else:
+        try:
+            m = services.user_create_for_project(project=project, **form.cleaned_data)
+        except LabelingError as e:
+            messages.error(request, e.message)
+        else:
+            messages.success(request, f"Created {m.user.username}, a {m.role} of {project.name}.")
+    return redirect("labeling:project_people", project_id=project.pk)
+
+
+@login_required
+@require_POST
+def invite_create_view(request, project_id):
+    project = selectors.project_get_for_user(user=request.user, project_id=project_id, admin=True)
+    form = InviteForm(request.POST)
+    if not form.is_valid():
+        messages.error(request, form_errors_text(form))
+    else:
+        created = services.invite_create(
+            project=project, created_by=request.user, **form.cleaned_data
+        )
+        request.session[NEW_INVITE_KEY] = {
+            "url": request.build_absolute_uri(reverse("invite_accept", args=[created.token])),
+            "role": created.invite.role,
+            "expires_at": created.invite.expires_at.isoformat(),
+        }
+    return redirect("labeling:project_people", project_id=project.pk)
+
+
+@login_required
+@require_POST
+def invite_revoke_view(request, project_id, invite_id):
+    project = selectors.project_get_for_user(user=request.user, project_id=project_id, admin=True)
+    try:
+        services.invite_revoke(project=project, invite_id=invite_id)
+    except LabelingError as e:
+        messages.error(request, e.message)
+    else:
+        messages.success(request, "Invite revoked: its link no longer works.")
+    return redirect("labeling:project_people", project_id=project.pk)
+
+
+@never_cache
+@require_http_methods(["GET", "POST"])
+def invite_accept_view(request, token):
+    """A new person chooses a username and password once; the invite is then used up."""
+    try:
+        invite = services.invite_for_token(token=token)
+    except LabelingError as e:
+        return render(request, "registration/invite_accept.html", {"error": e.message}, status=404)
+    form = InviteAcceptForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            user = services.invite_accept(
+                token=token,
+                username=form.cleaned_data["username"],
+                password=form.cleaned_data["password1"],
+            )
+        except services.InviteNotFound as e:
+            return render(
+                request, "registration/invite_accept.html", {"error": e.message}, status=404
+            )
+        except LabelingError as e:
+            if e.field == "password":
+                e.field = "password1"
+            add_service_error(form, e)
+        else:
+            auth_login(request, user, backend="django.contrib.auth.backends.ModelBackend")
+            messages.success(
+                request, f"Welcome, {user.username}: you joined {invite.project.name}."
+            )
+            return redirect("labeling:label", project_id=invite.project_id)
+    return render(request, "registration/invite_accept.html", {"form": form, "invite": invite})
 
 
 @login_required

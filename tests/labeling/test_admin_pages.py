@@ -2,14 +2,16 @@
 create users and invite them with one-time links; pages and API, scoped and CSRF-protected."""
 
 import json
+from datetime import timedelta
 
 import pytest
 from django.test import Client
 from django.urls import reverse
+from django.utils import timezone
 
 from labeling import services
-from labeling.auth import api_token_create
-from labeling.models import Item, Membership
+from labeling.auth import api_token_create, token_hash
+from labeling.models import Assignment, Invite, Item, Membership, Ranking
 
 pytestmark = pytest.mark.django_db
 
@@ -172,3 +174,184 @@ def test_settings_writes_need_the_csrf_token(project, admin_user):
     project.refresh_from_db()
     assert project.name == "Helpfulness"
     assert Membership.objects.filter(project=project).count() == 2
+
+
+# --------------------------------------------------------------------------- members
+
+
+def test_an_admin_removes_a_member_whose_leases_end_and_rankings_stay(
+    project, admin_client, labeler, make_items
+):
+    make_items(project, 2)
+    ranked = services.assignment_next(project=project, user=labeler)
+    services.ranking_submit(
+        user=labeler, item_id=ranked.item_id, groups=[[c] for c in ranked.display_order]
+    )
+    held = services.assignment_next(project=project, user=labeler)
+    people = admin_client.get(reverse("labeling:project_people", args=[project.pk]))
+    assert people.status_code == 200 and b"bob-labeler" in people.content
+    response = admin_client.post(
+        reverse("labeling:member_remove", args=[project.pk, labeler.pk]), follow=True
+    )
+    assert b"no longer a member" in response.content
+    assert not Membership.objects.filter(project=project, user=labeler).exists()
+    assert Assignment.objects.get(pk=held.pk).status == Assignment.Status.EXPIRED
+    assert Ranking.objects.filter(user=labeler).count() == 1
+    assert _client(labeler).get(reverse("labeling:label", args=[project.pk])).status_code == 404
+
+
+def test_the_api_lists_adds_and_removes_members(project, admin_user, labeler, make_user):
+    api = Api(admin_user)
+    make_user("carol")
+    added = api.call("post", f"/projects/{project.pk}/members", {"username": "carol"})
+    assert added.status_code == 200 and added.json()["role"] == "labeler"
+    names = {m["username"] for m in api.call("get", f"/projects/{project.pk}/members").json()}
+    assert names == {"alice-admin", "bob-labeler", "carol"}
+    assert api.call("delete", f"/projects/{project.pk}/members/{labeler.pk}").status_code == 204
+    gone = api.call("delete", f"/projects/{project.pk}/members/{labeler.pk}")
+    assert gone.status_code == 404 and gone.json()["code"] == "member_not_found"
+    unknown = api.call("post", f"/projects/{project.pk}/members", {"username": "nobody"})
+    assert unknown.status_code == 400 and "nobody" in unknown.json()["detail"]
+
+
+def test_the_last_admin_cannot_be_removed(project, admin_user, admin_client):
+    refused = Api(admin_user).call("delete", f"/projects/{project.pk}/members/{admin_user.pk}")
+    assert refused.status_code == 400 and "last admin" in refused.json()["detail"]
+    admin_client.post(reverse("labeling:member_remove", args=[project.pk, admin_user.pk]))
+    assert Membership.objects.filter(project=project, user=admin_user, role="admin").exists()
+
+
+def test_only_admins_manage_people(project, labeler, outsider, admin_user):
+    for user in (labeler, outsider):
+        client = _client(user)
+        assert client.get(reverse("labeling:project_people", args=[project.pk])).status_code == 404
+        url = reverse("labeling:member_remove", args=[project.pk, admin_user.pk])
+        assert client.post(url).status_code == 404
+        url = reverse("labeling:invite_create", args=[project.pk])
+        assert client.post(url, {"role": "admin", "days": 7}).status_code == 404
+        api = Api(user)
+        assert api.call("get", f"/projects/{project.pk}/members").status_code == 404
+        assert api.call("post", f"/projects/{project.pk}/invites", {}).status_code == 404
+        body = {"username": "sneaky", "password": "a long passphrase 42", "role": "admin"}
+        assert api.call("post", f"/projects/{project.pk}/users", body).status_code == 404
+    assert Membership.objects.filter(project=project).count() == 2
+    assert not Invite.objects.exists()
+
+
+def test_people_writes_need_the_csrf_token(project, admin_user, labeler):
+    client = _client(admin_user, csrf=True)
+    for name, args, data in [
+        ("member_remove", [project.pk, labeler.pk], {}),
+        ("invite_create", [project.pk], {"role": "labeler", "days": 7}),
+        ("user_create", [project.pk], {"username": "x1", "password": "pw", "role": "labeler"}),
+    ]:
+        assert client.post(reverse(f"labeling:{name}", args=args), data).status_code == 403
+    assert Membership.objects.filter(project=project, user=labeler).exists()
+    assert not Invite.objects.exists()
+
+
+# --------------------------------------------------------------------------- accounts and invites
+
+
+def test_an_admin_creates_an_account_that_can_log_in(project, admin_client, django_user_model):
+    url = reverse("labeling:user_create", args=[project.pk])
+    weak = admin_client.post(url, {"username": "dave", "password": "123", "role": "labeler"})
+    assert weak.status_code == 302 and not django_user_model.objects.filter(username="dave")
+    admin_client.post(
+        url, {"username": "dave", "password": "a long passphrase 42", "role": "admin"}
+    )
+    assert Membership.objects.get(project=project, user__username="dave").role == "admin"
+    assert Client().login(username="dave", password="a long passphrase 42")
+    taken = Api(project.created_by).call(
+        "post",
+        f"/projects/{project.pk}/users",
+        {"username": "DAVE", "password": "a long passphrase 42"},
+    )
+    assert taken.status_code == 400 and taken.json()["field"] == "username"
+
+
+def test_an_invite_link_makes_one_account_and_joins_the_project(project, admin_client):
+    admin_client.post(
+        reverse("labeling:invite_create", args=[project.pk]), {"role": "labeler", "days": 3}
+    )
+    invite = Invite.objects.get()
+    assert len(invite.token_hash) == 64 and invite.used_at is None
+    page = admin_client.get(reverse("labeling:project_people", args=[project.pk]))
+    url = page.context["new_invite"]["url"]
+    assert invite.token_hash == token_hash(url.rstrip("/").rsplit("/", 1)[1])
+    again = admin_client.get(reverse("labeling:project_people", args=[project.pk]))
+    assert again.context["new_invite"] is None  # shown once
+
+    newcomer = Client(enforce_csrf_checks=False)
+    path = url.split("testserver", 1)[1]
+    form = newcomer.get(path)
+    assert form.status_code == 200 and b"Join Helpfulness" in form.content
+    mismatch = newcomer.post(
+        path, {"username": "erin", "password1": "a long passphrase 42", "password2": "other"}
+    )
+    assert mismatch.status_code == 200 and "password2" in mismatch.context["form"].errors
+    joined = newcomer.post(
+        path,
+        {
+            "username": "erin",
+            "password1": "a long passphrase 42",
+            "password2": "a long passphrase 42",
+        },
+    )
+    assert joined.status_code == 302 and joined.url == reverse("labeling:label", args=[project.pk])
+    assert Membership.objects.get(project=project, user__username="erin").role == "labeler"
+    assert newcomer.get(joined.url).status_code == 200  # logged in
+    # single use
+    reused = Client().post(
+        path,
+        {
+            "username": "frank",
+            "password1": "a long passphrase 42",
+            "password2": "a long passphrase 42",
+        },
+    )
+    assert reused.status_code == 404 and b"not valid" in reused.content
+    assert not Membership.objects.filter(user__username="frank").exists()
+
+
+def test_an_expired_or_revoked_invite_is_refused(project, admin_user):
+    api = Api(admin_user)
+    created = api.call("post", f"/projects/{project.pk}/invites", {"role": "admin", "days": 1})
+    assert created.status_code == 201
+    token = created.json()["token"]
+    Invite.objects.update(expires_at=timezone.now() - timedelta(seconds=1))
+    body = {"token": token, "username": "gina", "password": "a long passphrase 42"}
+    expired = Client().post(
+        "/api/invites/accept", json.dumps(body), content_type="application/json"
+    )
+    assert expired.status_code == 404 and expired.json()["code"] == "invite_not_found"
+    assert Client().get(reverse("invite_accept", args=[token])).status_code == 404
+
+    second = api.call("post", f"/projects/{project.pk}/invites", {"role": "admin"}).json()
+    listed = api.call("get", f"/projects/{project.pk}/invites").json()
+    assert [i["id"] for i in listed] == [second["id"]] and "token" not in listed[0]
+    assert api.call("delete", f"/projects/{project.pk}/invites/{second['id']}").status_code == 204
+    body["token"] = second["token"]
+    revoked = Client().post(
+        "/api/invites/accept", json.dumps(body), content_type="application/json"
+    )
+    assert revoked.status_code == 404
+    assert not Membership.objects.filter(user__username="gina").exists()
+
+
+def test_the_api_accepts_an_invite_once(project, admin_user):
+    api = Api(admin_user)
+    token = api.call("post", f"/projects/{project.pk}/invites", {"role": "admin"}).json()["token"]
+    body = {"token": token, "username": "hank", "password": "short"}
+    weak = Client().post("/api/invites/accept", json.dumps(body), content_type="application/json")
+    assert weak.status_code == 400 and weak.json()["field"] == "password"
+    body["password"] = "a long passphrase 42"
+    ok = Client().post("/api/invites/accept", json.dumps(body), content_type="application/json")
+    assert ok.status_code == 201 and ok.json()["role"] == "admin"
+    body["username"] = "ivan"
+    again = Client().post("/api/invites/accept", json.dumps(body), content_type="application/json")
+    assert again.status_code == 404
+    bad_days = api.call("post", f"/projects/{project.pk}/invites", {"days": 0})
+    assert bad_days.status_code == 400 and bad_days.json()["field"] == "days"
+    bad_role = api.call("post", f"/projects/{project.pk}/invites", {"role": "owner"})
+    assert bad_role.status_code == 400 and bad_role.json()["field"] == "role"
