@@ -6,6 +6,7 @@ from training import views
 app_name = "training"
 urlpatterns = [
     path("", views.job_list, name="home"),
+    path("jobs/poll", views.job_list_poll, name="job_list_poll"),
     path("launch/<str:kind>/", views.job_launch, name="job_launch"),
     path("jobs/<id:job_id>/", views.job_detail, name="job_detail"),
     path("jobs/<id:job_id>/metrics", views.job_metrics, name="job_metrics"),

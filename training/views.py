@@ -73,6 +73,32 @@ def job_list(request):
 
 
 @login_required
+@require_GET
+def job_list_poll(request):
+    """What the job list polls: ``?ids=`` (the rows it shows as active) and ``?after=`` (the
+    newest job id it knows) give {"cursor": the newest job id, "jobs": [job_summary of each of
+    those rows], "new_jobs": how many jobs were launched after ``after``}; ``?project=`` keeps
+    to one project as the page does. Only the user's admin projects' jobs are counted."""
+    _require_admin_somewhere(request.user)
+    project_id = as_id(request.GET.get("project", ""))
+    raw = request.GET.get("after", "0").strip()
+    after = 0 if raw == "0" else as_id(raw)
+    if after is None:
+        return JsonResponse({"error": "after must be an integer cursor"}, status=400)
+    ids = [i for i in map(as_id, request.GET.get("ids", "").split(",")[:200]) if i is not None]
+    mine = selectors.jobs_for_user(user=request.user, project_id=project_id)
+    jobs = selectors.jobs_with_queue_info(jobs=mine.filter(pk__in=ids))
+    newer = list(mine.filter(pk__gt=after).values_list("pk", flat=True))
+    return JsonResponse(
+        {
+            "cursor": max(newer, default=after),
+            "jobs": [job_summary(j) for j in jobs],
+            "new_jobs": len(newer),
+        }
+    )
+
+
+@login_required
 @require_http_methods(["GET", "POST"])
 def job_launch(request, kind: str):
     if kind not in Job.Kind.values:

@@ -1,5 +1,6 @@
-/* Compare page: fetch every selected job's metrics and overlay one metric across runs.
- * Runs that are still going are polled (every 3 s, every 15 s when the tab is hidden). */
+/* Compare page: poll every selected job's metrics through Poll (poll.js), one poller per run
+ * with its own cursor, and overlay one metric across runs. A run's poller stops once the run
+ * has ended and its points are in. */
 (function () {
   "use strict";
   var dataEl = document.getElementById("compare-data");
@@ -8,23 +9,14 @@
   if (!dataEl || !select || !chartEl) return;
   var jobs = JSON.parse(dataEl.textContent);
   var perJob = {}; // job id -> {key: Map(step -> value)}
-  var cursors = {}; // job id -> cursor
-  var active = {}; // job id -> still running
   var chart = null;
 
-  function fetchNew(job) {
-    return fetch(job.url + "?after=" + (cursors[job.id] || 0), { credentials: "same-origin" })
-      .then(function (r) { return r.json(); })
-      .then(function (data) {
-        var store = perJob[job.id] || (perJob[job.id] = {});
-        Object.keys(data.series).forEach(function (key) {
-          var m = store[key] || (store[key] = new Map());
-          data.series[key].forEach(function (pt) { m.set(pt[0], pt[1]); });
-        });
-        cursors[job.id] = data.cursor;
-        active[job.id] = data.job.is_active;
-        if (data.more) return fetchNew(job);
-      });
+  function add(job, data) {
+    var store = perJob[job.id] || (perJob[job.id] = {});
+    Object.keys(data.series).forEach(function (key) {
+      var m = store[key] || (store[key] = new Map());
+      data.series[key].forEach(function (pt) { m.set(pt[0], pt[1]); });
+    });
   }
 
   function keys() {
@@ -55,23 +47,36 @@
     chart.draw(labels, window.TrainingCharts.align(maps));
   }
 
-  function refresh() {
-    var running = jobs.filter(function (j) { return active[j.id]; });
-    if (!running.length) return;
-    Promise.all(running.map(fetchNew)).then(function () { fillSelect(); draw(); schedule(); }, schedule);
-  }
+  var PREFERRED = ["objective/reward", "reward/accuracy", "eval/win_rate", "loss/reward", "loss/sft", "loss/dpo", "loss/policy"];
 
-  function schedule() {
-    setTimeout(refresh, document.hidden ? 15000 : 3000);
-  }
+  var picked = false; // the user chose a metric: keep it
 
-  Promise.all(jobs.map(fetchNew)).then(function () {
+  function update() {
     fillSelect();
-    var all = keys();
-    var preferred = ["objective/reward", "reward/accuracy", "eval/win_rate", "loss/reward", "loss/sft", "loss/dpo", "loss/policy"];
-    var first = preferred.find(function (k) { return all.indexOf(k) >= 0; }) || all[0];
-    if (first) { select.value = first; draw(); }
-    select.addEventListener("change", draw);
-    schedule();
+    if (!picked) {
+      var all = keys();
+      var first = PREFERRED.find(function (k) { return all.indexOf(k) >= 0; }) || all[0];
+      if (!first) return;
+      select.value = first;
+    }
+    draw();
+  }
+
+  select.addEventListener("change", function () { picked = true; draw(); });
+  jobs.forEach(function (job) {
+    var ended = false;
+    window.Poll.start({
+      url: function (cursor) { return job.url + "?after=" + cursor; },
+      onData: function (data) {
+        add(job, data);
+        update();
+        if (data.more || data.job.is_active) return true;
+        if (ended) return false;
+        ended = true; // one last poll for the points written as it ended
+        return true;
+      },
+      fastMs: 3000,
+      hiddenMs: 15000,
+    });
   });
 })();

@@ -1,7 +1,6 @@
-/* Job page: poll /training/jobs/<id>/metrics?after=<cursor>, append the new points to the
- * charts, and update the progress bar, status, error and log. Polls every 1.5 s while the
- * job is active and the tab visible, every 15 s when hidden, and stops once the job ended
- * and its last points are in. */
+/* Job page: poll /training/jobs/<id>/metrics?after=<cursor> through Poll (poll.js), append
+ * the new points to the charts, and update the progress bar, status, queue place or pace,
+ * error, log, checkpoints and warnings. Stops once the job ended and its last points are in. */
 (function () {
   "use strict";
   var root = document.getElementById("job");
@@ -9,10 +8,6 @@
   var url = root.dataset.metricsUrl;
   var chartsEl = document.getElementById("charts");
   var charts = new window.TrainingCharts.ChartSet(chartsEl);
-  var cursor = 0;
-  var timer = null;
-  var FAST_MS = 1500, HIDDEN_MS = 15000;
-  var ended = false;
 
   function text(id, value) {
     var el = document.getElementById(id);
@@ -101,47 +96,34 @@
     list.hidden = !rows.length;
   }
 
-  function poll() {
-    timer = null;
-    fetch(url + "?after=" + cursor, { credentials: "same-origin", headers: { Accept: "application/json" } })
-      .then(function (r) {
-        if (!r.ok) throw new Error("HTTP " + r.status);
-        return r.json();
-      })
-      .then(function (data) {
-        cursor = data.cursor;
-        charts.add(data.series);
-        if (charts.count) {
-          var empty = document.getElementById("charts-empty");
-          if (empty) empty.remove();
-          charts.render();
-        }
-        showJob(data.job);
-        var log = document.getElementById("job-log");
-        if (log && log.textContent !== data.log_tail) {
-          var atBottom = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
-          log.textContent = data.log_tail;
-          if (atBottom) log.scrollTop = log.scrollHeight;
-        }
-        showCheckpoints(data.checkpoints || []);
-        showWarnings(data.warnings || []);
-        if (data.more) return schedule(0);
-        if (!data.job.is_active) {
-          if (!ended) { ended = true; return schedule(FAST_MS); } // one last poll for trailing points
-          return;
-        }
-        schedule();
-      })
-      .catch(function () { schedule(HIDDEN_MS); });
+  var ended = false;
+
+  function show(data) {
+    charts.add(data.series);
+    if (charts.count) {
+      var empty = document.getElementById("charts-empty");
+      if (empty) empty.remove();
+      charts.render();
+    }
+    showJob(data.job);
+    var log = document.getElementById("job-log");
+    if (log && log.textContent !== data.log_tail) {
+      var atBottom = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
+      log.textContent = data.log_tail;
+      if (atBottom) log.scrollTop = log.scrollHeight;
+    }
+    showCheckpoints(data.checkpoints || []);
+    showWarnings(data.warnings || []);
+    if (data.more || data.job.is_active) return true;
+    if (ended) return false;
+    ended = true; // one last poll for the points written as it ended
+    return true;
   }
 
-  function schedule(ms) {
-    if (timer) clearTimeout(timer);
-    timer = setTimeout(poll, ms !== undefined ? ms : (document.hidden ? HIDDEN_MS : FAST_MS));
-  }
-
-  document.addEventListener("visibilitychange", function () {
-    if (!document.hidden && timer && !ended) schedule(0);
+  window.Poll.start({
+    url: function (cursor) { return url + "?after=" + cursor; },
+    onData: show,
+    fastMs: 1500,
+    hiddenMs: 15000,
   });
-  poll();
 })();

@@ -5,10 +5,12 @@ Celery worker training on the tiny model behind pytest-django's live server."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from django.conf import settings
 from django.test import Client
+from django.utils import timezone
 
 from tests.training.factories import make_project
 from tests.training.worker_fixtures import (  # noqa: F401  (fixtures)
@@ -90,3 +92,125 @@ def test_admin_launches_a_reward_model_job_and_watches_progress_and_chart(
     assert "reward" in page.locator("#job-checkpoints").inner_text()
     drawn = int(page.evaluate("() => document.getElementById('charts').dataset.points"))
     assert drawn == MetricPoint.objects.filter(job=job).count()  # every stored point is on a chart
+
+
+# --------------------------------------------------------------------------- no worker needed
+
+
+def a_queued_job(project, user, **fields) -> Job:
+    """A job row as a launch leaves it, without sending a task (no worker runs these tests)."""
+    return Job.objects.create(
+        kind="reward",
+        project=project,
+        launched_by=user,
+        config={"max_steps": 40},
+        input_kind=Job.Input.RANKINGS,
+        base_model="tiny",
+        total_steps=40,
+        **fields,
+    )
+
+
+@pytest.fixture
+def admin_and_project(page, live_server, django_user_model):
+    admin = django_user_model.objects.create_user(username="ui-admin", password="pw-ui-admin-1")
+    project = make_project(user=admin)
+    login(page, live_server, admin)
+    return admin, project
+
+
+HIDDEN_SWITCH = """
+Object.defineProperty(Document.prototype, "hidden", {
+  configurable: true, get() { return !!window.__hidden; } });
+"""
+
+
+def set_hidden(page, hidden: bool) -> None:
+    page.evaluate(
+        "(h) => { window.__hidden = h; document.dispatchEvent(new Event('visibilitychange')); }",
+        hidden,
+    )
+
+
+def test_the_job_list_updates_its_rows_in_place_and_announces_new_jobs(
+    page, live_server, admin_and_project
+):
+    admin, project = admin_and_project
+    job = a_queued_job(project, admin)
+    page.goto(f"{live_server.url}/training/")
+    row = page.locator(f'#job-table tr[data-job-id="{job.pk}"]')
+    assert row.locator("[data-field=queue]").inner_text() == "#1 in the queue"
+    page.evaluate("() => { window.__notReloaded = true; }")
+    Job.objects.filter(pk=job.pk).update(
+        status=Job.Status.RUNNING, worker="gpu-box:7", step=10, started_at=timezone.now()
+    )
+    page.wait_for_function(
+        "(id) => document.querySelector(`tr[data-job-id='${id}'] [data-status]`)"
+        ".dataset.status === 'running'",
+        arg=job.pk,
+    )
+    assert "on gpu-box:7" in row.locator("[data-field=queue]").inner_text()
+    assert row.locator("[data-field=step]").inner_text() == "10/40"
+    a_queued_job(project, admin)
+    page.wait_for_selector("#new-jobs:not([hidden])")
+    assert "1 job launched since this page loaded" in page.inner_text("#new-jobs")
+    assert page.evaluate("() => window.__notReloaded === true")  # updated, not reloaded
+
+
+def test_cancel_asks_before_it_cancels(page, live_server, admin_and_project):
+    admin, project = admin_and_project
+    job = a_queued_job(project, admin)
+    page.goto(f"{live_server.url}/training/jobs/{job.pk}/")
+    confirm = page.get_by_role("button", name=f"Yes, cancel {job}")
+    assert not confirm.is_visible()
+    page.click("#cancel-button")
+    job.refresh_from_db()
+    assert job.status == Job.Status.QUEUED  # opening the question cancels nothing
+    confirm.click()
+    page.wait_for_url(f"**/training/jobs/{job.pk}/")
+    page.wait_for_selector("#job[data-status=cancelled]")
+    job.refresh_from_db()
+    assert job.status == Job.Status.CANCELLED
+
+
+def test_the_job_page_polls_slower_in_a_hidden_tab_and_at_once_when_it_shows(
+    page, live_server, admin_and_project
+):
+    admin, project = admin_and_project
+    job = a_queued_job(project, admin)  # active: its page keeps polling
+    polls = []
+    page.on("request", lambda r: "/metrics?after=" in r.url and polls.append(time.monotonic()))
+    page.add_init_script(HIDDEN_SWITCH)
+    page.goto(f"{live_server.url}/training/jobs/{job.pk}/")
+    page.wait_for_timeout(4_000)
+    assert len(polls) >= 3  # at once, then every 1.5 s
+    set_hidden(page, True)
+    page.wait_for_timeout(500)
+    hidden_from = len(polls)
+    page.wait_for_timeout(6_000)
+    assert len(polls) - hidden_from <= 1  # every 15 s while hidden
+    shown = time.monotonic()
+    set_hidden(page, False)
+    page.wait_for_timeout(1_000)
+    assert polls and polls[-1] >= shown  # polled again as soon as the tab showed
+
+
+def test_pollers_back_off_after_errors(page, live_server, admin_and_project):
+    admin, project = admin_and_project
+    job = a_queued_job(project, admin)
+    polls = []
+    page.route(
+        "**/metrics?after=*",
+        lambda route: (polls.append(time.monotonic()), route.fulfill(status=503, body="busy")),
+    )
+    page.goto(f"{live_server.url}/training/jobs/{job.pk}/")
+    page.wait_for_timeout(7_000)
+    assert 2 <= len(polls) <= 3  # t = 0, 3, 9 s: not every 1.5 s
+    delays = page.evaluate(
+        """() => {
+          const o = {fastMs: 1000, hiddenMs: 15000, maxMs: 60000};
+          return [[false, 0], [true, 0], [false, 1], [false, 3], [true, 3], [false, 9]]
+            .map(([hidden, failures]) => window.Poll.delay({hidden, failures}, o));
+        }"""
+    )
+    assert delays == [1000, 15000, 2000, 8000, 15000, 60000]

@@ -154,3 +154,59 @@ def test_another_projects_admin_cannot_cancel_or_see_the_queue_rows(
     assert client.get("/api/training/jobs").json() == []
     job.refresh_from_db()
     assert job.status == Job.Status.QUEUED
+
+
+# --------------------------------------------------------------------------- one poller
+
+
+def test_the_job_list_polls_its_active_rows_and_counts_jobs_launched_since(
+    admin_client, admin_user, project, other_project
+):
+    queued = a_job(project, admin_user)
+    page = admin_client.get(reverse("training:home")).content.decode()
+    assert f'data-cursor="{queued.pk}"' in page and 'data-active="1"' in page
+    assert "js/poll.js" in page and page.index("js/poll.js") < page.index("js/training_list.js")
+    url = reverse("training:job_list_poll")
+    first = admin_client.get(url, {"after": queued.pk, "ids": str(queued.pk)}).json()
+    assert first["cursor"] == queued.pk and first["new_jobs"] == 0
+    assert [j["queue_note"] for j in first["jobs"]] == ["#1 in the queue"]
+    a_job(other_project, other_project.created_by)  # not the admin's: neither shown nor counted
+    newer = a_job(project, admin_user)
+    running(queued, step=4, seconds=8)
+    second = admin_client.get(url, {"after": queued.pk, "ids": str(queued.pk)}).json()
+    assert second["cursor"] == newer.pk and second["new_jobs"] == 1
+    (row,) = second["jobs"]
+    assert (
+        row["status"] == "running" and row["step"] == 4 and "on gpu-box:4242" in row["queue_note"]
+    )
+    assert admin_client.get(url, {"after": "x"}).status_code == 400
+
+
+def test_the_job_list_poll_answers_only_for_the_users_jobs(
+    admin_client, client, outsider, admin_user, project, other_project
+):
+    foreign = a_job(other_project, other_project.created_by)
+    url = reverse("training:job_list_poll")
+    assert admin_client.get(url, {"after": 0, "ids": str(foreign.pk)}).json()["jobs"] == []
+    mine = admin_client.get(url, {"after": 0, "project": other_project.pk}).json()
+    assert mine["new_jobs"] == 0 and mine["cursor"] == 0
+    client.force_login(outsider)
+    own = client.get(url, {"after": 0, "ids": f"{foreign.pk},x,{10**20}"}).json()
+    assert [j["id"] for j in own["jobs"]] == [foreign.pk] and own["new_jobs"] == 1
+
+
+def test_every_poller_loads_the_one_shared_helper(admin_client, admin_user, project):
+    jobs = [a_job(project, admin_user) for _ in range(2)]
+    pages = [
+        admin_client.get(reverse("training:home")),
+        admin_client.get(reverse("training:job_detail", args=[jobs[0].pk])),
+        admin_client.get(reverse("training:job_compare"), {"jobs": [j.pk for j in jobs]}),
+    ]
+    for page in pages:
+        assert "js/poll.js" in page.content.decode()
+    from django.conf import settings
+
+    static = settings.BASE_DIR / "static" / "js"
+    for name in ("training_job.js", "training_list.js", "training_compare.js"):
+        source = (static / name).read_text()
+        assert "Poll.start(" in source and "setTimeout" not in source and "fetch(" not in source
