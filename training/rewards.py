@@ -1,7 +1,7 @@
 """Built-in rule rewards: a reward signal without a trained reward model.
 
 Each rule is ``reward(prompt: str, completion: str) -> float`` (the engine's ``reward_fn``
-contract, see rlhf.ppo) and is deterministic and cheap, so a PPO or GRPO job can start before
+contract, see rlhf.rl) and is deterministic and cheap, so a PPO or GRPO job can start before
 anyone has ranked anything, and a test can check that a policy learns what the rule asks for.
 Rules are looked up by name (``REWARD_RULES``); jobs store the name, never the function.
 """

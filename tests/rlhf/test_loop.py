@@ -113,13 +113,13 @@ STOP_CASES = {  # kind: (the load to cancel during, its config, its rows, run() 
     "reward": ("rlhf.reward.build_reward_model", {}, PREFERENCES, {}),
     "dpo": ("rlhf.dpo.load_policy", {}, PREFERENCES, {}),
     "ppo": (
-        "rlhf.ppo.load_policy",
+        "rlhf.rl.load_policy",
         {"batch_size": 4, "num_minibatches": 2, "max_new_tokens": 8},
         PROMPTS,
         {"reward_fn": lambda prompt, completion: float(len(completion))},
     ),
     "grpo": (
-        "rlhf.ppo.load_policy",
+        "rlhf.rl.load_policy",
         {"batch_size": 2, "num_generations": 2, "max_new_tokens": 8},
         PROMPTS,
         {"reward_fn": lambda prompt, completion: float(len(completion))},
