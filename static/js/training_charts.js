@@ -3,7 +3,9 @@
  * TrainingCharts.ChartSet keeps every metric series of one job ({key: Map(step -> value)}),
  * merges new points as the page polls, and draws one small uPlot chart per metric key (each
  * on its own scale: a reward of 0.2 and an entropy of 5 do not share an axis), the ones that
- * tell whether training works first: reward, accuracy, win rate, losses, KL.
+ * tell whether training works first: reward, accuracy, win rate, KL, losses. The charts of
+ * the groups in `fold` (perf/*, optim/*: how fast, not whether it learns) go into a second
+ * container, a <details> the page keeps closed until asked.
  */
 (function () {
   "use strict";
@@ -15,8 +17,8 @@
     return i > 0 ? key.slice(0, i) : "other";
   }
 
-  var ORDER = ["objective/reward", "objective/rlhf_reward", "reward/accuracy", "eval/win_rate", "loss/",
-    "objective/kl", "reward/", "eval/", "objective/", "policy/", "value/", "response/", "optim/", "perf/"];
+  var ORDER = ["objective/reward", "objective/rlhf_reward", "reward/accuracy", "eval/win_rate",
+    "objective/kl", "loss/", "reward/", "eval/", "objective/", "policy/", "value/", "response/", "optim/", "perf/"];
 
   function rank(key) {
     for (var i = 0; i < ORDER.length; i++) {
@@ -100,16 +102,27 @@
     if (this.plot) this.plot.setSize({ width: chartWidth(this.plotEl), height: 170 });
   };
 
-  function ChartSet(container) {
+  // options.fold: {el: the folded charts' container, details: its <details>, count: an element
+  // that shows how many charts are folded, groups: the metric groups folded}
+  function ChartSet(container, options) {
     this.container = container;
+    this.fold = options && options.fold && options.fold.el ? options.fold : null;
     this.series = {}; // key -> Map(step -> value)
     this.charts = {}; // group -> Chart
     this.count = 0;
     var self = this;
-    window.addEventListener("resize", function () {
+    function resizeAll() {
       Object.keys(self.charts).forEach(function (g) { self.charts[g].resize(); });
-    });
+    }
+    window.addEventListener("resize", resizeAll);
+    // A chart drawn in a closed <details> has no width yet: size it when it opens.
+    if (this.fold && this.fold.details) this.fold.details.addEventListener("toggle", resizeAll);
   }
+
+  ChartSet.prototype.home = function (key) {
+    var folded = this.fold && (this.fold.groups || ["perf", "optim"]).indexOf(groupOf(key)) >= 0;
+    return folded ? this.fold.el : this.container;
+  };
 
   ChartSet.prototype.add = function (series) {
     var self = this;
@@ -127,19 +140,24 @@
     Object.keys(this.series).sort(byRank).forEach(function (key) {
       var chart = self.charts[key];
       if (!chart) {
-        chart = self.charts[key] = new Chart(self.container, key);
+        chart = self.charts[key] = new Chart(self.home(key), key);
         self.reorder();
       }
       chart.draw([key], align([self.series[key]]));
     });
     this.container.dataset.points = String(this.count);
+    if (this.fold) {
+      var folded = this.fold.el.children.length;
+      if (this.fold.details) this.fold.details.hidden = !folded;
+      if (this.fold.count) this.fold.count.textContent = String(folded);
+    }
   };
 
   // Keep the charts in rank order when a new key appears mid-run.
   ChartSet.prototype.reorder = function () {
     var self = this;
     Object.keys(this.charts).sort(byRank).forEach(function (key) {
-      self.container.appendChild(self.charts[key].box);
+      self.home(key).appendChild(self.charts[key].box);
     });
   };
 

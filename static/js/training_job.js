@@ -7,7 +7,14 @@
   if (!root) return;
   var url = root.dataset.metricsUrl;
   var chartsEl = document.getElementById("charts");
-  var charts = new window.TrainingCharts.ChartSet(chartsEl);
+  var charts = new window.TrainingCharts.ChartSet(chartsEl, {
+    fold: {
+      el: document.getElementById("charts-folded"),
+      details: document.getElementById("charts-more"),
+      count: document.getElementById("charts-more-count"),
+      groups: ["perf", "optim"],
+    },
+  });
 
   function text(id, value) {
     var el = document.getElementById(id);

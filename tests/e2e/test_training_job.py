@@ -214,3 +214,30 @@ def test_pollers_back_off_after_errors(page, live_server, admin_and_project):
         }"""
     )
     assert delays == [1000, 15000, 2000, 8000, 15000, 60000]
+
+
+def test_the_job_page_leads_with_reward_kl_and_loss_and_folds_perf_and_optim(
+    page, live_server, admin_and_project
+):
+    admin, project = admin_and_project
+    job = a_queued_job(project, admin, status=Job.Status.SUCCEEDED, step=3)
+    keys = ["perf/tokens_per_s", "optim/lr", "loss/policy", "objective/kl", "objective/reward"]
+    MetricPoint.objects.bulk_create(
+        MetricPoint(job=job, step=step, key=key, value=0.1 * step)
+        for step in (1, 2, 3)
+        for key in keys
+    )
+    page.goto(f"{live_server.url}/training/jobs/{job.pk}/")
+    page.wait_for_function("() => document.getElementById('charts').dataset.points === '15'")
+    lead = page.eval_on_selector_all("#charts .tr-chart", "els => els.map(e => e.dataset.key)")
+    assert lead == ["objective/reward", "objective/kl", "loss/policy"]
+    folded = page.eval_on_selector_all(
+        "#charts-folded .tr-chart", "els => els.map(e => e.dataset.key)"
+    )
+    assert sorted(folded) == ["optim/lr", "perf/tokens_per_s"]
+    assert page.inner_text("#charts-more-count") == "2"
+    assert not page.locator("#charts-folded").is_visible()  # folded until asked
+    page.click("#charts-more summary")
+    page.wait_for_selector("#charts-folded .tr-chart canvas", state="visible")
+    width = page.eval_on_selector("#charts-folded .tr-chart canvas", "c => c.clientWidth")
+    assert width > 200  # sized when the <details> opened, not drawn 0 px wide

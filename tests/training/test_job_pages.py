@@ -210,3 +210,17 @@ def test_every_poller_loads_the_one_shared_helper(admin_client, admin_user, proj
     for name in ("training_job.js", "training_list.js", "training_compare.js"):
         source = (static / name).read_text()
         assert "Poll.start(" in source and "setTimeout" not in source and "fetch(" not in source
+
+
+# --------------------------------------------------------------------------- charts
+
+
+def test_the_job_page_has_a_closed_fold_for_the_perf_and_optim_charts(
+    admin_client, admin_user, project
+):
+    job = a_job(project, admin_user)
+    page = admin_client.get(reverse("training:job_detail", args=[job.pk])).content.decode()
+    fold = page[page.index('<details id="charts-more"') :]
+    assert page.index('id="charts"') < page.index('id="charts-more"')
+    assert 'id="charts-folded"' in fold[: fold.index("</details>")]
+    assert '<details id="charts-more" hidden>' in page  # shown once a folded chart exists
