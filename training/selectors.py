@@ -14,7 +14,7 @@ import hashlib
 import json
 from collections.abc import Iterable
 
-from django.db.models import Count, F, Prefetch, QuerySet
+from django.db.models import Count, F, Max, Prefetch, QuerySet
 from django.http import Http404
 from django.utils import timezone
 
@@ -398,3 +398,75 @@ def jobs_with_queue_info(*, jobs: Iterable[Job]) -> list[Job]:
         pace = job_pace(job=job, now=now)
         job.steps_per_s, job.eta_s = pace["steps_per_s"], pace["eta_s"]
     return jobs
+
+
+# --------------------------------------------------------------------------- comparing runs
+
+
+def metric_final_values(*, job_ids: list[int]) -> dict[int, dict[str, float]]:
+    """{job id: {key: the key's last value}} of the jobs: their metrics where they ended (or
+    stand now, for a running job)."""
+    last = (
+        MetricPoint.objects.filter(job_id__in=job_ids)
+        .values("job_id", "key")
+        .annotate(last=Max("id"))
+        .values("last")
+    )
+    final: dict[int, dict[str, float]] = {}
+    for job_id, key, value in MetricPoint.objects.filter(id__in=last).values_list(
+        "job_id", "key", "value"
+    ):
+        final.setdefault(job_id, {})[key] = value
+    return final
+
+
+def _flat(config: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_diff(configs: list[dict]) -> list[tuple[str, list]]:
+    """(key, [each config's value, None where it has none]) of the keys whose values are not
+    the same in every config, nested keys dotted ("lora.r"), sorted by key."""
+    flat = [_flat(c) for c in configs]
+    keys = sorted(set().union(*flat)) if flat else []
+    missing = object()
+    rows = []
+    for key in keys:
+        values = [f.get(key, missing) for f in flat]
+        if any(v != values[0] for v in values[1:]):
+            rows.append((key, [None if v is missing else v for v in values]))
+    return rows
+
+
+def jobs_compare(*, jobs: list[Job]) -> dict:
+    """What the compare page shows beside the curves: {"final": [(key, [value per job])],
+    "config": [(key, [value per job])] of the settings that differ}. A job's settings are its
+    engine config plus what it started from (kind, base model, parent, reward, data)."""
+    final = metric_final_values(job_ids=[j.pk for j in jobs])
+    keys = sorted(set().union(*(final.get(j.pk, {}) for j in jobs))) if jobs else []
+    settings = [
+        {
+            "kind": j.kind,
+            "base_model": j.base_model,
+            "parent_checkpoint": j.parent_checkpoint_id,
+            "reward": f"checkpoint #{j.reward_checkpoint_id}"
+            if j.reward_checkpoint_id
+            else j.reward_rule or None,
+            "data": f"{j.input_count} {j.input_kind} ({j.input_hash[:12]})",
+            **{k: v for k, v in (j.config or {}).items() if k != "model"},
+        }
+        for j in jobs
+    ]
+    return {
+        "final": [(key, [final.get(j.pk, {}).get(key) for j in jobs]) for key in keys],
+        "config": [
+            (key, [v if v is None or isinstance(v, str) else json.dumps(v) for v in values])
+            for key, values in config_diff(settings)
+        ],
+    }

@@ -263,7 +263,7 @@ def queue_note(job: Job) -> str:
         parts.append(f"on {job.worker}")
     rate = getattr(job, "steps_per_s", None)
     if rate:
-        parts.append(f"{rate:.3g} steps/s" if rate >= 0.1 else f"{1 / rate:.3g} s/step")
+        parts.append(f"{rate:.2g} steps/s" if rate >= 0.1 else f"{1 / rate:.2g} s/step")
     eta = getattr(job, "eta_s", None)
     if eta is not None:
         parts.append(f"about {duration_text(eta)} left")
@@ -317,7 +317,7 @@ def job_compare(request):
     _require_admin_somewhere(request.user)
     raw = request.GET.getlist("jobs") + request.GET.get("ids", "").split(",")
     ids = [i for i in map(as_id, raw) if i is not None]
-    jobs = list(selectors.jobs_for_user(user=request.user).filter(pk__in=ids))
+    jobs = list(selectors.jobs_for_user(user=request.user).filter(pk__in=ids).order_by("pk"))
     recent = selectors.jobs_for_user(user=request.user).exclude(kind__in=[Job.Kind.SAMPLE])[:50]
     compare = [
         {
@@ -330,7 +330,13 @@ def job_compare(request):
     return render(
         request,
         "training/job_compare.html",
-        {"jobs": jobs, "recent": recent, "selected": {j.pk for j in jobs}, "compare": compare},
+        {
+            "jobs": jobs,
+            "recent": recent,
+            "selected": {j.pk for j in jobs},
+            "compare": compare,
+            **selectors.jobs_compare(jobs=jobs),
+        },
     )
 
 

@@ -11,11 +11,21 @@
   var perJob = {}; // job id -> {key: Map(step -> value)}
   var chart = null;
 
-  function add(job, data) {
+  // The final-values table follows the runs that are still going: a key's newest point.
+  function showFinal(index, key, value) {
+    var row = document.querySelector('#compare-final tr[data-key="' + CSS.escape(key) + '"]');
+    var cell = row && row.querySelector('td[data-job="' + index + '"]');
+    var text = String(+value.toPrecision(4));
+    if (cell && cell.textContent !== text) cell.textContent = text;
+  }
+
+  function add(job, index, data) {
     var store = perJob[job.id] || (perJob[job.id] = {});
     Object.keys(data.series).forEach(function (key) {
       var m = store[key] || (store[key] = new Map());
-      data.series[key].forEach(function (pt) { m.set(pt[0], pt[1]); });
+      var points = data.series[key];
+      points.forEach(function (pt) { m.set(pt[0], pt[1]); });
+      if (points.length) showFinal(index, key, points[points.length - 1][1]);
     });
   }
 
@@ -63,12 +73,12 @@
   }
 
   select.addEventListener("change", function () { picked = true; draw(); });
-  jobs.forEach(function (job) {
+  jobs.forEach(function (job, index) {
     var ended = false;
     window.Poll.start({
       url: function (cursor) { return job.url + "?after=" + cursor; },
       onData: function (data) {
-        add(job, data);
+        add(job, index, data);
         update();
         if (data.more || data.job.is_active) return true;
         if (ended) return false;

@@ -241,3 +241,35 @@ def test_the_job_page_leads_with_reward_kl_and_loss_and_folds_perf_and_optim(
     page.wait_for_selector("#charts-folded .tr-chart canvas", state="visible")
     width = page.eval_on_selector("#charts-folded .tr-chart canvas", "c => c.clientWidth")
     assert width > 200  # sized when the <details> opened, not drawn 0 px wide
+
+
+def test_compare_overlays_the_runs_beside_final_values_and_the_settings_that_differ(
+    page, live_server, admin_and_project
+):
+    admin, project = admin_and_project
+    done = a_queued_job(project, admin, status=Job.Status.SUCCEEDED, step=2)
+    live = a_queued_job(project, admin, status=Job.Status.RUNNING, step=1)
+    Job.objects.filter(pk=live.pk).update(config={"max_steps": 40, "learning_rate": 0.01})
+    MetricPoint.objects.bulk_create(
+        [
+            MetricPoint(job=done, step=1, key="loss/reward", value=0.9),
+            MetricPoint(job=done, step=2, key="loss/reward", value=0.5),
+            MetricPoint(job=live, step=1, key="loss/reward", value=0.8),
+        ]
+    )
+    page.goto(f"{live_server.url}/training/compare/?jobs={done.pk}&jobs={live.pk}")
+    page.wait_for_selector("#compare-chart canvas")
+    assert page.input_value("#compare-key") == "loss/reward"
+    final = page.locator('#compare-final tr[data-key="loss/reward"] td')
+    assert final.all_inner_texts() == ["0.5", "0.8"]
+    assert page.locator("#compare-config tbody tr").evaluate_all(
+        "rows => rows.map(r => r.dataset.key)"
+    ) == ["learning_rate"]
+    chart = page.locator("#compare-chart").bounding_box()
+    table = page.locator("#compare-final").bounding_box()
+    assert table["x"] > chart["x"] + chart["width"] - 5  # beside the curves, not below
+    MetricPoint.objects.create(job=live, step=2, key="loss/reward", value=0.25)
+    page.wait_for_function(
+        '() => document.querySelector(\'#compare-final tr[data-key="loss/reward"] '
+        "td[data-job=\"1\"]').textContent === '0.25'"
+    )

@@ -224,3 +224,55 @@ def test_the_job_page_has_a_closed_fold_for_the_perf_and_optim_charts(
     assert page.index('id="charts"') < page.index('id="charts-more"')
     assert 'id="charts-folded"' in fold[: fold.index("</details>")]
     assert '<details id="charts-more" hidden>' in page  # shown once a folded chart exists
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def test_compare_shows_final_values_and_only_the_settings_that_differ(
+    admin_client, admin_user, project
+):
+    slow = a_job(project, admin_user, learning_rate=1e-4)
+    fast = a_job(project, admin_user, learning_rate=1e-3)
+    for job, values in ((slow, [0.9, 0.7]), (fast, [0.8, 0.4])):
+        token = services.job_claim(job_id=job.pk, worker="w:1")
+        for step, value in enumerate(values, start=1):
+            services.metric_points_write(
+                job_id=job.pk, token=token, points=[(step, "loss/reward", value)], step=step
+            )
+    services.metric_points_write(
+        job_id=fast.pk,
+        token=Job.objects.get(pk=fast.pk).run_token,
+        points=[(2, "reward/accuracy", 0.75)],
+        step=2,
+    )
+    response = admin_client.get(reverse("training:job_compare"), {"jobs": [fast.pk, slow.pk]})
+    assert [j.pk for j in response.context["jobs"]] == [slow.pk, fast.pk]
+    assert response.context["final"] == [
+        ("loss/reward", [0.7, 0.4]),
+        ("reward/accuracy", [None, 0.75]),
+    ]
+    assert response.context["config"] == [("learning_rate", ["0.0001", "0.001"])]
+    html = response.content.decode()
+    assert 'id="compare-final"' in html and 'id="compare-config"' in html
+    assert '<tr data-key="learning_rate">' in html and '<tr data-key="batch_size">' not in html
+
+
+def test_config_diff_dots_nested_keys_and_names_missing_ones():
+    from training.selectors import config_diff
+
+    rows = config_diff(
+        [{"lora": {"r": 8, "alpha": 16}, "beta": 0.1}, {"lora": {"r": 16, "alpha": 16}}]
+    )
+    assert rows == [("beta", [0.1, None]), ("lora.r", [8, 16])]
+    assert config_diff([]) == [] and config_diff([{"a": 1}, {"a": 1}]) == []
+
+
+def test_compare_leaves_out_runs_of_projects_the_user_does_not_run(
+    admin_client, admin_user, project, other_project
+):
+    mine = a_job(project, admin_user)
+    foreign = a_job(other_project, other_project.created_by, learning_rate=0.5)
+    response = admin_client.get(reverse("training:job_compare"), {"jobs": [mine.pk, foreign.pk]})
+    assert [j.pk for j in response.context["jobs"]] == [mine.pk]
+    assert response.context["config"] == []
