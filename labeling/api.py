@@ -13,11 +13,12 @@ import over IMPORT_MAX_BYTES; 422 (pydantic's list of errors) for a malformed re
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.http import StreamingHttpResponse
 from django.urls import reverse
+from django.utils import timezone
 from ninja import File, Form, Router, Schema
 from ninja.files import UploadedFile
 from ninja.responses import Status
@@ -146,6 +147,18 @@ class RankingOut(Schema):
     seconds_spent: float | None
     display_order: list[int]
     created_at: datetime
+    revised_at: datetime | None = None
+
+
+class MyRankingOut(RankingOut):
+    earlier_versions: int
+    revisable: bool
+
+
+class RevisionIn(Schema):
+    groups: list[list[Id]]
+    rationale: str = ""
+    seconds_spent: float | None = None
 
 
 class SkipOut(Schema):
@@ -354,6 +367,41 @@ def ranking_submit(request, item_id: int, payload: RankingIn):
         )
     except LabelingError as e:
         return _refused(e)
+
+
+@router.put(
+    "/items/{item_id}/ranking",
+    response={200: RankingOut, **ERRORS},
+    summary="Revise your ranking: the new groups replace it and count from now on",
+    description="Allowed for a few days after the first submit (409 `revision_closed` after). "
+    "The ranking keeps its id; the version it replaces is kept as history and no longer "
+    "counts (exports, agreement, training snapshots).",
+)
+def ranking_revise(request, item_id: int, payload: RevisionIn):
+    try:
+        return services.ranking_revise(
+            user=request.auth,
+            item_id=item_id,
+            groups=payload.groups,
+            rationale=payload.rationale,
+            seconds_spent=payload.seconds_spent,
+        )
+    except LabelingError as e:
+        return _refused(e)
+
+
+@router.get(
+    "/projects/{project_id}/my-rankings",
+    response={200: list[MyRankingOut], 404: ErrorOut, **INVALID},
+    summary="Your recent rankings in the project, newest first, and whether each can be revised",
+)
+def my_rankings(request, project_id: int):
+    project = selectors.project_get_for_user(user=request.auth, project_id=project_id)
+    since = timezone.now() - timedelta(days=services.RANKING_REVISE_DAYS)
+    rankings = selectors.rankings_recent_for_user(project=project, user=request.auth)
+    for ranking in rankings:
+        ranking.revisable = ranking.created_at >= since
+    return rankings
 
 
 @router.post("/items/{item_id}/skip", response={200: SkipOut, **ERRORS})

@@ -186,6 +186,9 @@ class Ranking(models.Model):
     seconds_spent = models.FloatField(null=True, blank=True)
     display_order = models.JSONField(default=list, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
+    # Set when the labeler replaced their ranking (labeling.services.ranking_revise): this row
+    # always holds the latest version, the one that counts; earlier ones are RankingRevisions.
+    revised_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["id"]
@@ -200,6 +203,21 @@ class Ranking(models.Model):
                 name="ranking_seconds_non_negative",
             ),
         ]
+
+
+class RankingRevision(models.Model):
+    """An earlier version of a ranking its labeler replaced: kept as history, never counted
+    (exports, agreement and training read the Ranking row, which holds the latest)."""
+
+    ranking = models.ForeignKey(Ranking, on_delete=models.CASCADE, related_name="revisions")
+    groups = models.JSONField()
+    rationale = models.TextField(blank=True)
+    seconds_spent = models.FloatField(null=True, blank=True)
+    submitted_at = models.DateTimeField(help_text="When this version was submitted.")
+    replaced_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
 
 
 class Flag(models.Model):

@@ -129,6 +129,32 @@ def project_progress(*, project: Project) -> dict:
     }
 
 
+def rankings_recent_for_user(*, project: Project, user, limit: int = 50) -> QuerySet[Ranking]:
+    """The user's own labeler rankings in the project, newest first, with the prompt joined
+    and `earlier_versions` (how many versions the latest replaced)."""
+    return (
+        Ranking.objects.filter(item__project=project, user=user, source=Ranking.Source.LABELER)
+        .select_related("item__prompt")
+        .annotate(earlier_versions=Count("revisions"))
+        .order_by("-created_at", "-id")[:limit]
+    )
+
+
+def ranking_for_revision(*, project: Project, user, item_id) -> Ranking:
+    """The user's own labeler ranking of an item of the project; Http404 when there is none."""
+    item_pk = as_id(item_id)
+    ranking = (
+        Ranking.objects.filter(
+            item_id=item_pk, item__project=project, user=user, source=Ranking.Source.LABELER
+        ).first()
+        if item_pk is not None
+        else None
+    )
+    if ranking is None:
+        raise Http404("You have no ranking of this item.")
+    return ranking
+
+
 def labeler_done_count(*, project: Project, user) -> int:
     return Ranking.objects.filter(item__project=project, user=user).count()
 

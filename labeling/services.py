@@ -41,6 +41,7 @@ from labeling.models import (
     Project,
     Prompt,
     Ranking,
+    RankingRevision,
 )
 from rlhf.conversations import ConversationError, conversation_check, conversation_text
 from rlhf.rankings import (
@@ -732,6 +733,25 @@ def ranking_validate(
     return clean
 
 
+def _ranking_notes_clean(rationale, seconds_spent) -> tuple[str, float | None]:
+    """A ranking's rationale (stripped, at most 10,000 characters) and seconds spent."""
+    if seconds_spent is not None:
+        try:
+            seconds_spent = float(seconds_spent)
+        except (TypeError, ValueError):
+            raise LabelingError("seconds_spent must be a number.", field="seconds_spent") from None
+        if not 0 <= seconds_spent < 10**7:
+            raise LabelingError(
+                "seconds_spent must be a non-negative number of seconds.", field="seconds_spent"
+            )
+    if rationale is not None and not isinstance(rationale, str):
+        raise LabelingError("The rationale must be text.", field="rationale")
+    rationale = (rationale or "").strip()
+    if len(rationale) > 10_000:
+        raise LabelingError("The rationale is limited to 10,000 characters.", field="rationale")
+    return rationale, seconds_spent
+
+
 def ranking_submit(
     *,
     user,
@@ -755,16 +775,7 @@ def ranking_submit(
     the item's completions, fixed once the item exists); the database trigger of migration
     0002 still checks every ranking against the item's rows.
     """
-    if seconds_spent is not None:
-        try:
-            seconds_spent = float(seconds_spent)
-        except (TypeError, ValueError):
-            raise LabelingError("seconds_spent must be a number.") from None
-        if not 0 <= seconds_spent < 10**7:
-            raise LabelingError("seconds_spent must be a non-negative number of seconds.")
-    rationale = (rationale or "").strip()
-    if len(rationale) > 10_000:
-        raise LabelingError("The rationale is limited to 10,000 characters.")
+    rationale, seconds_spent = _ranking_notes_clean(rationale, seconds_spent)
     item_pk = as_id(item_id)
     if item_pk is None:
         raise ItemNotFound(f"{item_id!r} is not an item id.")
@@ -946,6 +957,67 @@ def _ranking_already_stored(*, item_pk: int, user) -> Ranking:
     if existing is None:  # a lease is marked submitted in the transaction that stores it
         raise NotAssigned(f"Item {item_pk} has no ranking of yours; reload the page.")
     return existing
+
+
+RANKING_REVISE_DAYS = 7
+"""A labeler may replace their own ranking for this many days after first submitting it."""
+
+
+class RevisionClosed(LabelingError):
+    """The ranking is older than the revision window."""
+
+    status_code = 409
+    code = "revision_closed"
+
+
+def ranking_revise(
+    *, user, item_id, groups, rationale: str = "", seconds_spent: float | None = None
+) -> Ranking:
+    """Replace `user`'s own ranking of an item with `groups`. The latest version counts: the
+    Ranking row is updated in place (same id), so exports, agreement and the next training
+    snapshot take it; the version it replaces is kept as a RankingRevision. Allowed for
+    RANKING_REVISE_DAYS days after the first submit, while the user is still a member.
+    `seconds_spent` is added to the time already spent on the item. Sending the same groups
+    and rationale changes nothing."""
+    rationale, seconds_spent = _ranking_notes_clean(rationale, seconds_spent)
+    with transaction.atomic():
+        item = _item_for_member(user=user, item_id=item_id)
+        ranking = (
+            Ranking.objects.select_for_update()
+            .filter(item=item, user=user, source=Ranking.Source.LABELER)
+            .first()
+        )
+        if ranking is None:
+            raise ItemNotFound(
+                f"You have not ranked item {item.pk}, so there is nothing to revise."
+            )
+        if ranking.created_at < timezone.now() - timedelta(days=RANKING_REVISE_DAYS):
+            raise RevisionClosed(
+                f"Your ranking of item {item.pk} is older than {RANKING_REVISE_DAYS} days and "
+                "can no longer be revised."
+            )
+        clean = ranking_validate(
+            groups=groups,
+            completion_ids=_completion_ids(item.pk),
+            allow_ties=item.project.allow_ties,
+            item_id=item.pk,
+        )
+        if clean == ranking.groups and rationale == ranking.rationale:
+            return ranking
+        RankingRevision.objects.create(
+            ranking=ranking,
+            groups=ranking.groups,
+            rationale=ranking.rationale,
+            seconds_spent=ranking.seconds_spent,
+            submitted_at=ranking.revised_at or ranking.created_at,
+        )
+        ranking.groups = clean
+        ranking.rationale = rationale
+        if seconds_spent is not None:
+            ranking.seconds_spent = (ranking.seconds_spent or 0) + seconds_spent
+        ranking.revised_at = timezone.now()
+        ranking.save(update_fields=["groups", "rationale", "seconds_spent", "revised_at"])
+    return ranking
 
 
 def item_skip(*, user, item_id) -> Assignment:

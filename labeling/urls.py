@@ -36,6 +36,12 @@ page_patterns = [
     ),
     path("projects/<id:project_id>/label/", views.label, name="label"),
     path("projects/<id:project_id>/label/next/", views.label_next, name="label_next"),
+    path("projects/<id:project_id>/my-rankings/", views.my_rankings, name="my_rankings"),
+    path(
+        "projects/<id:project_id>/items/<id:item_id>/revise/",
+        views.ranking_revise_view,
+        name="ranking_revise",
+    ),
     path(
         "projects/<id:project_id>/items/<id:item_id>/submit/",
         views.item_submit,

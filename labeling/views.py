@@ -9,6 +9,7 @@ status of the LabelingError.
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 
 from django.conf import settings
 from django.contrib import messages
@@ -20,6 +21,7 @@ from django.http import Http404, HttpResponse, JsonResponse, StreamingHttpRespon
 from django.shortcuts import redirect, render
 from django.template.loader import render_to_string
 from django.urls import reverse
+from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
@@ -431,6 +433,48 @@ def item_flag_view(request, project_id, item_id):
     except LabelingError as e:
         return _error(e)
     return JsonResponse({"flag_id": flag.pk})
+
+
+@login_required
+@require_GET
+def my_rankings(request, project_id):
+    """The user's recent rankings in the project, each with a link to revise it."""
+    project = selectors.project_get_for_user(user=request.user, project_id=project_id)
+    context = {
+        "project": project,
+        "rankings": selectors.rankings_recent_for_user(project=project, user=request.user),
+        "revise_days": services.RANKING_REVISE_DAYS,
+        "revise_since": timezone.now() - timedelta(days=services.RANKING_REVISE_DAYS),
+    }
+    return render(request, "labeling/my_rankings.html", context)
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def ranking_revise_view(request, project_id, item_id):
+    """GET: the ranking page for one of the user's ranked items, set to their ranking.
+    POST (JSON, like submit): replace it; the new ranking is the one that counts."""
+    if request.method == "POST":
+        try:
+            _item_in_project(request, project_id, item_id)
+            body = _json_body(request)
+            ranking = services.ranking_revise(
+                user=request.user,
+                item_id=item_id,
+                groups=body.get("groups"),
+                rationale=body.get("rationale"),
+                seconds_spent=body.get("seconds_spent"),
+            )
+        except LabelingError as e:
+            return _error(e)
+        return JsonResponse(
+            {"ranking_id": ranking.pk, "groups": ranking.groups, "revised_at": ranking.revised_at}
+        )
+    project = selectors.project_get_for_user(user=request.user, project_id=project_id)
+    ranking = selectors.ranking_for_revision(project=project, user=request.user, item_id=item_id)
+    context = _item_context(request, project, ranking)  # shown in the order the user saw
+    context.update(revise=ranking, initial_groups=json.dumps(ranking.groups))
+    return render(request, "labeling/label.html", context)
 
 
 NEW_TOKEN_KEY = "new_api_token"

@@ -255,6 +255,11 @@
       display_order: state.cards.map(function (c) { return Number(c.dataset.completionId); }),
     })
       .then(function (data) {
+        if (state.revise) {
+          // the revision replaced the ranking: back to the list that says which one counts
+          window.location.assign(state.el.dataset.returnUrl);
+          return null;
+        }
         doneEl.textContent = String(data.done);
         return advance();
       })
@@ -266,7 +271,7 @@
   }
 
   function skip() {
-    if (busy) return;
+    if (busy || !state.el.dataset.skipUrl) return;
     busy = true;
     setStatus("Skipping\u2026");
     post(state.el.dataset.skipUrl, {})
@@ -275,7 +280,7 @@
   }
 
   function openFlag() {
-    if (busy) return;
+    if (busy || !state.el.dataset.flagUrl) return;
     flagReason.value = "";
     dialog.showModal();
     flagReason.focus();
@@ -342,7 +347,16 @@
       history: [],
       tieNext: false,
       started: performance.now(),
+      revise: el.dataset.mode === "revise",
     };
+    if (state.revise) {
+      // Revising: start from the labeler's current ranking (groups of completion ids).
+      JSON.parse(el.dataset.initialGroups || "[]").forEach(function (group) {
+        var known = group.filter(function (cid) { return cardOf(cid); });
+        if (known.length) state.groups.push(known);
+        state.history = state.history.concat(known);
+      });
+    }
     state.cards.forEach(function (card) {
       card.addEventListener("dragstart", onDragStart);
       card.querySelector(".place").addEventListener("click", function (event) {
@@ -371,10 +385,12 @@
       event.currentTarget.blur();
       undo();
     });
-    $("#skip-item").addEventListener("click", skip);
-    $("#flag-item").addEventListener("click", openFlag);
+    if (!state.revise) {
+      $("#skip-item").addEventListener("click", skip);
+      $("#flag-item").addEventListener("click", openFlag);
+    }
     render();
-    startPreload();
+    if (!state.revise) startPreload();
   }
 
   // On a phone the instructions push the responses below the fold: start them folded.
