@@ -376,20 +376,65 @@ def backbone_of(model):
 
 def _backbone_and_lm_head(model):
     """(decoder, lm_head) of a (Peft-wrapped) causal LM, or None when logits need the full
-    forward (models that soft-cap or rescale logits after the head)."""
+    forward: models that soft-cap or rescale their logits after the head (Gemma 2's
+    final_logit_softcapping, Cohere's logit_scale, Granite's and MiniCPM3's logits_scaling,
+    Falcon-H1's lm_head_multiplier, ...). The known ones are read from the config;
+    any other is caught by :func:`_fast_head_matches`, checked once per model, so a family
+    this list does not know cannot make log-probs silently wrong."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
-    if (
-        config is None
-        or getattr(config, "final_logit_softcapping", None)
-        or getattr(config, "logit_scale", None)
+    if config is None or any(
+        getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_POSTPROCESSING
     ):
         return None
     backbone = backbone_of(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if head is None or backbone is base:
         return None
+    if not _fast_head_matches(model, base, backbone, head):
+        return None
     return backbone, head
+
+
+# Config fields of families whose logits are not lm_head(last hidden state).
+_LOGIT_POSTPROCESSING = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "logits_scaling",
+    "lm_head_multiplier",
+)
+
+
+def _fast_head_matches(model, base, backbone, head) -> bool:
+    """Whether lm_head(backbone(x)) gives the model's own logits, on a 4-token probe in eval
+    mode (cached on the base model). False sends every call through the full forward."""
+    known = getattr(base, "_rlhf_fast_head_matches", None)
+    if known is not None:
+        return known
+    modes = {m: m.training for m in model.modules()}
+    vocab = int(getattr(base.config, "vocab_size", 0) or 0)
+    ids = torch.arange(min(4, max(vocab, 1)), device=head.weight.device).unsqueeze(0) % max(
+        vocab, 1
+    )
+    try:
+        model.eval()
+        with torch.no_grad():
+            full = model(input_ids=ids, use_cache=False).logits.float()
+            fast = head(backbone(input_ids=ids, use_cache=False).last_hidden_state).float()
+        scale = float(full.abs().max()) or 1.0
+        matches = fast.shape == full.shape and bool(
+            torch.allclose(fast, full, rtol=1e-2, atol=1e-3 * scale)
+        )
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    if not matches:
+        logger.info(
+            "%s post-processes its logits after the LM head: log-probs use the full forward",
+            type(base).__name__,
+        )
+    base._rlhf_fast_head_matches = matches
+    return matches
 
 
 def next_token_logits(
