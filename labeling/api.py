@@ -25,7 +25,7 @@ from ninja.responses import Status
 
 from config.ids import Id
 from config.schemas import INVALID
-from labeling import selectors, services
+from labeling import routing, selectors, services
 from labeling.auth import api_token_create, api_token_revoke, api_tokens_for_user, token_hash
 from labeling.importexport import (
     EXPORT_KINDS,
@@ -215,6 +215,38 @@ class LabelerReportOut(Schema):
     labelers: list[PeerAgreementOut]
     flagged: bool
     reasons: list[str]
+
+
+class DisagreementCompletionOut(Schema):
+    id: int
+    text: str
+    reward: float | None
+    consensus_rank: int
+
+
+class DisagreementItemOut(Schema):
+    item_id: int
+    prompt: str
+    rankings: int
+    agreement: float | None
+    margin: float
+    routed: bool
+    checkpoint_id: int | None
+    completions: list[DisagreementCompletionOut]
+
+
+class DisagreementsOut(Schema):
+    route_disagreements: bool
+    routed_annotations_per_item: int
+    scored: int
+    disagree: int
+    routed: int
+    items: list[DisagreementItemOut]
+
+
+class RoutingIn(Schema):
+    route_disagreements: bool
+    routed_annotations_per_item: int | None = None
 
 
 class ImportOut(Schema):
@@ -433,6 +465,41 @@ def item_flag(request, item_id: int, payload: FlagIn):
 def labeler_report(request, project_id: int):
     project = selectors.project_get_for_user(user=request.auth, project_id=project_id, admin=True)
     return selectors.labeler_report(project=project)
+
+
+def _disagreements(project) -> dict:
+    return {
+        "route_disagreements": project.route_disagreements,
+        "routed_annotations_per_item": project.routed_annotations_per_item,
+        **selectors.item_disagreements(project=project),
+    }
+
+
+@router.get(
+    "/projects/{project_id}/disagreements",
+    response={200: DisagreementsOut, 404: ErrorOut, **INVALID},
+    summary="Items where the reward model and the labelers disagree most (project admins)",
+    description="Scores come from `manage.py score_items` (labeling.routing); `agreement` is "
+    "the share of the pairs the labelers' consensus orders that the reward model orders alike.",
+)
+def item_disagreements(request, project_id: int):
+    project = selectors.project_get_for_user(user=request.auth, project_id=project_id, admin=True)
+    return _disagreements(project)
+
+
+@router.put(
+    "/projects/{project_id}/routing",
+    response={200: DisagreementsOut, **ERRORS},
+    summary="Turn disagreement routing on or off (project admins)",
+)
+def project_routing(request, project_id: int, payload: RoutingIn):
+    project = selectors.project_get_for_user(user=request.auth, project_id=project_id, admin=True)
+    try:
+        routing.project_routing_set(project=project, **payload.model_dump())
+        routing.item_scores_refresh(project=project)  # the routed target may have changed
+    except LabelingError as e:
+        return _refused(e)
+    return _disagreements(project)
 
 
 # --------------------------------------------------------------------------- people

@@ -27,6 +27,18 @@ class Project(models.Model):
     )
     allow_ties = models.BooleanField(default=True)
     lease_seconds = models.PositiveIntegerField(default=1800)
+    # Disagreement routing (labeling.routing): items the reward model ranks against the
+    # labelers' consensus, or with its smallest margins, go first to this many labelers.
+    route_disagreements = models.BooleanField(
+        default=False,
+        help_text="Send first, to more labelers, the items where the reward model disagrees "
+        "with the labelers or is least sure.",
+    )
+    routed_annotations_per_item = models.PositiveSmallIntegerField(
+        default=3,
+        validators=[MinValueValidator(1), MaxValueValidator(50)],
+        help_text="Labelers per routed item (at least the project's labelers per item).",
+    )
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
     )
@@ -218,6 +230,43 @@ class RankingRevision(models.Model):
 
     class Meta:
         ordering = ["id"]
+
+
+class ItemScore(models.Model):
+    """The reward model's view of an item (labeling.routing): its score per completion, the
+    smallest gap between two of them, and how far its order agrees with the labelers'
+    consensus. One row per item, from the latest scoring."""
+
+    item = models.OneToOneField(Item, on_delete=models.CASCADE, related_name="score")
+    # Denormalised from the item, for the queue's index.
+    project = models.ForeignKey(Project, on_delete=models.CASCADE, related_name="+")
+    # training.Checkpoint id of the reward model (a plain id keeps the apps' migrations acyclic).
+    checkpoint_id = models.BigIntegerField(null=True, blank=True)
+    scores = models.JSONField(help_text='{"completion id": reward}')
+    margin = models.FloatField(help_text="Smallest gap between two completions' rewards.")
+    agreement = models.FloatField(
+        null=True,
+        blank=True,
+        help_text="Share of the pairs the consensus orders that the reward model orders the same "
+        "way (None: no ranking yet).",
+    )
+    routed = models.BooleanField(default=False)
+    priority = models.FloatField(default=0.0, help_text="Routed items go out lowest first.")
+    scored_at = models.DateTimeField()
+    refreshed_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["priority", "item_id"]
+        indexes = [
+            models.Index(
+                fields=["project", "priority", "item"],
+                condition=Q(routed=True),
+                name="itemscore_routed_idx",
+            ),
+        ]
+        constraints = [
+            models.CheckConstraint(condition=Q(margin__gte=0), name="itemscore_margin_gte_0"),
+        ]
 
 
 class Flag(models.Model):

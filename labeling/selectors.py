@@ -30,6 +30,7 @@ from labeling.models import (
     Invite,
     Item,
     ItemCompletion,
+    ItemScore,
     Membership,
     Project,
     Prompt,
@@ -579,3 +580,61 @@ def _report_reasons(row: dict, everyone: list[dict]) -> list[str]:
                 f"median is {_percent(typical)}."
             )
     return reasons
+
+
+# --------------------------------------------------------------------------- disagreements
+
+
+def item_disagreements(*, project: Project, limit: int = 100) -> dict:
+    """The reward model against the labelers (labeling.routing): counts of scored, disagreeing
+    and routed items, and the items where they disagree most (lowest agreement first, then the
+    model's larger margin: confidently wrong before unsure), each with its completions in the
+    labelers' consensus order beside their rewards, to adjudicate."""
+    from labeling.importexport import borda_consensus  # importexport imports this module
+
+    scored = ItemScore.objects.filter(project=project)
+    counts = scored.aggregate(
+        scored=Count("pk"),
+        disagree=Count("pk", filter=Q(agreement__lt=1)),
+        routed=Count("pk", filter=Q(routed=True)),
+    )
+    rows = list(
+        scored.filter(agreement__lt=1)
+        .select_related("item__prompt")
+        .order_by("agreement", "-margin", "item_id")[:limit]
+    )
+    texts = item_completion_texts(item_ids=[s.item_id for s in rows])
+    rankings: dict[int, list] = defaultdict(list)
+    for item_id, groups in (
+        Ranking.objects.filter(item_id__in=[s.item_id for s in rows])
+        .order_by("id")
+        .values_list("item_id", "groups")
+    ):
+        rankings[item_id].append(groups)
+    items = []
+    for s in rows:
+        order = list(texts.get(s.item_id, {}))
+        consensus = rank_positions(borda_consensus(rankings[s.item_id], order))
+        completions = [
+            {
+                "id": cid,
+                "text": texts[s.item_id][cid],
+                "reward": s.scores.get(str(cid)),
+                "consensus_rank": consensus.get(cid, 0) + 1,
+            }
+            for cid in order
+        ]
+        completions.sort(key=lambda c: (c["consensus_rank"], -(c["reward"] or 0)))
+        items.append(
+            {
+                "item_id": s.item_id,
+                "prompt": s.item.prompt.text,
+                "rankings": len(rankings[s.item_id]),
+                "agreement": s.agreement,
+                "margin": s.margin,
+                "routed": s.routed,
+                "checkpoint_id": s.checkpoint_id,
+                "completions": completions,
+            }
+        )
+    return {**counts, "items": items}

@@ -37,6 +37,7 @@ from labeling.models import (
     Invite,
     Item,
     ItemCompletion,
+    ItemScore,
     Membership,
     Project,
     Prompt,
@@ -532,17 +533,37 @@ def _live(now):
 # walks item_queue_idx in id order and stops at the first free item (the user's own leases
 # and rankings become small hashed sets), where two NOT EXISTS become anti-joins that read
 # every lease of the project before the candidate, which grows with the queue's history.
-_CANDIDATE_SQL = """
-SELECT i.id FROM {item} i
-WHERE i.project_id = %s AND NOT i.is_complete AND i.source IN ({sources})
+# An item with room for one more labeler (live leases + rankings < %s) that this user was
+# never handed and never ranked; shared by the two candidate queries below.
+_ROOM_FOR_USER_SQL = """
   AND i.ranking_count + (
       SELECT COUNT(*) FROM {assignment} a
       WHERE a.item_id = i.id AND a.status = %s AND a.expires_at > %s) < %s
   AND NOT (EXISTS (SELECT 1 FROM {assignment} a WHERE a.item_id = i.id AND a.user_id = %s)
         OR EXISTS (SELECT 1 FROM {ranking} r WHERE r.item_id = i.id AND r.user_id = %s))
-  {skip}
+"""
+_CANDIDATE_SQL = (
+    """
+SELECT i.id FROM {item} i
+WHERE i.project_id = %s AND NOT i.is_complete AND i.source IN ({sources})"""
+    + _ROOM_FOR_USER_SQL
+    + """  {skip}
 ORDER BY i.id LIMIT 1 {lock}
 """
+)
+# With disagreement routing on (labeling.routing), asked first: the routed item (the reward
+# model disagrees with the labelers, or is least sure) of lowest priority that has room for
+# one more of the project's routed labelers, whether or not its first quota is met. A small
+# set read through itemscore_routed_idx; when none is free the usual candidate follows.
+_ROUTED_SQL = (
+    """
+SELECT i.id FROM {item_score} s JOIN {item} i ON i.id = s.item_id
+WHERE s.project_id = %s AND s.routed AND i.source IN ({sources})"""
+    + _ROOM_FOR_USER_SQL
+    + """  {skip}
+ORDER BY s.priority, s.item_id LIMIT 1 {lock}
+"""
+)
 # Under the candidate's lock, in a new statement: its counts and completion ids.
 _RECOUNT_SQL = """
 SELECT ic.completion_id, it.ranking_count,
@@ -570,6 +591,7 @@ _TABLES = {
     "item_completion": ItemCompletion._meta.db_table,
     "project": Project._meta.db_table,
     "membership": Membership._meta.db_table,
+    "item_score": ItemScore._meta.db_table,
 }
 
 
@@ -581,6 +603,20 @@ def _candidate_sql(*, skip: int, wait: bool) -> str:
         skip_locked = features.has_select_for_update_skip_locked and not wait
         lock = "FOR UPDATE SKIP LOCKED" if skip_locked else "FOR UPDATE"
     return _CANDIDATE_SQL.format(
+        **_TABLES,
+        sources=", ".join(["%s"] * len(QUEUE_SOURCES)),
+        skip=f"AND i.id NOT IN ({', '.join(['%s'] * skip)})" if skip else "",
+        lock=lock,
+    )
+
+
+def _routed_sql(*, skip: int) -> str:
+    """The routed-candidate query excluding `skip` item ids (never waits on a lock)."""
+    features = connection.features
+    lock = ""
+    if features.has_select_for_update_of and features.has_select_for_update_skip_locked:
+        lock = "FOR UPDATE OF i SKIP LOCKED"
+    return _ROUTED_SQL.format(
         **_TABLES,
         sources=", ".join(["%s"] * len(QUEUE_SOURCES)),
         skip=f"AND i.id NOT IN ({', '.join(['%s'] * skip)})" if skip else "",
@@ -600,6 +636,9 @@ def assignment_next(
       submitted rankings + live leases < annotations_per_item. Expired leases don't count
       (they are marked expired when their item is next considered).
     - The display order is a fresh random permutation, stored on the lease.
+    - With the project's `route_disagreements` on, routed items (labeling.routing: the reward
+      model disagrees with the labelers' consensus, or its margin is among the smallest) go
+      first, lowest priority first, until each has `routed_annotations_per_item` labelers.
 
     Statements for a new lease: the own-lease lookup, then in one transaction one query that
     finds and locks a candidate (SKIP LOCKED), one that recounts it under the lock and reads
@@ -633,11 +672,19 @@ def assignment_next(
         user.pk,
     ]
     skip: list[int] = [] if exclude_item_id is None else [exclude_item_id]
+    routed_target = max(project.annotations_per_item, project.routed_annotations_per_item)
     for _ in range(_MAX_ROUNDS):
         with transaction.atomic(), connection.cursor() as cursor:
-            # Lock a candidate nobody else holds: labelers skip each other's items, not wait.
-            cursor.execute(_candidate_sql(skip=len(skip), wait=False), [*params, *skip])
-            row = cursor.fetchone()
+            row = None
+            if project.route_disagreements:  # one statement more only when none is free
+                routed_params = [*params[:-3], routed_target, *params[-2:], *skip]
+                cursor.execute(_routed_sql(skip=len(skip)), routed_params)
+                row = cursor.fetchone()
+            target = project.annotations_per_item if row is None else routed_target
+            if row is None:
+                # Lock a candidate nobody else holds: labelers skip each other's items, not wait.
+                cursor.execute(_candidate_sql(skip=len(skip), wait=False), [*params, *skip])
+                row = cursor.fetchone()
             if row is None:
                 # Every item with room is locked by another labeler this instant (a short
                 # transaction): wait for the first one, then recount it.
@@ -647,18 +694,23 @@ def assignment_next(
                 return None
             item_id = row[0]
             skip.append(item_id)
-            lease = _lease_if_room(item_id=item_id, user=user, project=project, now=now)
+            lease = _lease_if_room(
+                item_id=item_id, user=user, project=project, now=now, target=target
+            )
             if lease is not None:
                 return lease
     return None
 
 
-def _lease_if_room(*, item_id: int, user, project: Project, now) -> Assignment | None:
+def _lease_if_room(
+    *, item_id: int, user, project: Project, now, target: int | None = None
+) -> Assignment | None:
     """With the item's row locked: recount in a new statement (so every lease and ranking
     committed by whoever held the lock before us is visible: under READ COMMITTED the query
     that took the lock may have counted from an older snapshot), reclaim expired leases,
     lease if room. Every lease of this item is created under this lock, so the checks below
-    cannot race. One statement reads the counts and the item's completion ids together."""
+    cannot race. One statement reads the counts and the item's completion ids together.
+    `target`: the labelers the item may have (a routed item's are more than the project's)."""
     db_now = connection.ops.adapt_datetimefield_value(now)
     active = Assignment.Status.ACTIVE.value
     with connection.cursor() as cursor:
@@ -670,7 +722,9 @@ def _lease_if_room(*, item_id: int, user, project: Project, now) -> Assignment |
     if not rows:
         return None
     _, ranking_count, live_count, stale_count, mine = rows[0]
-    if mine or ranking_count + live_count >= project.annotations_per_item:
+    if target is None:
+        target = project.annotations_per_item
+    if mine or ranking_count + live_count >= target:
         return None
     if stale_count:
         Assignment.objects.filter(

@@ -12,6 +12,12 @@ page_patterns = [
     path("account/tokens/", views.api_tokens, name="api_tokens"),
     path("projects/new/", views.project_create_view, name="project_create"),
     path("projects/<id:project_id>/", views.project_dashboard, name="project_dashboard"),
+    path(
+        "projects/<id:project_id>/disagreements/",
+        views.project_disagreements,
+        name="project_disagreements",
+    ),
+    path("projects/<id:project_id>/routing/", views.project_routing_set, name="project_routing"),
     path("projects/<id:project_id>/settings/", views.project_settings, name="project_settings"),
     path("projects/<id:project_id>/members/", views.member_add, name="member_add"),
     path("projects/<id:project_id>/people/", views.project_people, name="project_people"),

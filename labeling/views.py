@@ -26,7 +26,7 @@ from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from config.ids import as_id
-from labeling import selectors, services
+from labeling import routing, selectors, services
 from labeling.auth import api_token_create, api_token_revoke, api_tokens_for_user
 from labeling.forms import (
     ImportForm,
@@ -117,6 +117,41 @@ def project_dashboard(request, project_id):
         "import_form": ImportForm(),
     }
     return render(request, "labeling/dashboard.html", context)
+
+
+@login_required
+@require_GET
+def project_disagreements(request, project_id):
+    """The items where the reward model and the labelers disagree most, to adjudicate, and
+    the disagreement-routing switch (project admins)."""
+    project = selectors.project_get_for_user(user=request.user, project_id=project_id, admin=True)
+    context = {"project": project, **selectors.item_disagreements(project=project)}
+    return render(request, "labeling/disagreements.html", context)
+
+
+@login_required
+@require_POST
+def project_routing_set(request, project_id):
+    """Routing on/off and labelers per routed item; `refresh` recomputes against the rankings."""
+    project = selectors.project_get_for_user(user=request.user, project_id=project_id, admin=True)
+    try:
+        if "refresh" not in request.POST:
+            raw = request.POST.get("routed_annotations_per_item", "").strip()
+            routing.project_routing_set(
+                project=project,
+                route_disagreements=request.POST.get("route_disagreements") == "on",
+                routed_annotations_per_item=int(raw) if raw.isascii() and raw.isdigit() else raw,
+            )
+        counts = routing.item_scores_refresh(project=project)
+    except LabelingError as e:
+        messages.error(request, e.message)
+    else:
+        messages.success(
+            request,
+            f"Routing is {'on' if project.route_disagreements else 'off'}: {counts['routed']} of "
+            f"{counts['scored']} scored items routed, {counts['disagree']} disagreements.",
+        )
+    return redirect("labeling:project_disagreements", project_id=project.pk)
 
 
 @login_required
