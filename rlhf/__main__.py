@@ -1,15 +1,26 @@
 """Command line: ``python -m rlhf {sft,reward,ppo,dpo,grpo,sample} --config FILE.json
---data FILE.jsonl --out DIR [--resume] [--reward-model DIR | --reward-fn module:function]``
-and ``python -m rlhf tiny-model DIR`` (builds the small offline test model).
+--data FILE.jsonl --out DIR [--resume] [--reward-model DIR | --reward-fn module:function]
+[--events [DEST]]`` and ``python -m rlhf tiny-model DIR`` (builds the small offline test model).
 
-Shows a progress bar; Ctrl-C once stops cleanly with a checkpoint (twice aborts).
-Exit status: 0 done, 1 a training error (message on stderr), 130 stopped by Ctrl-C.
+Shows a progress bar; Ctrl-C (SIGINT) or SIGTERM once stops cleanly with a checkpoint at the
+next step (Ctrl-C twice aborts). Exit status: 0 done, 1 a training error (message on
+stderr), 130 stopped.
+
+``--events`` is for a supervisor (the studio's worker): instead of the progress bar the run
+writes JSON lines (:mod:`rlhf.events`) to stdout (``-``, the default; stray prints of
+libraries then go to stderr), to a file descriptor (a number) or to a file (a path), and every
+failure, expected or not, ends with a ``failed`` event and exit status 1. Repeated stop
+signals do not abort: the supervisor decides when to kill. The same command runs under
+``torchrun --nproc-per-node N -m rlhf ...``, where each rank dies with torchrun.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -50,6 +61,14 @@ def _parser() -> argparse.ArgumentParser:
             help="(ppo, grpo) reward function 'module:function' or 'file.py:function'",
         )
         s.add_argument("--quiet", action="store_true", help="no progress bar")
+        s.add_argument(
+            "--events",
+            nargs="?",
+            const="-",
+            metavar="DEST",
+            help="write JSON-line events (rlhf/events.py) to stdout ('-'), a file descriptor "
+            "or a file, instead of the progress bar",
+        )
     t = sub.add_parser("tiny-model", help="build the small offline test model in DIR")
     t.add_argument("dir")
     t.add_argument("--vocab-size", type=int, default=512)
@@ -62,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command != "tiny-model" and args.events is not None:
+        return _run_with_events(args)
     try:
         if args.command == "tiny-model":
             from rlhf.modeling import build_tiny_model
@@ -85,12 +106,51 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _run(args) -> int:
+def _run_with_events(args) -> int:
+    from rlhf import events
+
+    if "LOCAL_RANK" in os.environ:  # a torchrun rank: it dies with torchrun, as torchrun does
+        events.die_with_parent()  # with its supervisor (which set the same on it)
+    with _event_stream(args.events) as stream:
+        writer = events.EventWriter(stream, rank=int(os.environ.get("RANK", "0")))
+        try:
+            with events.streaming(writer):
+                return _run(args, events_on=True)
+        except Exception as exc:  # every failure is an event with its reason, never a traceback
+            writer.emit("failed", **events.failure(exc))
+            return 1
+
+
+@contextlib.contextmanager
+def _event_stream(dest: str):
+    """The text stream events go to. For stdout, the events get stdout's descriptor to
+    themselves and anything else printed to stdout (a library's print) goes to stderr."""
+    if dest == "-":
+        sys.stdout.flush()
+        channel, saved = os.dup(1), os.dup(1)
+        os.dup2(2, 1)
+        try:
+            with os.fdopen(channel, "w", encoding="utf-8") as stream:
+                yield stream
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+    elif dest.isdigit():
+        with os.fdopen(int(dest), "w", encoding="utf-8", closefd=False) as stream:
+            yield stream
+    else:
+        with open(dest, "a", encoding="utf-8") as stream:
+            yield stream
+
+
+def _run(args, *, events_on: bool = False) -> int:
     from tqdm import tqdm
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
 
+    from rlhf import events
     from rlhf.checkpoint import latest_checkpoint
     from rlhf.config import config_from_dict
     from rlhf.data import read_jsonl
@@ -122,16 +182,32 @@ def _run(args) -> int:
         if resume_from is None:
             print(f"no checkpoint in {out}; starting from scratch", file=sys.stderr)
 
+    logging.getLogger("rlhf").info(
+        "%s in process %s (rank %s of %s)",
+        args.command,
+        os.getpid(),
+        os.environ.get("RANK", "0"),
+        os.environ.get("WORLD_SIZE", "1"),
+    )
     stop = {"requested": False}
 
-    def on_sigint(signum, frame):
+    def on_stop_signal(signum, frame):
         if stop["requested"]:
+            if events_on:  # the supervisor kills when it has waited long enough
+                return
             raise KeyboardInterrupt
         stop["requested"] = True
-        print("\nstopping after this step (Ctrl-C again to abort)", file=sys.stderr)
+        again = "" if events_on else " (Ctrl-C again to abort)"
+        print(f"\nstopping after this step{again}", file=sys.stderr)
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    bar = tqdm(total=None, disable=args.quiet, unit="step", dynamic_ncols=True, desc=args.command)
+    previous = {sig: signal.signal(sig, on_stop_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    bar = tqdm(
+        total=None,
+        disable=args.quiet or events_on,
+        unit="step",
+        dynamic_ncols=True,
+        desc=args.command,
+    )
 
     def on_step(step: int, metrics: dict) -> None:
         total = metrics.get("progress/total_steps")
@@ -145,6 +221,7 @@ def _run(args) -> int:
         }
         bar.set_postfix(shown, refresh=False)
         bar.refresh()
+        events.emit("metrics", step=step, metrics=events.finite(metrics))
 
     try:
         result = run(
@@ -161,12 +238,22 @@ def _run(args) -> int:
         )
     finally:
         bar.close()
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
     if args.command == "sample":
+        path = out / SAMPLES_FILE
+        events.emit("result", rows=len(result), stopped=stop["requested"], path=str(path))
         stopped = " (stopped early)" if stop["requested"] and len(result) < len(data) else ""
-        print(f"wrote {len(result)} of {len(data)} prompts to {out / SAMPLES_FILE}{stopped}")
+        print(f"wrote {len(result)} of {len(data)} prompts to {path}{stopped}")
         return 130 if stop["requested"] else 0
+    events.emit(
+        "result",
+        step=result.step,
+        stopped=result.stopped,
+        checkpoint=str(result.checkpoint_dir) if result.checkpoint_dir else None,
+        metrics=events.finite(result.metrics),
+    )
     print(
         f"checkpoint: {result.checkpoint_dir} (step {result.step}{', stopped' if result.stopped else ''})"
     )

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from rlhf import events
 from rlhf.config import same_setting
 from rlhf.errors import ConfigError, NonFiniteLossError, OutOfMemoryError
 
@@ -368,7 +369,7 @@ def save_run_checkpoint(
     if heads:
         state["heads"] = list(heads)
     state.update(info or {})
-    return save_checkpoint(
+    path = save_checkpoint(
         output_dir,
         step=step,
         model=model,
@@ -379,6 +380,8 @@ def save_run_checkpoint(
         state=state,
         extra=extra,
     )
+    events.emit("checkpoint", step=step, path=str(path))  # complete: renamed into place
+    return path
 
 
 def run_steps(

@@ -34,6 +34,24 @@ _ENTRY_POINTS = {
 
 SAMPLES_FILE = "samples.jsonl"
 
+DATA_PARALLEL_KINDS: frozenset[str] = frozenset()
+"""The kinds whose trainer runs data-parallel under ``torchrun --nproc-per-node N``: it shards
+the data by rank, all-reduces the LoRA gradients and writes from rank 0 only. Any other kind
+refuses a world size above 1 (:func:`check_world_size`): N processes would each train alone and
+write over each other's checkpoints."""
+
+
+def check_world_size(kind: str) -> None:
+    """ConfigError when this process is one of several (torchrun's WORLD_SIZE) and ``kind``
+    cannot run data-parallel."""
+    raw = os.environ.get("WORLD_SIZE", "") or "1"
+    world = int(raw) if raw.isdigit() else 1
+    if world > 1 and kind not in DATA_PARALLEL_KINDS:
+        raise ConfigError(
+            f"{kind} runs in one process in this version of the engine, and it was started as "
+            f"{world} processes (WORLD_SIZE={world}); run it on 1 device"
+        )
+
 
 def _import(target: str) -> Callable:
     module_name, _, attr = target.partition(":")
@@ -132,6 +150,7 @@ def run(
     """
     if kind not in KINDS:
         raise ConfigError(f"unknown run kind {kind!r}; expected one of {', '.join(KINDS)}")
+    check_world_size(kind)
     cfg = coerce_config(kind, config)
     fn = _import(_ENTRY_POINTS[kind])
     if isinstance(reward_fn, str):
