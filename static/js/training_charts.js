@@ -72,7 +72,7 @@
 
   function Chart(container, title) {
     this.box = document.createElement("div");
-    this.box.className = "tr-chart";
+    this.box.className = "chart";
     this.box.dataset.group = groupOf(title);
     this.box.dataset.key = title;
     var h = document.createElement("h3");

@@ -25,9 +25,8 @@
     var bar = document.getElementById("job-progress");
     if (bar) bar.value = job.progress;
     text("job-step", job.step + (job.total_steps ? " / " + job.total_steps : ""));
-    var badge = document.querySelector("#job-status .tr-status");
+    var badge = document.querySelector("#job-status .badge");
     if (badge) {
-      badge.className = "tr-status tr-status-" + job.status;
       badge.dataset.status = job.status;
       badge.textContent = job.status + (job.cancel_requested && job.status === "running" ? " (cancelling)" : "");
     }
@@ -61,7 +60,7 @@
     if (!body || !rows.length) return;
     rows.forEach(function (c) {
       if (body.querySelector('tr[data-checkpoint-id="' + c.id + '"]')) return;
-      var empty = body.querySelector("tr.tr-empty");
+      var empty = body.querySelector("tr.empty");
       if (empty) empty.remove();
       var tr = document.createElement("tr");
       tr.dataset.checkpointId = String(c.id);

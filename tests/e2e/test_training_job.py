@@ -76,17 +76,17 @@ def test_admin_launches_a_reward_model_job_and_watches_progress_and_chart(
         timeout=90_000,
     )
     # The chart: a uPlot canvas in the "loss" group, fed by the polled points.
-    page.wait_for_selector("#charts .tr-chart[data-group=loss] canvas", timeout=30_000)
+    page.wait_for_selector("#charts .chart[data-group=loss] canvas", timeout=30_000)
     page.wait_for_function(
         "() => Number(document.getElementById('charts').dataset.points) > 5", timeout=30_000
     )
-    assert page.locator("#charts .tr-chart").count() >= 2  # loss, reward, perf, optim ...
+    assert page.locator("#charts .chart").count() >= 2  # loss, reward, perf, optim ...
 
     page.wait_for_function(
         "() => document.getElementById('job').dataset.status === 'succeeded'", timeout=120_000
     )
     assert page.evaluate(progress) == 100
-    assert page.locator("#job-status .tr-status").inner_text().strip() == "succeeded"
+    assert page.locator("#job-status .badge").inner_text().strip() == "succeeded"
     assert "step 200/200" in page.locator("#job-log").inner_text()
     page.wait_for_selector("#job-checkpoints tr[data-checkpoint-id]", timeout=15_000)
     assert "reward" in page.locator("#job-checkpoints").inner_text()
@@ -229,17 +229,17 @@ def test_the_job_page_leads_with_reward_kl_and_loss_and_folds_perf_and_optim(
     )
     page.goto(f"{live_server.url}/training/jobs/{job.pk}/")
     page.wait_for_function("() => document.getElementById('charts').dataset.points === '15'")
-    lead = page.eval_on_selector_all("#charts .tr-chart", "els => els.map(e => e.dataset.key)")
+    lead = page.eval_on_selector_all("#charts .chart", "els => els.map(e => e.dataset.key)")
     assert lead == ["objective/reward", "objective/kl", "loss/policy"]
     folded = page.eval_on_selector_all(
-        "#charts-folded .tr-chart", "els => els.map(e => e.dataset.key)"
+        "#charts-folded .chart", "els => els.map(e => e.dataset.key)"
     )
     assert sorted(folded) == ["optim/lr", "perf/tokens_per_s"]
     assert page.inner_text("#charts-more-count") == "2"
     assert not page.locator("#charts-folded").is_visible()  # folded until asked
     page.click("#charts-more summary")
-    page.wait_for_selector("#charts-folded .tr-chart canvas", state="visible")
-    width = page.eval_on_selector("#charts-folded .tr-chart canvas", "c => c.clientWidth")
+    page.wait_for_selector("#charts-folded .chart canvas", state="visible")
+    width = page.eval_on_selector("#charts-folded .chart canvas", "c => c.clientWidth")
     assert width > 200  # sized when the <details> opened, not drawn 0 px wide
 
 

@@ -276,3 +276,33 @@ def test_compare_leaves_out_runs_of_projects_the_user_does_not_run(
     response = admin_client.get(reverse("training:job_compare"), {"jobs": [mine.pk, foreign.pk]})
     assert [j.pk for j in response.context["jobs"]] == [mine.pk]
     assert response.context["config"] == []
+
+
+# --------------------------------------------------------------------------- one design
+
+
+def test_training_pages_use_the_sites_stylesheet_and_no_styles_of_their_own(
+    admin_client, admin_user, project
+):
+    from django.conf import settings
+
+    job = a_job(project, admin_user)
+    ckpt = services.checkpoint_register(job=job, path="/c/rm", role="reward", step=4)
+    folder = settings.BASE_DIR / "templates" / "training"
+    assert not (folder / "_styles.html").exists()
+    for template in folder.glob("*.html"):
+        text = template.read_text()
+        assert "<style" not in text and "tr-" not in text.replace('class="tr-warnings"', "")
+    css = (settings.BASE_DIR / "static" / "css" / "app.css").read_text()
+    for url in (
+        reverse("training:home"),
+        reverse("training:job_launch", args=["reward"]),
+        reverse("training:job_detail", args=[job.pk]),
+        reverse("training:job_compare") + f"?jobs={job.pk}",
+        reverse("training:checkpoint_list"),
+        reverse("training:checkpoint_detail", args=[ckpt.pk]),
+    ):
+        page = admin_client.get(url).content.decode()
+        assert "css/app.css" in page and "<style" not in page, url
+    for rule in (".badge[data-status=running]", ".chart-grid", "pre.log", "details.confirm"):
+        assert rule in css
