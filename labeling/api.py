@@ -167,13 +167,32 @@ class SkipOut(Schema):
 
 
 class FlagIn(Schema):
-    reason: str
+    category: str = "other"
+    reason: str = ""
 
 
 class FlagOut(Schema):
     id: int
     item_id: int
+    category: str
     reason: str
+
+
+class FlagInfoOut(FlagOut):
+    user: str
+    resolved: bool
+    created_at: datetime
+
+
+class FlagCountOut(Schema):
+    category: str
+    label: str
+    count: int
+
+
+class FlagsOut(Schema):
+    categories: list[FlagCountOut]
+    flags: list[FlagInfoOut]
 
 
 class PositionBiasOut(Schema):
@@ -448,10 +467,37 @@ def item_skip(request, item_id: int):
 @router.post("/items/{item_id}/flag", response={200: FlagOut, **ERRORS})
 def item_flag(request, item_id: int, payload: FlagIn):
     try:
-        flag = services.item_flag(user=request.auth, item_id=item_id, reason=payload.reason)
+        flag = services.item_flag(
+            user=request.auth, item_id=item_id, reason=payload.reason, category=payload.category
+        )
     except LabelingError as e:
         return _refused(e)
-    return {"id": flag.pk, "item_id": flag.item_id, "reason": flag.reason}
+    return flag
+
+
+@router.get(
+    "/projects/{project_id}/flags",
+    response={200: FlagsOut, 404: ErrorOut, **INVALID},
+    summary="Open flags with their counts per category (project admins); `category` narrows",
+)
+def flag_list(request, project_id: int, category: str | None = None):
+    project = selectors.project_get_for_user(user=request.auth, project_id=project_id, admin=True)
+    flags = selectors.flagged_items(project=project, category=category)
+    return {
+        "categories": selectors.flag_counts_by_category(project=project),
+        "flags": [
+            {
+                "id": f.pk,
+                "item_id": f.item_id,
+                "category": f.category,
+                "reason": f.reason,
+                "user": f.user.username,
+                "resolved": f.resolved,
+                "created_at": f.created_at,
+            }
+            for f in flags[:500]
+        ],
+    }
 
 
 @router.get(

@@ -270,9 +270,20 @@ class ItemScore(models.Model):
 
 
 class Flag(models.Model):
+    class Category(models.TextChoices):
+        SPAM = "spam", "Spam or gibberish"
+        WRONG_LANGUAGE = "wrong_language", "Wrong language"
+        UNSAFE = "unsafe", "Unsafe or harmful"
+        BROKEN = "broken", "Broken (cut off, garbled, duplicated, empty)"
+        PRIVATE = "private", "Personal or private data"
+        OTHER = "other", "Other"
+
     item = models.ForeignKey(Item, on_delete=models.CASCADE, related_name="flags")
     user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
-    reason = models.TextField()
+    category = models.CharField(
+        max_length=32, choices=Category.choices, default=Category.OTHER, db_index=True
+    )
+    reason = models.TextField(blank=True, help_text="Free text; required for 'other'.")
     resolved = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
 

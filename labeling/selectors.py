@@ -320,11 +320,30 @@ def labeler_stats(*, project: Project) -> list[dict]:
     return out
 
 
-def flagged_items(*, project: Project, include_resolved: bool = False) -> QuerySet[Flag]:
+def flagged_items(
+    *, project: Project, include_resolved: bool = False, category: str | None = None
+) -> QuerySet[Flag]:
     qs = Flag.objects.filter(item__project=project)
     if not include_resolved:
         qs = qs.filter(resolved=False)
+    if category:
+        qs = qs.filter(category=category)
     return qs.select_related("item", "item__prompt", "user").order_by("-created_at", "-id")
+
+
+def flag_counts_by_category(*, project: Project) -> list[dict]:
+    """Open flags per category, most first: [{"category", "label", "count"}]."""
+    labels = dict(Flag.Category.choices)
+    rows = (
+        Flag.objects.filter(item__project=project, resolved=False)
+        .values("category")
+        .annotate(count=Count("pk"))
+        .order_by("-count", "category")
+    )
+    return [
+        {"category": r["category"], "label": labels.get(r["category"], r["category"]), **r}
+        for r in rows
+    ]
 
 
 def rankings_for_project(*, project: Project, source: str | None = None) -> QuerySet[Ranking]:

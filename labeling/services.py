@@ -1089,14 +1089,23 @@ def item_skip(*, user, item_id) -> Assignment:
     return assignment
 
 
-def item_flag(*, user, item_id, reason: str) -> Flag:
-    """Report a problem with an item (shown on the admin dashboard) and give it back. A
-    labeler flags items handed to them; project admins flag any item of their projects."""
+def item_flag(*, user, item_id, reason: str = "", category: str = Flag.Category.OTHER) -> Flag:
+    """Report a problem with an item (shown on the admin dashboard, grouped by category) and
+    give it back. `category` is one of Flag.Category; `reason` is free text, required for
+    "other". A labeler flags items handed to them; project admins flag any item of their
+    projects."""
+    if category not in Flag.Category.values:
+        raise LabelingError(
+            f"Unknown flag category {category!r}; use one of {', '.join(Flag.Category.values)}.",
+            field="category",
+        )
+    if reason is not None and not isinstance(reason, str):
+        raise LabelingError("The reason must be text.", field="reason")
     reason = (reason or "").strip()
-    if not reason:
-        raise LabelingError("Say what is wrong with the item.")
+    if not reason and category == Flag.Category.OTHER:
+        raise LabelingError("Say what is wrong with the item (or pick a category).", field="reason")
     if len(reason) > 2000:
-        raise LabelingError("The reason is limited to 2,000 characters.")
+        raise LabelingError("The reason is limited to 2,000 characters.", field="reason")
     with transaction.atomic():
         # the item's row lock makes two reports at once (a double click) one flag
         item = _item_for_member(user=user, item_id=item_id, lock=True)
@@ -1111,7 +1120,7 @@ def item_flag(*, user, item_id, reason: str) -> Flag:
         # one open flag per person and item: a repeated report (a double click) is the same one
         flag = Flag.objects.filter(item=item, user=user, resolved=False).first()
         if flag is None:
-            flag = Flag.objects.create(item=item, user=user, reason=reason)
+            flag = Flag.objects.create(item=item, user=user, category=category, reason=reason)
         Assignment.objects.filter(item=item, user=user, status=Assignment.Status.ACTIVE).update(
             status=Assignment.Status.SKIPPED
         )

@@ -40,6 +40,7 @@ from labeling.forms import (
     add_service_error,
     form_errors_text,
 )
+from labeling.models import Flag
 from labeling.services import LabelingError
 
 
@@ -110,6 +111,7 @@ def project_dashboard(request, project_id):
         "progress": selectors.project_progress(project=project),
         "members": selectors.project_members(project=project),
         "flags": selectors.flagged_items(project=project)[:100],
+        "flag_counts": selectors.flag_counts_by_category(project=project),
         "stats": selectors.labeler_stats(project=project),
         "agreement": selectors.project_agreement(project=project),
         "labeler_report": selectors.labeler_report(project=project),
@@ -380,6 +382,7 @@ def label(request, project_id):
     assignment = services.assignment_next(project=project, user=request.user)
     context = _item_context(request, project, assignment)
     context["done"] = selectors.labeler_done_count(project=project, user=request.user)
+    context["flag_categories"] = Flag.Category.choices
     return render(request, "labeling/label.html", context)
 
 
@@ -462,8 +465,12 @@ def item_skip_view(request, project_id, item_id):
 def item_flag_view(request, project_id, item_id):
     try:
         _item_in_project(request, project_id, item_id)
+        body = _json_body(request)
         flag = services.item_flag(
-            user=request.user, item_id=item_id, reason=_json_body(request).get("reason") or ""
+            user=request.user,
+            item_id=item_id,
+            reason=body.get("reason"),
+            category=body.get("category") or "other",
         )
     except LabelingError as e:
         return _error(e)

@@ -5,30 +5,44 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('labeling', '0003_invite'),
+        ("labeling", "0003_invite"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='ranking',
-            name='revised_at',
+            model_name="ranking",
+            name="revised_at",
             field=models.DateTimeField(blank=True, null=True),
         ),
         migrations.CreateModel(
-            name='RankingRevision',
+            name="RankingRevision",
             fields=[
-                ('id', models.BigAutoField(auto_created=True, primary_key=True, serialize=False, verbose_name='ID')),
-                ('groups', models.JSONField()),
-                ('rationale', models.TextField(blank=True)),
-                ('seconds_spent', models.FloatField(blank=True, null=True)),
-                ('submitted_at', models.DateTimeField(help_text='When this version was submitted.')),
-                ('replaced_at', models.DateTimeField(auto_now_add=True)),
-                ('ranking', models.ForeignKey(on_delete=django.db.models.deletion.CASCADE, related_name='revisions', to='labeling.ranking')),
+                (
+                    "id",
+                    models.BigAutoField(
+                        auto_created=True, primary_key=True, serialize=False, verbose_name="ID"
+                    ),
+                ),
+                ("groups", models.JSONField()),
+                ("rationale", models.TextField(blank=True)),
+                ("seconds_spent", models.FloatField(blank=True, null=True)),
+                (
+                    "submitted_at",
+                    models.DateTimeField(help_text="When this version was submitted."),
+                ),
+                ("replaced_at", models.DateTimeField(auto_now_add=True)),
+                (
+                    "ranking",
+                    models.ForeignKey(
+                        on_delete=django.db.models.deletion.CASCADE,
+                        related_name="revisions",
+                        to="labeling.ranking",
+                    ),
+                ),
             ],
             options={
-                'ordering': ['id'],
+                "ordering": ["id"],
             },
         ),
     ]

@@ -281,22 +281,29 @@
 
   function openFlag() {
     if (busy || !state.el.dataset.flagUrl) return;
-    flagReason.value = "";
+    flagForm.reset();
+    flagReason.required = false;
     dialog.showModal();
-    flagReason.focus();
+    flagForm.querySelector("[name=flag-category]").focus();
   }
 
   flagForm.addEventListener("submit", function (event) {
     event.preventDefault();
+    var picked = flagForm.querySelector("[name=flag-category]:checked");
     var reason = flagReason.value.trim();
-    if (!reason) {
+    if (!picked) {
+      flagForm.querySelector("[name=flag-category]").focus();
+      return;
+    }
+    if (picked.value === "other" && !reason) {
+      flagReason.required = true;
       flagReason.focus();
       return;
     }
     dialog.close();
     busy = true;
     setStatus("Flagging\u2026");
-    post(state.el.dataset.flagUrl, { reason: reason })
+    post(state.el.dataset.flagUrl, { category: picked.value, reason: reason })
       .then(advance)
       .catch(function (err) { busy = false; setStatus(err.message, true); });
   });

@@ -101,11 +101,15 @@ def test_a_labeler_ranks_by_keyboard_and_by_drag_and_drop(live_server, page, set
     page.locator("body").click(position={"x": 5, "y": 5})
     page.keyboard.press("f")
     page.fill("#flag-reason", "The answers are numbered oddly.")
+    page.click("#flag-confirm")  # no category picked: the dialog stays open
+    assert page.is_visible("#flag-dialog")
+    page.check("input[name='flag-category'][value='broken']")
     page.click("#flag-confirm")
     page.wait_for_function(
         "old => document.getElementById('item').dataset.itemId !== String(old)", arg=third_item
     )
-    assert Flag.objects.get(item_id=third_item).reason == "The answers are numbered oddly."
+    flag = Flag.objects.get(item_id=third_item)
+    assert (flag.category, flag.reason) == ("broken", "The answers are numbered oddly.")
 
     # 4. The fourth item: S skips it, and the queue is empty.
     fourth_item, _ = _shown(page)

@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from labeling import services
 from labeling.auth import api_token_create, token_hash
-from labeling.models import Assignment, Invite, Item, Membership, Ranking
+from labeling.models import Assignment, Flag, Invite, Item, Membership, Ranking
 
 pytestmark = pytest.mark.django_db
 
@@ -355,3 +355,73 @@ def test_the_api_accepts_an_invite_once(project, admin_user):
     assert bad_days.status_code == 400 and bad_days.json()["field"] == "days"
     bad_role = api.call("post", f"/projects/{project.pk}/invites", {"role": "owner"})
     assert bad_role.status_code == 400 and bad_role.json()["field"] == "role"
+
+
+# --------------------------------------------------------------------------- flag categories
+
+
+def _leased(project, user):
+    return services.assignment_next(project=project, user=user)
+
+
+def test_a_flag_has_a_preset_category_and_optional_details(project, labeler, make_items):
+    make_items(project, 3)
+    flag = services.item_flag(
+        user=labeler, item_id=_leased(project, labeler).item_id, category="wrong_language"
+    )
+    assert (flag.category, flag.reason) == ("wrong_language", "")
+    with pytest.raises(services.LabelingError, match="Say what is wrong") as refused:
+        services.item_flag(user=labeler, item_id=_leased(project, labeler).item_id, reason=" ")
+    assert refused.value.field == "reason"
+    with pytest.raises(services.LabelingError, match="Unknown flag category") as refused:
+        services.item_flag(user=labeler, item_id=_leased(project, labeler).item_id, category="x")
+    assert refused.value.field == "category"
+    other = services.item_flag(
+        user=labeler, item_id=_leased(project, labeler).item_id, reason="prompt is cut off"
+    )
+    assert (other.category, other.reason) == ("other", "prompt is cut off")
+
+
+def test_the_page_and_the_api_flag_with_a_category(project, labeler, make_items):
+    make_items(project, 3)
+    client = _client(labeler)
+    page = client.get(reverse("labeling:label", args=[project.pk]))
+    assert b'name="flag-category" value="unsafe"' in page.content
+    item_id = page.context["item"].pk
+    url = reverse("labeling:item_flag", args=[project.pk, item_id])
+    body = json.dumps({"category": "unsafe", "reason": "asks for a weapon recipe"})
+    assert client.post(url, body, content_type="application/json").status_code == 200
+    assert Flag.objects.get(item_id=item_id).category == "unsafe"
+    api = Api(labeler)
+    nxt = _leased(project, labeler)
+    refused = api.call("post", f"/items/{nxt.item_id}/flag", {"category": "meh"})
+    assert refused.status_code == 400 and refused.json()["field"] == "category"
+    ok = api.call("post", f"/items/{nxt.item_id}/flag", {"category": "spam"})
+    assert ok.status_code == 200 and ok.json()["category"] == "spam"
+
+
+def test_the_dashboard_and_the_api_group_open_flags_by_category(
+    project, admin_user, admin_client, labeler, make_user, make_items
+):
+    make_items(project, 3)
+    project.annotations_per_item = 3
+    project.save()
+    other = make_user("carol")
+    services.membership_set(project=project, user=other, role="labeler")
+    services.item_flag(user=labeler, item_id=_leased(project, labeler).item_id, category="spam")
+    services.item_flag(user=other, item_id=_leased(project, other).item_id, category="spam")
+    services.item_flag(user=labeler, item_id=_leased(project, labeler).item_id, category="broken")
+    page = admin_client.get(reverse("labeling:project_dashboard", args=[project.pk]))
+    assert [(c["category"], c["count"]) for c in page.context["flag_counts"]] == [
+        ("spam", 2),
+        ("broken", 1),
+    ]
+    assert b'id="flag-counts"' in page.content and b"Spam or gibberish" in page.content
+    api = Api(admin_user)
+    listed = api.call("get", f"/projects/{project.pk}/flags?category=spam").json()
+    assert len(listed["flags"]) == 2 and listed["categories"][0] == {
+        "category": "spam",
+        "label": "Spam or gibberish",
+        "count": 2,
+    }
+    assert Api(labeler).call("get", f"/projects/{project.pk}/flags").status_code == 404
