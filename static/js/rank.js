@@ -99,6 +99,25 @@
     render();
   }
 
+  // Give `cid` a rank of its own just above the group now at `index` (index = the number of
+  // groups: the bottom), the groups below moving down one: a drop between two ranks.
+  function insertRank(cid, index) {
+    if (!cardOf(cid)) return;
+    var below = (state.groups[index] || []).filter(function (x) { return x !== cid; })[0];
+    unplace(cid);
+    var at = below === undefined ? Math.min(index, state.groups.length) : rankOf(below);
+    state.groups.splice(at, 0, [cid]);
+    state.tieNext = false;
+    state.history.push(cid);
+    render();
+  }
+
+  // The start of a response's text, so a chip says which response it is without a lookup.
+  function snippet(card, length) {
+    var text = card.querySelector(".markdown").textContent.replace(/\s+/g, " ").trim();
+    return text.length > length ? text.slice(0, length - 1).trimEnd() + "\u2026" : text;
+  }
+
   function placeByKey(n) {
     var card = state.cards[n - 1];
     if (!card) return;
@@ -135,6 +154,14 @@
     var ol = $("#ranking");
     ol.textContent = "";
     state.groups.forEach(function (group, index) {
+      // a drop here makes a new rank between rank `index` and the one above it
+      var gap = document.createElement("li");
+      gap.className = "rank-gap";
+      gap.dataset.before = String(index + 1);
+      gap.setAttribute("aria-hidden", "true");
+      gap.title = index === 0 ? "Drop here for a new best rank" : "Drop here for a new rank between " + index + " and " + (index + 1);
+      dropTarget(gap, function (cid) { insertRank(cid, index); });
+      ol.appendChild(gap);
       var li = document.createElement("li");
       li.className = "rank-group" + (group.length > 1 ? " tie" : "");
       li.dataset.rank = String(index + 1);
@@ -148,8 +175,15 @@
         chip.className = "chip";
         chip.draggable = true;
         chip.dataset.completionId = String(cid);
-        chip.textContent = "Response " + card.dataset.key;
-        chip.title = card.querySelector(".markdown").textContent.trim().slice(0, 200);
+        var key = document.createElement("span");
+        key.className = "chip-key";
+        key.textContent = card.dataset.key;
+        var text = document.createElement("span");
+        text.className = "chip-text";
+        text.textContent = snippet(card, 48);
+        chip.appendChild(key);
+        chip.appendChild(text);
+        chip.title = "Response " + card.dataset.key + ": " + snippet(card, 240);
         chip.addEventListener("dragstart", onDragStart);
         var remove = document.createElement("button");
         remove.type = "button";

@@ -161,3 +161,84 @@ def test_the_ranking_page_fits_a_phone_screen(live_server, browser, setup):
         page.wait_for_selector("body[data-preload='done']")  # no request left in flight
     finally:
         context.close()
+
+
+def _login(page, live_server):
+    page.goto(f"{live_server.url}/accounts/login/")
+    page.fill("#id_username", "e2e-labeler")
+    page.fill("#id_password", PASSWORD)
+    page.click("#login-submit")
+    page.wait_for_url(f"{live_server.url}/")
+
+
+def test_chips_show_each_responses_start_and_a_drop_between_two_ranks_makes_a_new_rank(
+    live_server, page, setup
+):
+    project, labeler = setup
+    _login(page, live_server)
+    page.goto(f"{live_server.url}/projects/{project.pk}/label/")
+    page.wait_for_selector("#item .response")
+    item_id, ids = _shown(page)
+    page.locator("body").click(position={"x": 5, "y": 5})
+    for key in ["1", "2", "3"]:
+        page.keyboard.press(key)
+    # each chip shows its number and the start of its response's text, not only "Response N"
+    for n in (1, 2, 3):
+        start = page.inner_text(f"#response-{n} .markdown").split()[0]
+        chip = page.locator(f"#ranking .rank-group[data-rank='{n}'] .chip")
+        assert chip.locator(".chip-key").inner_text() == str(n)
+        assert chip.locator(".chip-text").inner_text().startswith(start)
+    # response 4 dropped between ranks 1 and 2 becomes rank 2; the others move down
+    page.drag_and_drop("#response-4", "#ranking .rank-gap[data-before='2']")
+    assert page.locator("#ranking .rank-group").count() == 4
+    # a ranked chip dropped above rank 1 becomes the new best
+    page.drag_and_drop(
+        f"#ranking .chip[data-completion-id='{ids[2]}']", "#ranking .rank-gap[data-before='1']"
+    )
+    ranks = page.eval_on_selector_all(
+        "#ranking .rank-group",
+        "gs => gs.map(g => [...g.querySelectorAll('.chip')].map(c => Number(c.dataset.completionId)))",
+    )
+    assert ranks == [[ids[2]], [ids[0]], [ids[3]], [ids[1]]]
+    page.click("#submit-ranking")
+    _wait_for_new_item(page, item_id, 1)
+    assert Ranking.objects.get(item_id=item_id, user=labeler).groups == ranks
+    page.wait_for_selector("body[data-preload='done']")
+
+
+def test_a_labeler_revises_a_recent_ranking_and_sees_which_one_counts(live_server, page, setup):
+    project, labeler = setup
+    _login(page, live_server)
+    page.goto(f"{live_server.url}/projects/{project.pk}/label/")
+    page.wait_for_selector("#item .response")
+    item_id, ids = _shown(page)
+    page.locator("body").click(position={"x": 5, "y": 5})
+    for key in ["1", "2", "3", "4"]:
+        page.keyboard.press(key)
+    page.keyboard.press("Enter")
+    _wait_for_new_item(page, item_id, 1)
+    page.wait_for_selector("body[data-preload='done']")
+
+    page.click("#my-rankings-link")
+    page.wait_for_selector("#my-rankings")
+    assert "is the one that counts" in page.inner_text("#which-counts")
+    page.click(f"#my-rankings tr[data-item-id='{item_id}'] .revise-link")
+    page.wait_for_selector("#item[data-mode='revise'] .response")
+    assert page.locator("#skip-item").count() == 0
+    # the page opens set to the ranking that counts now, in the order the labeler saw
+    assert _shown(page) == (item_id, ids)
+    assert page.locator("#ranking .rank-group").count() == 4
+    # move response 1 from best to worst: unrank it, then rank it next (last)
+    page.click(f"#ranking .chip[data-completion-id='{ids[0]}'] .chip-remove")
+    page.locator("body").click(position={"x": 5, "y": 5})
+    page.keyboard.press("1")
+    page.fill("#rationale", "Response 1 is curt after all.")
+    page.keyboard.press("Tab")
+    page.click("#submit-ranking")
+    page.wait_for_url(f"{live_server.url}/projects/{project.pk}/my-rankings/")
+    row = page.inner_text(f"#my-rankings tr[data-item-id='{item_id}'] .counts")
+    assert "your revision of" in row and "1 earlier version kept" in row
+    ranking = Ranking.objects.get(item_id=item_id, user=labeler)
+    assert ranking.groups == [[ids[1]], [ids[2]], [ids[3]], [ids[0]]]
+    assert ranking.rationale == "Response 1 is curt after all."
+    assert ranking.revisions.get().groups == [[c] for c in ids]
