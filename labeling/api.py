@@ -22,6 +22,7 @@ from django.utils import timezone
 from ninja import File, Form, Router, Schema
 from ninja.files import UploadedFile
 from ninja.responses import Status
+from pydantic import StrictBool, StrictInt
 
 from config.ids import Id
 from config.schemas import INVALID
@@ -95,10 +96,10 @@ class ProjectPatchIn(Schema):
 
     name: str | None = None
     instructions: str | None = None
-    k: int | None = None
-    annotations_per_item: int | None = None
-    allow_ties: bool | None = None
-    lease_seconds: int | None = None
+    k: StrictInt | None = None
+    annotations_per_item: StrictInt | None = None
+    allow_ties: StrictBool | None = None
+    lease_seconds: StrictInt | None = None
 
 
 class CompletionOut(Schema):

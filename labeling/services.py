@@ -136,10 +136,20 @@ MAX_LEASE_SECONDS = 30 * 24 * 3600
 _UNSET = object()
 
 
+def _no_nul(value, field: str):
+    """Text the database can store: PostgreSQL refuses NUL characters (a 500 if let through)."""
+    if isinstance(value, str) and "\x00" in value:
+        raise LabelingError(
+            f"The {field.replace('_', ' ')} cannot contain NUL characters.", field=field
+        )
+    return value
+
+
 def _project_settings_clean(values: dict) -> dict:
     """Check the given project settings; each error names its field."""
     clean = {}
     for key, value in values.items():
+        _no_nul(value, key)
         if key == "name":
             value = value.strip() if isinstance(value, str) else ""
             if not value:
@@ -800,7 +810,7 @@ def _ranking_notes_clean(rationale, seconds_spent) -> tuple[str, float | None]:
             )
     if rationale is not None and not isinstance(rationale, str):
         raise LabelingError("The rationale must be text.", field="rationale")
-    rationale = (rationale or "").strip()
+    rationale = _no_nul((rationale or "").strip(), "rationale")
     if len(rationale) > 10_000:
         raise LabelingError("The rationale is limited to 10,000 characters.", field="rationale")
     return rationale, seconds_spent
@@ -1101,7 +1111,7 @@ def item_flag(*, user, item_id, reason: str = "", category: str = Flag.Category.
         )
     if reason is not None and not isinstance(reason, str):
         raise LabelingError("The reason must be text.", field="reason")
-    reason = (reason or "").strip()
+    reason = _no_nul((reason or "").strip(), "reason")
     if not reason and category == Flag.Category.OTHER:
         raise LabelingError("Say what is wrong with the item (or pick a category).", field="reason")
     if len(reason) > 2000:

@@ -86,6 +86,14 @@ def test_a_bad_revision_is_refused_and_changes_nothing(project, ranked, labeler)
     assert not RankingRevision.objects.exists()
 
 
+def test_a_rationale_the_database_cannot_store_is_refused_by_name(ranked, labeler):
+    with pytest.raises(services.LabelingError, match="NUL") as refused:
+        services.ranking_revise(
+            user=labeler, item_id=ranked.item_id, groups=_reversed(ranked), rationale="a\x00b"
+        )
+    assert refused.value.field == "rationale"
+
+
 def test_only_your_own_recent_ranking_of_a_project_you_are_in_can_be_revised(
     project, ranked, labeler, admin_user, outsider
 ):
