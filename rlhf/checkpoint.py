@@ -2,7 +2,8 @@
 
 Layout of ``output_dir/step-0000123/``::
 
-    state.json                    {kind, config, step, metrics, lineage: {base_model, parent, data_hash, ...}}
+    state.json                    {kind, config, step, metrics, lineage: {base_model, parent, data_hash, ...},
+                                   world_size: processes that trained it (torchrun), ...}
     <adapter>/adapter_model.safetensors, adapter_config.json   one folder per adapter (peft save_pretrained)
     heads/<name>.safetensors      scalar heads (ScalarHead state dicts)
     training_state.pt             optimizer, scheduler and RNG states (read with weights_only=True)

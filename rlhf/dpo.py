@@ -15,6 +15,11 @@ distinct sequence of a micro-batch goes through the model once even when it is i
 pairs. Reference log-probs are computed once before training (no second model in memory and
 no reference forward per step); by default the reference is the base model with the LoRA
 adapters disabled (``DPOConfig.reference``).
+
+Under ``torchrun`` each rank takes a contiguous share of a step's pairs, each pair's loss
+divided by the step's number of pairs, so the ranks' summed gradients are one process's
+(:mod:`rlhf.distributed`); reference and held-out log-probs are computed in shares and
+gathered.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from rlhf import distributed
 from rlhf.checkpoint import load_adapter_weights, load_training_state
 from rlhf.config import OfflineConfig, disable_dropout, resolve_reference
 from rlhf.data import completion_mask, encode_prompt_completion, pad_sequences
@@ -203,13 +209,19 @@ def all_logps(
 ) -> torch.Tensor:
     """log π of sequences ``index`` in eval mode (no dropout) -> [len(index)] float32 on CPU.
     ``should_stop`` (only before training: see :func:`rlhf.loop.stop_point`) is checked
-    before each batch."""
+    before each batch. Under torchrun each rank computes its share and gets them all (the
+    stop is then checked once, after: the ranks' shares differ in batches)."""
     out = []
+    mine = distributed.local_part(index)
+    every_batch = should_stop if distributed.world_size() == 1 else None
     with eval_mode(model):
-        for i in checked(range(0, len(index), batch_size), should_stop):
-            ids, mask, plens = seqs.batch(index[i : i + batch_size], pad_id, device)
+        for i in checked(range(0, len(mine), batch_size), every_batch):
+            ids, mask, plens = seqs.batch(mine[i : i + batch_size], pad_id, device)
             out.append(sequence_logps(model, ids, mask, plens).cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+    gathered = distributed.gather_shards(torch.cat(out) if out else torch.zeros(0))
+    if every_batch is None:
+        stop_point(should_stop)
+    return gathered
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,6 +229,7 @@ def all_logps(
 # --------------------------------------------------------------------------------------------
 
 
+@distributed.data_parallel
 @stops_while_loading("dpo")
 def train_dpo(
     config: DPOConfig,
@@ -239,6 +252,7 @@ def train_dpo(
     ``eval/rewards_accuracy`` and ``eval/loss_dpo``. should_stop() is checked before every
     step, and while the model loads, the data are tokenized and the reference log-probs are
     computed (a stop there returns stopped=True at the resume point, with nothing written).
+    Under ``torchrun`` it trains data-parallel with the same global batch (module docstring).
     """
     cfg = config
     cfg.validate()
@@ -320,6 +334,7 @@ def train_dpo(
                     model.delete_adapter("reference")
                     model.set_adapter(ADAPTER)
     ref_logps = ref_logps.float()
+    distributed.broadcast_parameters(params)
 
     run_lineage = lineage(
         cfg,
@@ -369,13 +384,13 @@ def train_dpo(
         idx = batch_indices(
             len(train_pairs), seed=cfg.seed, start=(step - 1) * pairs_per_step, count=pairs_per_step
         )
-        sums = dict.fromkeys(("loss", "chosen", "rejected", "acc", "lp_c", "lp_r"), 0.0)
-        n_tokens = 0
+        sums = dict.fromkeys(("loss", "chosen", "rejected", "acc", "lp_c", "lp_r", "tokens"), 0.0)
+        mine = distributed.local_part(idx)
         with oom_guard(
             "batch_size (pairs per micro-batch) or max_seq_len (or turn on gradient_checkpointing)"
         ):
-            for m in range(cfg.grad_accum_steps):
-                pairs = [train_pairs[i] for i in idx[m * cfg.batch_size : (m + 1) * cfg.batch_size]]
+            for m in range(0, len(mine), cfg.batch_size):
+                pairs = [train_pairs[i] for i in mine[m : m + cfg.batch_size]]
                 used, pos = _unique([s for pair in pairs for s in pair])  # each sequence once
                 ids, mask, plens = seqs.batch(used, pad_id, device)
                 lp = sequence_logps(model, ids, mask, plens)  # [U]
@@ -386,7 +401,7 @@ def train_dpo(
                 loss, chosen, rejected = dpo_loss(
                     lp[c], lp[r], ref_c, ref_r, cfg.beta, label_smoothing=cfg.label_smoothing
                 )
-                loss = loss / cfg.grad_accum_steps
+                loss = loss * (len(pairs) / len(idx))  # the mean over the step's pairs
                 check_finite(loss, step, name="DPO loss")
                 loss.backward()
                 sums["loss"] += float(loss.detach())
@@ -395,11 +410,12 @@ def train_dpo(
                 sums["acc"] += float((chosen > rejected).float().sum())
                 sums["lp_c"] += float(lp[c].detach().sum())
                 sums["lp_r"] += float(lp[r].detach().sum())
-                n_tokens += sum(len(seqs.ids[i]) for i in used)
+                sums["tokens"] += sum(len(seqs.ids[i]) for i in used)
             grad_norm, lr = optimizer_step(
                 optimizer, scheduler, params, max_grad_norm=cfg.max_grad_norm, step=step
             )
         sync_device(device)
+        sums = distributed.all_reduce_sums(sums)
         dt = max(time.perf_counter() - t_start, 1e-9)
         n = len(idx)
         return {
@@ -411,7 +427,7 @@ def train_dpo(
             "logps/chosen": sums["lp_c"] / n,
             "logps/rejected": sums["lp_r"] / n,
             "perf/pairs_per_s": n / dt,
-            "perf/tokens_per_s": n_tokens / dt,
+            "perf/tokens_per_s": sums["tokens"] / dt,
             "optim/lr": lr,
             "optim/grad_norm": grad_norm,
             "progress/epoch": step * pairs_per_step / len(train_pairs),

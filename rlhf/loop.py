@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from rlhf import events
+from rlhf import distributed, events
 from rlhf.config import same_setting
 from rlhf.errors import ConfigError, NonFiniteLossError, OutOfMemoryError
 
@@ -182,7 +182,9 @@ def sync_device(device) -> None:
 
 
 def call_should_stop(should_stop: ShouldStop | None) -> bool:
-    return bool(should_stop()) if should_stop is not None else False
+    """should_stop(), agreed by every rank of a data-parallel run (a stop on any rank stops
+    them all at the same step; every rank must call this at the same points)."""
+    return distributed.any_rank(bool(should_stop())) if should_stop is not None else False
 
 
 # ---------------------------------------------------------------------------- stop before step 1
@@ -323,8 +325,11 @@ def optimizer_step(
     """Clip the gradients, step the optimizer and the schedule, zero the gradients.
 
     A NaN/inf gradient norm raises NonFiniteLossError BEFORE the optimizer step, so the
-    weights (and the last good checkpoint) stay intact. Returns (grad_norm, lr of this step).
+    weights (and the last good checkpoint) stay intact. Under torchrun the gradients are first
+    summed over the ranks (:func:`rlhf.distributed.all_reduce_gradients`; the losses are
+    divided by global counts), so every rank clips and steps alike. Returns (grad_norm, lr).
     """
+    distributed.all_reduce_gradients(params)
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
     if not math.isfinite(grad_norm):
         raise NonFiniteLossError(
@@ -355,8 +360,10 @@ def save_run_checkpoint(
     info: dict[str, Any] | None = None,
 ) -> Path:
     """save_checkpoint with the state.json every run writes: kind, config, metrics, lineage,
-    adapters (and heads), plus ``info`` (e.g. the reward model's pooling)."""
-    from rlhf.checkpoint import save_checkpoint
+    adapters (and heads), the world size, plus ``info`` (e.g. the reward model's pooling).
+    Every rank calls it; rank 0 alone writes, and the others wait until the folder is in
+    place and get its path."""
+    from rlhf.checkpoint import checkpoint_name, save_checkpoint
     from rlhf.config import config_to_dict
 
     state: dict[str, Any] = {
@@ -369,6 +376,10 @@ def save_run_checkpoint(
     if heads:
         state["heads"] = list(heads)
     state.update(info or {})
+    state["world_size"] = distributed.world_size()
+    if not distributed.is_main():
+        distributed.barrier()
+        return Path(output_dir) / checkpoint_name(step)
     path = save_checkpoint(
         output_dir,
         step=step,
@@ -381,6 +392,7 @@ def save_run_checkpoint(
         extra=extra,
     )
     events.emit("checkpoint", step=step, path=str(path))  # complete: renamed into place
+    distributed.barrier()
     return path
 
 
@@ -401,7 +413,7 @@ def run_steps(
     there is nothing new to evaluate or save, and the result is the resume point (stopped). ``train_step(step)`` does optimizer
     step ``step`` (1-based) and returns its metrics; ``progress/total_steps`` is added, eval
     metrics every ``cfg.eval_every`` steps (if the config has it), at checkpoints and at the
-    end; then ``on_step(step, metrics)``, and a checkpoint every ``cfg.save_every`` steps.
+    end; then ``on_step(step, metrics)`` (on rank 0 only), and a checkpoint every ``cfg.save_every`` steps.
     The last step is always saved; a resumed run with nothing left to do returns the
     checkpoint it resumed, with its metrics, and writes nothing.
     """
@@ -423,7 +435,7 @@ def run_steps(
         will_save = bool(cfg.save_every) and step % cfg.save_every == 0 and step < cfg.max_steps
         if (eval_every and step % eval_every == 0) or will_save or step == cfg.max_steps:
             metrics.update(evaluate())
-        if on_step is not None:
+        if on_step is not None and distributed.is_main():
             on_step(step, dict(metrics))
         if will_save:
             last_checkpoint = checkpoint(step, metrics)

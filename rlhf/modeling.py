@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rlhf import distributed
 from rlhf.config import BaseConfig, same_setting
 from rlhf.errors import ConfigError
 
@@ -55,7 +56,8 @@ _DTYPES = {
 def pick_device_dtype(
     device: str = "auto", dtype: str = "auto"
 ) -> tuple[torch.device, torch.dtype]:
-    """Choose where and in what precision to run: bf16 on a GPU that has it, fp32 on CPU."""
+    """Choose where and in what precision to run: bf16 on a GPU that has it, fp32 on CPU; a
+    torchrun rank takes the GPU of its LOCAL_RANK."""
     if device == "auto":
         dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:
@@ -64,6 +66,7 @@ def pick_device_dtype(
             raise ConfigError(
                 f"device {device!r} requested but CUDA is not available; use device='auto' or 'cpu'"
             )
+    dev = distributed.device_for(dev)  # under torchrun: "cuda" is this rank's GPU (LOCAL_RANK)
     if dtype == "auto":
         if dev.type == "cuda" and torch.cuda.is_bf16_supported():
             dt = torch.bfloat16

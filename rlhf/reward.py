@@ -26,6 +26,11 @@ detected from its config) with a LoRA adapter named ``"reward"`` and a :class:`S
 After training, the head's bias is shifted so that the rewards of the training completions
 (the reference set) have mean 0, as InstructGPT does before RL (sec. 3.5: "normalized so that
 the labeler demonstrations achieve a mean score of 0"); the shift is stored in the head.
+
+Under ``torchrun`` each rank takes a contiguous share of a step's prompts; each prompt's loss
+is divided by the number of prompts with pairs in the whole step, so the ranks' summed
+gradients are one process's (:mod:`rlhf.distributed`). Held-out and reference rewards are
+computed in shares and gathered.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rlhf import distributed
 from rlhf.checkpoint import (
     load_adapter_weights,
     load_head,
@@ -115,19 +121,23 @@ def pairwise_ranking_loss(rewards: torch.Tensor, groups: Sequence[Sequence[int]]
     return -F.logsigmoid(margin).mean()
 
 
-def batch_pair_index(rankings: Sequence[Sequence[Sequence[int]]], *, device=None):
+def batch_pair_index(
+    rankings: Sequence[Sequence[Sequence[int]]], *, device=None, num_prompts: int | None = None
+):
     """Flatten the pairs of a batch of rankings into index and weight tensors.
 
     rankings: one ranking (tiers) per prompt, with indices into the batch's flat reward
     vector. Returns ``(winners [P], losers [P], weights [P])`` where each prompt's pairs
     share weight ``1 / (num_prompts_with_pairs · num_pairs_of_that_prompt)``, so that
     ``Σ weights · pair_loss`` is the mean over prompts of each prompt's mean pair loss.
+    ``num_prompts`` replaces num_prompts_with_pairs when the mean is over a larger batch
+    than these rankings (the whole step: several micro-batches, several ranks).
     """
     winners: list[int] = []
     losers: list[int] = []
     weights: list[float] = []
     per_prompt = [ranking_pairs(groups) for groups in rankings]
-    n_prompts = sum(1 for pairs in per_prompt if pairs)
+    n_prompts = num_prompts or sum(1 for pairs in per_prompt if pairs)
     for pairs in per_prompt:
         for w, lo in pairs:
             winners.append(w)
@@ -141,15 +151,22 @@ def batch_pair_index(rankings: Sequence[Sequence[Sequence[int]]], *, device=None
 
 
 def batch_ranking_loss(
-    rewards: torch.Tensor, rankings: Sequence[Sequence[Sequence[int]]]
+    rewards: torch.Tensor,
+    rankings: Sequence[Sequence[Sequence[int]]],
+    *,
+    num_prompts: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The InstructGPT loss of a batch: the mean over prompts of :func:`pairwise_ranking_loss`.
 
     rewards: [N] rewards of every completion in the batch (prompts concatenated).
     rankings: per prompt, tiers of indices into ``rewards``.
+    ``num_prompts``: divide by this many prompts instead of those here that have pairs (this
+    batch is part of a step; see :func:`batch_pair_index`).
     Returns ``(loss, correct [P])``: the scalar loss and, per pair, whether r_w > r_l.
     """
-    winners, losers, weights = batch_pair_index(rankings, device=rewards.device)
+    winners, losers, weights = batch_pair_index(
+        rankings, device=rewards.device, num_prompts=num_prompts
+    )
     if winners.numel() == 0:
         return rewards.sum() * 0.0, torch.zeros(0, dtype=torch.bool, device=rewards.device)
     margin = rewards[winners] - rewards[losers]  # [P]
@@ -425,13 +442,15 @@ def score_sequences(
     batch_size: int,
     device,
 ):
-    """Rewards [N] (float32, on CPU) of pre-tokenized sequences, in eval mode."""
+    """Rewards [N] (float32, on CPU) of pre-tokenized sequences, in eval mode. Under
+    torchrun every rank scores its share and gets all N."""
     out = []
+    mine = distributed.local_part(seqs)
     with eval_mode(rm):
-        for i in range(0, len(seqs), batch_size):
-            ids, mask = encoder.batch(seqs[i : i + batch_size], device)
+        for i in range(0, len(mine), batch_size):
+            ids, mask = encoder.batch(mine[i : i + batch_size], device)
             out.append(rm(ids, mask).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+    return distributed.gather_shards(torch.cat(out) if out else torch.zeros(0))
 
 
 def ranking_accuracy(
@@ -448,6 +467,7 @@ def ranking_accuracy(
     return (float(correct.float().mean()) if n else float("nan")), float(loss), n
 
 
+@distributed.data_parallel
 @stops_while_loading("reward")
 def train_reward(
     config: RewardConfig,
@@ -470,6 +490,7 @@ def train_reward(
     Before every checkpoint the head bias is shifted so the reference set has mean reward 0.
     should_stop() is checked before every step, and while the model loads and the data are
     tokenized (a stop there returns stopped=True at the resume point, with nothing written).
+    Under ``torchrun`` it trains data-parallel with the same global batch (module docstring).
     """
     cfg = config
     cfg.validate()
@@ -517,6 +538,7 @@ def train_reward(
         load_adapter_weights(peft_model, resume.checkpoint, ADAPTER)
         head.load_state_dict(load_head(resume.checkpoint, HEAD).state_dict())
         load_training_state(resume.checkpoint, optimizer, scheduler)
+    distributed.broadcast_parameters(params)
 
     run_lineage = lineage(
         cfg,
@@ -596,12 +618,14 @@ def train_reward(
             start=(step - 1) * prompts_per_step,
             count=prompts_per_step,
         )
+        ranked = sum(1 for r in idx if train_rows[r].pairs())  # the loss is a mean over these
+        mine = distributed.local_part(idx)
         loss_sum, n_pairs, n_correct, n_tokens, margin_sum = 0.0, 0, 0, 0, 0.0
         with oom_guard(
             "batch_size (prompts per micro-batch) or max_seq_len (or turn on gradient_checkpointing)"
         ):
-            for m in range(cfg.grad_accum_steps):
-                chunk = idx[m * cfg.batch_size : (m + 1) * cfg.batch_size]
+            for m in range(0, len(mine), cfg.batch_size):
+                chunk = mine[m : m + cfg.batch_size]
                 seqs, rankings = [], []
                 for r in chunk:  # every completion once; pairs index into the flat batch
                     off = len(seqs)
@@ -609,8 +633,7 @@ def train_reward(
                     rankings.append([[off + i for i in tier] for tier in train_rows[r].groups])
                 ids, mask = encoder.batch(seqs, device)
                 rewards = rm(ids, mask)  # [N]
-                loss, correct = batch_ranking_loss(rewards.float(), rankings)
-                loss = loss / cfg.grad_accum_steps
+                loss, correct = batch_ranking_loss(rewards.float(), rankings, num_prompts=ranked)
                 check_finite(loss, step, name="reward loss")
                 loss.backward()
                 loss_sum += float(loss.detach())
@@ -623,13 +646,23 @@ def train_reward(
                 optimizer, scheduler, params, max_grad_norm=cfg.max_grad_norm, step=step
             )
         sync_device(device)
+        sums = distributed.all_reduce_sums(
+            {
+                "loss": loss_sum,
+                "pairs": n_pairs,
+                "correct": n_correct,
+                "tokens": n_tokens,
+                "margin": margin_sum,
+            }
+        )
+        n_pairs = sums["pairs"]
         dt = max(time.perf_counter() - t_start, 1e-9)
         return {
-            "loss/reward": loss_sum,
-            "reward/train_accuracy": n_correct / max(n_pairs, 1),
-            "reward/margin": margin_sum / max(n_pairs, 1),
+            "loss/reward": sums["loss"],
+            "reward/train_accuracy": sums["correct"] / max(n_pairs, 1),
+            "reward/margin": sums["margin"] / max(n_pairs, 1),
             "perf/comparisons_per_s": n_pairs / dt,
-            "perf/tokens_per_s": n_tokens / dt,
+            "perf/tokens_per_s": sums["tokens"] / dt,
             "optim/lr": lr,
             "optim/grad_norm": grad_norm,
             "progress/epoch": step * prompts_per_step / len(train_rows),

@@ -34,7 +34,7 @@ _ENTRY_POINTS = {
 
 SAMPLES_FILE = "samples.jsonl"
 
-DATA_PARALLEL_KINDS: frozenset[str] = frozenset()
+DATA_PARALLEL_KINDS: frozenset[str] = frozenset({"sft", "reward", "dpo"})
 """The kinds whose trainer runs data-parallel under ``torchrun --nproc-per-node N``: it shards
 the data by rank, all-reduces the LoRA gradients and writes from rank 0 only. Any other kind
 refuses a world size above 1 (:func:`check_world_size`): N processes would each train alone and
@@ -156,7 +156,8 @@ def run(
     if isinstance(reward_fn, str):
         reward_fn = load_reward_fn(reward_fn)
     check_output_dir(output_dir, checkpoints=kind != "sample", resuming=resume_from is not None)
-    if kind != "sample":  # a crash mid-save left a .tmp-step-* folder: this run owns the folder
+    if kind != "sample" and os.environ.get("RANK", "0") in ("", "0"):  # rank 0 writes
+        # a crash mid-save left a .tmp-step-* folder: this run owns the folder
         from rlhf.checkpoint import clean_incomplete
 
         clean_incomplete(output_dir)

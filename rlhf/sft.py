@@ -9,7 +9,10 @@ Per optimizer step (``grad_accum_steps`` micro-batches of ``batch_size`` rows)::
 
     loss = sum over completion tokens of -log p(token | prefix) / (completion tokens in the step)
 
-so accumulation gives the same gradient as one large batch. Gradients are clipped to
+so accumulation gives the same gradient as one large batch. Under ``torchrun`` each rank
+takes a contiguous share of the step's rows and divides its token losses by the step's
+token count over every rank (:mod:`rlhf.distributed`), so the summed gradients are those of
+one process with the same config. Gradients are clipped to
 ``max_grad_norm``; the learning rate warms up linearly then decays with a cosine.
 The data order is a seeded permutation per epoch, a function of (seed, position) only,
 so a resumed run sees exactly the rows an uninterrupted run would.
@@ -27,6 +30,7 @@ from typing import Any, Literal, TypeVar
 import torch
 import torch.nn.functional as F
 
+from rlhf import distributed
 from rlhf.checkpoint import load_adapter_weights, load_training_state
 from rlhf.config import BaseConfig, OfflineConfig
 from rlhf.data import (
@@ -232,18 +236,22 @@ def split_eval(n: int, *, fraction: float, seed: int) -> tuple[list[int], list[i
 def evaluate_loss(
     model, examples: list[tuple[list[int], int]], *, pad_id: int, batch_size: int, device
 ) -> float:
-    """Mean completion-token loss over pre-tokenized examples (dropout off)."""
+    """Mean completion-token loss over pre-tokenized examples (dropout off); under torchrun
+    each rank evaluates its share and the sums are reduced."""
     total, count = 0.0, 0
+    mine = distributed.local_part(examples)
     with eval_mode(model):
-        for i in range(0, len(examples), batch_size):
-            batch = collate_sft(examples[i : i + batch_size], pad_id)
+        for i in range(0, len(mine), batch_size):
+            batch = collate_sft(mine[i : i + batch_size], pad_id)
             batch = {k: v.to(device) for k, v in batch.items()}
             s, n = forward_completion_loss(model, batch)
             total += float(s)
             count += n
-    return total / max(count, 1)
+    sums = distributed.all_reduce_sums({"total": total, "count": count})
+    return sums["total"] / max(sums["count"], 1)
 
 
+@distributed.data_parallel
 @stops_while_loading("sft")
 def train_sft(
     config: SFTConfig,
@@ -265,6 +273,7 @@ def train_sft(
     also checked while the model loads and the data are tokenized: a stop there returns
     stopped=True at the resume point (no checkpoint for a fresh run), with nothing written.
     ``eval_data`` (rows like ``data``) replaces the held-out split of ``eval_fraction``.
+    Under ``torchrun`` it trains data-parallel with the same global batch (module docstring).
     """
     cfg = config
     cfg.validate()
@@ -307,6 +316,7 @@ def train_sft(
     if resume.checkpoint is not None:
         load_adapter_weights(model, resume.checkpoint, ADAPTER)
         load_training_state(resume.checkpoint, optimizer, scheduler)  # also the RNG states
+    distributed.broadcast_parameters(params)
 
     run_lineage = lineage(cfg, rows, parent=resume.parent(cfg))
     resume.check_data(run_lineage)
@@ -345,15 +355,18 @@ def train_sft(
             start=(step - 1) * rows_per_step,
             count=rows_per_step,
         )
+        mine = distributed.local_part(idx)
         micro = [
-            collate_sft(
-                [train_examples[i] for i in idx[m * cfg.batch_size : (m + 1) * cfg.batch_size]],
-                pad_id,
-            )
-            for m in range(cfg.grad_accum_steps)
+            collate_sft([train_examples[i] for i in mine[m : m + cfg.batch_size]], pad_id)
+            for m in range(0, len(mine), cfg.batch_size)
         ]
-        n_target = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
-        n_tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+        counts = distributed.all_reduce_sums(
+            {
+                "target": sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
+                "tokens": sum(int(b["attention_mask"].sum()) for b in micro),
+            }
+        )
+        n_target, n_tokens = counts["target"], counts["tokens"]
         loss_sum = 0.0
         with oom_guard("batch_size or max_seq_len (or turn on gradient_checkpointing)"):
             for batch in micro:
@@ -366,6 +379,7 @@ def train_sft(
             grad_norm, lr = optimizer_step(
                 optimizer, scheduler, params, max_grad_norm=cfg.max_grad_norm, step=step
             )
+        loss_sum = distributed.all_reduce_sums({"loss": loss_sum})["loss"]
         return {
             "loss/sft": loss_sum,
             "optim/lr": lr,

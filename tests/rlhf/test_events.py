@@ -131,10 +131,13 @@ def test_several_processes_are_refused_for_a_kind_that_cannot_run_data_parallel(
     tmp_path, sft_rows, monkeypatch
 ):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    code, path = _sft(tmp_path, "tiny", sft_rows, max_steps=2)
+    cfg, data = _write_inputs(tmp_path, sft_rows, {"model": "tiny"})
+    events = tmp_path / "events.jsonl"
+    argv = ["sample", "--config", str(cfg), "--data", str(data), "--out", str(tmp_path / "out")]
+    code, path = main([*argv, "--events", str(events)]), events
     assert code == 1
     failed = _events(path)[-1]
-    assert failed["expected"] is True and "sft runs in one process" in failed["reason"]
+    assert failed["expected"] is True and "sample runs in one process" in failed["reason"]
     assert "1 device" in failed["reason"]
 
 
