@@ -28,6 +28,11 @@ with ρ_it = π_θ(o_it | q, o_i<t) / π_θold(o_it | ...) and the per-token KL 
 - "dapo": token-level, the sum over every token of the minibatch divided by its number of
   tokens (Yu et al. 2025, DAPO, arXiv:2503.14476, eq. 8). Rollouts, reward inputs and checkpoints are
 shared with PPO (:mod:`rlhf.rl`).
+
+Under ``torchrun`` each rank samples and scores its share of the prompts, every prompt's
+whole group on one rank (the group statistics are per prompt); each minibatch's loss is
+weighted by the minibatch's completions or tokens over all ranks (:func:`micro_batch_share`),
+so the summed gradients are one process's (:mod:`rlhf.distributed`).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf import distributed
 from rlhf.checkpoint import load_training_state
 from rlhf.errors import ConfigError
 from rlhf.loop import (
@@ -60,15 +66,17 @@ from rlhf.rl import (
     RLRun,
     kl_k1,
     kl_k3,
-    list_mean,
+    local_chunks,
     loss_mask,
     make_rollout,
     masked_mean,
+    minibatch_totals,
     penalise_missing_eos,
     response_logprobs,
     rollout_logprobs,
     rollout_metrics,
     start_rl_run,
+    updating,
 )
 
 LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
@@ -198,17 +206,19 @@ def grpo_loss(
 
 
 def micro_batch_share(
-    loss_type: str, micro_mask: torch.Tensor, minibatch_mask: torch.Tensor
+    loss_type: str, micro_mask: torch.Tensor, *, rows: int, tokens: float
 ) -> float:
     """The weight of a micro-batch's :func:`grpo_loss` in its minibatch's loss, so that the
-    weighted sum over micro-batches is the loss of the whole minibatch: its share of the
-    completions (the loss is a mean over completions), or for "dapo" of the loss tokens.
-    Masks: [b, R] of the micro-batch, [B, R] of the minibatch."""
+    weighted sum over micro-batches (and ranks) is the loss of the whole minibatch: its share
+    of the completions (the loss is a mean over completions), or for "dapo" of the loss
+    tokens. ``micro_mask`` [b, R]: the micro-batch's loss mask; ``rows``, ``tokens``: the
+    minibatch's completions and loss tokens over every rank."""
     if loss_type == "dapo":
-        return float(micro_mask.sum()) / max(float(minibatch_mask.sum()), 1.0)
-    return micro_mask.shape[0] / minibatch_mask.shape[0]
+        return float(micro_mask.sum()) / max(float(tokens), 1.0)
+    return micro_mask.shape[0] / rows
 
 
+@distributed.data_parallel
 @stops_while_loading("grpo")
 def train_grpo(
     config: GRPOConfig,
@@ -250,6 +260,7 @@ def train_grpo(
     )
     if resume.checkpoint is not None:
         load_training_state(resume.checkpoint, optimizer, scheduler)
+    distributed.broadcast_parameters(params)
 
     def checkpoint(step: int, metrics: dict[str, float]) -> Path:
         return save_run_checkpoint(
@@ -300,15 +311,19 @@ def _grpo_step(
 ) -> dict[str, float]:
     G = cfg.num_generations
     model, device = run.model, run.device
-    ro = make_rollout(cfg=cfg, step=step, run=run, repeats=G)  # [B*G], groups consecutive
-    N = len(ro.prompts)
+    ro = make_rollout(cfg=cfg, step=step, run=run, repeats=G)  # [n*G], groups consecutive
+    N = cfg.batch_size * G  # rows of the step over all ranks; this rank holds `local` of them
+    start, end = distributed.shard_bounds(
+        cfg.batch_size, distributed.rank(), distributed.world_size()
+    )
+    local = range(start * G, end * G)
     minibatch = N // cfg.num_minibatches
     micro = minibatch // cfg.grad_accum_steps
-    mask = ro.response_mask  # [N, R]
+    mask = ro.response_mask  # [n*G, R]
 
     t1 = time.perf_counter()
-    scores = penalise_missing_eos(ro.scores, ro.ended, cfg.missing_eos_penalty)  # [N]
-    advantages = group_advantages(scores, G, scale=cfg.scale_rewards)  # [N]
+    scores = penalise_missing_eos(ro.scores, ro.ended, cfg.missing_eos_penalty)  # [n*G]
+    advantages = group_advantages(scores, G, scale=cfg.scale_rewards)  # groups are on one rank
     pg_mask = loss_mask(mask, ro.ended, mask_truncated=cfg.mask_truncated_completions)
     # π_old: needed when the policy moves before a sample is used (several minibatches or
     # iterations); with one update per batch the ratio is 1 and logπ.detach() stands in.
@@ -324,51 +339,73 @@ def _grpo_step(
     score_s = ro.score_s + time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    losses: list[float] = []
-    clipfracs: list[float] = []
-    kls: list[float] = []
     order_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    for _ in range(cfg.num_iterations):
-        order = (
-            torch.randperm(N, generator=order_gen).to(device)
-            if reuse
-            else torch.arange(N, device=device)
-        )
-        for mb_start in range(0, N, minibatch):
-            rows = order[mb_start : mb_start + minibatch]
-            for mi in rows.split(micro):
-                ids, am, keep = ro.trimmed(mi)
-                m = pg_mask[mi][:, :keep]
-                logp, _ = response_logprobs(model, ids, am, keep, temperature=cfg.temperature)
-                old = old_logprobs[mi][:, :keep] if reuse else logp.detach()
-                loss, stats = grpo_loss(
-                    logp,
-                    old,
-                    ref_logprobs[mi][:, :keep],
-                    advantages[mi],
-                    m,
-                    cliprange=cfg.cliprange,
-                    beta=cfg.beta,
-                    loss_type=cfg.loss_type,
-                    max_new_tokens=cfg.max_new_tokens,
+    orders = [
+        torch.randperm(N, generator=order_gen) if reuse else torch.arange(N)
+        for _ in range(cfg.num_iterations)
+    ]
+    tokens = minibatch_totals(orders, minibatch, local, [pg_mask])[:, 0]  # [updates]
+    stats = torch.zeros(len(tokens), 3, dtype=torch.float64)  # loss, clipfrac, k3
+    update = 0
+    with updating(model, cfg):
+        for order in orders:
+            for rows in order.split(minibatch):
+                n_tokens = max(float(tokens[update]), 1.0)
+                for mi in local_chunks(rows, local, micro, device):
+                    ids, am, keep = ro.trimmed(mi)
+                    m = pg_mask[mi][:, :keep]
+                    logp, _ = response_logprobs(model, ids, am, keep, temperature=cfg.temperature)
+                    old = old_logprobs[mi][:, :keep] if reuse else logp.detach()
+                    loss, st = grpo_loss(
+                        logp,
+                        old,
+                        ref_logprobs[mi][:, :keep],
+                        advantages[mi],
+                        m,
+                        cliprange=cfg.cliprange,
+                        beta=cfg.beta,
+                        loss_type=cfg.loss_type,
+                        max_new_tokens=cfg.max_new_tokens,
+                    )
+                    check_finite(loss, step, name="loss/policy")
+                    share = micro_batch_share(
+                        cfg.loss_type, pg_mask[mi], rows=len(rows), tokens=n_tokens
+                    )
+                    (loss * share).backward()
+                    token_share = float(m.sum()) / n_tokens
+                    stats[update] += torch.tensor(
+                        [
+                            float(loss.detach()) * share,
+                            float(st["clipfrac"]) * token_share,
+                            float(st["kl_k3"]) * token_share,
+                        ],
+                        dtype=torch.float64,
+                    )
+                _, lr = optimizer_step(
+                    optimizer, scheduler, params, max_grad_norm=cfg.max_grad_norm, step=step
                 )
-                check_finite(loss, step, name="loss/policy")
-                (loss * micro_batch_share(cfg.loss_type, pg_mask[mi], pg_mask[rows])).backward()
-                losses.append(float(loss.detach()))
-                clipfracs.append(float(stats["clipfrac"]))
-                kls.append(float(stats["kl_k3"]))
-            _, lr = optimizer_step(
-                optimizer, scheduler, params, max_grad_norm=cfg.max_grad_norm, step=step
-            )
+                update += 1
     sync_device(device)
     train_s = time.perf_counter() - t2
+    loss_mean, clipfrac, k3 = distributed.all_reduce_(stats).mean(0).tolist()
 
+    metrics, total = rollout_metrics(
+        ro,
+        lr=lr,
+        score_s=score_s,
+        train_s=train_s,
+        sums={
+            "group_std": float(ro.scores.view(-1, G).std(dim=1).double().sum()),
+            "kl": float((kl_k1(old_logprobs, ref_logprobs) * mask).sum(1).double().sum()),
+            "entropy": float((entropy * mask).double().sum()),
+        },
+    )
     return {
-        **rollout_metrics(ro, lr=lr, score_s=score_s, train_s=train_s),
-        "objective/reward_std": float(ro.scores.view(-1, G).std(dim=1).mean()),
-        "objective/kl": float((kl_k1(old_logprobs, ref_logprobs) * mask).sum(1).mean()),
-        "objective/entropy": float(masked_mean(entropy, mask)),
-        "loss/policy": list_mean(losses),
-        "loss/kl": list_mean(kls),
-        "policy/clipfrac": list_mean(clipfracs),
+        **metrics,
+        "objective/reward_std": total["group_std"] / cfg.batch_size,
+        "objective/kl": total["kl"] / total["_rows"],
+        "objective/entropy": total["entropy"] / max(total["_tokens"], 1.0),
+        "loss/policy": loss_mean,
+        "loss/kl": k3,
+        "policy/clipfrac": clipfrac,
     }

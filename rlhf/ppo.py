@@ -48,7 +48,13 @@ Speed and memory:
   the decoder's last hidden state without any LM-head logits;
 - in the update, the policy loss and the value loss are back-propagated one after the other
   (they touch disjoint parameters), so only one activation graph is alive at a time; columns
-  that are padding in every row of a micro-batch are cut off.
+  that are padding in every row of a micro-batch are cut off; ``gradient_checkpointing``
+  recomputes the activations in the backward pass.
+
+Each loss is a token mean over its whole minibatch, so ``grad_accum_steps`` and the number of
+processes change nothing but memory and speed: under ``torchrun`` each rank rolls out its
+share of the prompts and the advantages are whitened over the global batch
+(:mod:`rlhf.distributed`).
 
 The rollout, the log-probs, the reward inputs and the KL estimators are shared with GRPO
 (:mod:`rlhf.rl`); this module holds what is PPO's own: GAE, the clipped losses, the value
@@ -63,6 +69,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf import distributed
 from rlhf.checkpoint import load_head, load_training_state
 from rlhf.errors import ConfigError
 from rlhf.loop import (
@@ -91,10 +98,11 @@ from rlhf.rl import (
     RLConfig,
     RLRun,
     kl_k1,
-    list_mean,
+    local_chunks,
     loss_mask,
     make_rollout,
     masked_mean,
+    minibatch_totals,
     penalise_missing_eos,
     position_ids_from_mask,
     response_logprobs,
@@ -102,6 +110,8 @@ from rlhf.rl import (
     rollout_metrics,
     row_chunks,
     start_rl_run,
+    updating,
+    use_adapter,
 )
 from rlhf.rl import call_reward_fn as call_reward_fn  # re-exported: tests/rlhf/test_user_errors.py
 
@@ -215,10 +225,18 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = True, eps:
     """Normalise ``x`` to unit (masked, unbiased) variance and, if ``shift_mean``, mean 0.
 
     Masked-out positions are 0 in the result. With ``shift_mean=False`` the mean is kept
-    (used for rewards, Huang et al. 2024).
+    (used for rewards, Huang et al. 2024). The moments are those of the whole batch: under
+    torchrun, of every rank's rows (sums reduced over the ranks).
     """
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask)
+    if distributed.world_size() == 1:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
+    else:
+        m = mask.to(x.dtype)
+        sums = distributed.all_reduce_(torch.stack([(x * m).sum(), m.sum()]).double())
+        n = float(sums[1])
+        mean = (sums[0] / max(n, 1.0)).to(x.dtype)
+        sq = distributed.all_reduce_(((x - mean) ** 2 * m).sum().double())
+        var = (sq / max(n, 1.0) * (n / (n - 1) if n > 1 else 1.0)).to(x.dtype)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
@@ -377,6 +395,7 @@ def response_values(model, head, input_ids, attention_mask, response_len: int) -
 # --------------------------------------------------------------------------------------------
 
 
+@distributed.data_parallel
 @stops_while_loading("ppo")
 def train_ppo(
     config: PPOConfig,
@@ -435,6 +454,7 @@ def train_ppo(
     policy_params = adapter_parameters(model, "policy")
     value_params = adapter_parameters(model, "value") + list(value_head.parameters())
     params = policy_params + value_params
+    distributed.broadcast_parameters(params)
     optimizer, scheduler = optimizer_and_schedule(
         params, cfg, updates_per_step=cfg.ppo_epochs * cfg.num_minibatches
     )
@@ -505,10 +525,13 @@ def _ppo_step(
     scheduler,
     params,
 ) -> dict[str, float]:
-    B = cfg.batch_size
     model, device = run.model, run.device
-    # 1-2. rollout and score ------------------------------------------------------------------
+    # 1-2. rollout and score (under torchrun: this rank's share of the prompts) ---------------
     ro = make_rollout(cfg=cfg, step=step, run=run, repeats=1)
+    B = len(ro.prompts)
+    local = range(
+        *distributed.shard_bounds(cfg.batch_size, distributed.rank(), distributed.world_size())
+    )
     t1 = time.perf_counter()
     scores = penalise_missing_eos(ro.scores, ro.ended, cfg.missing_eos_penalty)  # [B]
     mask = ro.response_mask  # [B, R]
@@ -536,64 +559,94 @@ def _ppo_step(
     sync_device(device)
     score_s = ro.score_s + time.perf_counter() - t1
 
-    # 3. PPO epochs over minibatches -----------------------------------------------------------
+    # 3. PPO epochs over minibatches of the global batch; each loss is a token mean over its
+    # whole minibatch (all ranks, all micro-batches), so accumulation and ranks change nothing
     t2 = time.perf_counter()
-    stats: dict[str, list[float]] = {k: [] for k in ("pg", "vf", "clip", "vclip", "approxkl")}
     order_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    for _epoch in range(cfg.ppo_epochs):
-        order = torch.randperm(B, generator=order_gen).to(device)
-        for mb_start in range(0, B, minibatch):
-            mb_idx = order[mb_start : mb_start + minibatch]
-            for mi in mb_idx.split(micro):
-                ids, am, keep = ro.trimmed(mi)
-                m = mask[mi][:, :keep]
+    orders = [torch.randperm(cfg.batch_size, generator=order_gen) for _ in range(cfg.ppo_epochs)]
+    totals = minibatch_totals(orders, minibatch, local, [pg_mask, mask])  # [updates, 2]
+    stats = torch.zeros(len(totals), 5, dtype=torch.float64)  # pg, vf, clip, vclip, approxkl
+    update = 0
+    with updating(model, cfg):
+        for order in orders:
+            for mb_idx in order.split(minibatch):
+                n_pg, n_v = (max(float(n), 1.0) for n in totals[update])
+                for mi in local_chunks(mb_idx, local, micro, device):
+                    ids, am, keep = ro.trimmed(mi)
+                    m = mask[mi][:, :keep]
+                    pgm = pg_mask[mi][:, :keep]
+                    pg_share, v_share = float(pgm.sum()) / n_pg, float(m.sum()) / n_v
 
-                model.set_adapter("policy")
-                new_logp, _ = response_logprobs(model, ids, am, keep, temperature=cfg.temperature)
-                pg_loss, clipfrac, approxkl = clipped_policy_loss(
-                    new_logp,
-                    logprobs[mi][:, :keep],
-                    advantages[mi][:, :keep],
-                    pg_mask[mi][:, :keep],
-                    cfg.cliprange,
+                    use_adapter(model, "policy", cfg)
+                    new_logp, _ = response_logprobs(
+                        model, ids, am, keep, temperature=cfg.temperature
+                    )
+                    pg_loss, clipfrac, approxkl = clipped_policy_loss(
+                        new_logp,
+                        logprobs[mi][:, :keep],
+                        advantages[mi][:, :keep],
+                        pgm,
+                        cfg.cliprange,
+                    )
+                    check_finite(pg_loss, step, name="loss/policy")
+                    (pg_loss * pg_share).backward()
+
+                    use_adapter(model, "value", cfg)
+                    new_values = response_values(model, value_head, ids, am, keep)
+                    vf_loss, vclip = clipped_value_loss(
+                        new_values,
+                        values[mi][:, :keep],
+                        returns[mi][:, :keep],
+                        m,
+                        cfg.cliprange_value,
+                    )
+                    check_finite(vf_loss, step, name="loss/value")
+                    (cfg.vf_coef * vf_loss * v_share).backward()
+
+                    stats[update] += torch.tensor(
+                        [
+                            float(pg_loss.detach()) * pg_share,
+                            float(vf_loss.detach()) * v_share,
+                            float(clipfrac) * pg_share,
+                            float(vclip) * v_share,
+                            float(approxkl) * pg_share,
+                        ],
+                        dtype=torch.float64,
+                    )
+                _, lr = optimizer_step(
+                    optimizer, scheduler, params, max_grad_norm=cfg.max_grad_norm, step=step
                 )
-                check_finite(pg_loss, step, name="loss/policy")
-                (pg_loss / cfg.grad_accum_steps).backward()
-
-                model.set_adapter("value")
-                new_values = response_values(model, value_head, ids, am, keep)
-                vf_loss, vclip = clipped_value_loss(
-                    new_values, values[mi][:, :keep], returns[mi][:, :keep], m, cfg.cliprange_value
-                )
-                check_finite(vf_loss, step, name="loss/value")
-                (cfg.vf_coef * vf_loss / cfg.grad_accum_steps).backward()
-
-                stats["pg"].append(float(pg_loss.detach()))
-                stats["vf"].append(float(vf_loss.detach()))
-                stats["clip"].append(float(clipfrac))
-                stats["vclip"].append(float(vclip))
-                stats["approxkl"].append(float(approxkl))
-            _, lr = optimizer_step(
-                optimizer, scheduler, params, max_grad_norm=cfg.max_grad_norm, step=step
-            )
+                update += 1
     model.set_adapter("policy")
     sync_device(device)
     train_s = time.perf_counter() - t2
+    pg, vf, clip, vclip, approxkl = distributed.all_reduce_(stats).mean(0).tolist()
 
     seq_kl = kl.sum(1)  # [B] k1 summed over the response
-    mean_kl = float(seq_kl.mean())
     kl_coef = kl_ctl.value
-    kl_ctl.update(mean_kl, B)
+    metrics, total = rollout_metrics(
+        ro,
+        lr=lr,
+        score_s=score_s,
+        train_s=train_s,
+        sums={
+            "kl": float(seq_kl.double().sum()),
+            "rlhf_reward": float((scores - kl_coef * seq_kl).double().sum()),
+            "entropy": float((entropy * mask).double().sum()),
+        },
+    )
+    mean_kl = total["kl"] / total["_rows"]
+    kl_ctl.update(mean_kl, cfg.batch_size)
 
     return {
-        **rollout_metrics(ro, lr=lr, score_s=score_s, train_s=train_s),
-        "objective/rlhf_reward": float((scores - kl_coef * seq_kl).mean()),
+        **metrics,
+        "objective/rlhf_reward": total["rlhf_reward"] / total["_rows"],
         "objective/kl": mean_kl,
-        "objective/entropy": float(masked_mean(entropy, mask)),
+        "objective/entropy": total["entropy"] / max(total["_tokens"], 1.0),
         "objective/kl_coef": kl_coef,
-        "loss/policy": list_mean(stats["pg"]),
-        "loss/value": list_mean(stats["vf"]),
-        "policy/clipfrac": list_mean(stats["clip"]),
-        "policy/approxkl": list_mean(stats["approxkl"]),
-        "value/clipfrac": list_mean(stats["vclip"]),
+        "loss/policy": pg,
+        "loss/value": vf,
+        "policy/clipfrac": clip,
+        "policy/approxkl": approxkl,
+        "value/clipfrac": vclip,
     }

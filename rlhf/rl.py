@@ -14,6 +14,11 @@ inputs and the KL estimators. Each algorithm's own maths lives in its module
   Divergence"): k1 in PPO's per-token reward (Ziegler et al. 2019, arXiv:1909.08593), k3 in
   GRPO's loss (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300, eq. 4).
 
+Under ``torchrun`` (:mod:`rlhf.distributed`) each rank takes a contiguous share of a step's
+prompts (with all of a prompt's GRPO group), samples and scores them alone, from its own seed;
+the statistics that the algorithms define over the batch (PPO's whitening, the minibatch
+losses' token means, the metrics) are reduced over the ranks.
+
 Shapes: B = rows (responses), R = response tokens; a mask is 1 on real response tokens.
 """
 
@@ -29,8 +34,9 @@ from typing import Any
 
 import torch
 
+from rlhf import distributed
 from rlhf.checkpoint import read_state, resolve_checkpoint
-from rlhf.config import BaseConfig, resolve_reference
+from rlhf.config import BaseConfig, disable_dropout, resolve_reference
 from rlhf.data import encode_prompt, encode_prompts, validate_rows
 from rlhf.errors import ConfigError, NonFiniteLossError, RewardFunctionError
 from rlhf.loop import (
@@ -45,6 +51,7 @@ from rlhf.loop import (
 )
 from rlhf.modeling import (
     active_adapter,
+    enable_gradient_checkpointing,
     load_frozen_adapter,
     load_policy,
     next_token_logits,
@@ -114,6 +121,11 @@ class RLConfig(BaseConfig):
     """If set, subtract this from the score of every response that hit ``max_new_tokens``
     without an EOS, so running into the cap never pays (Huang et al. 2024 replace the score of
     such a response by -1; TRL's ``missing_eos_penalty``, default None)."""
+
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass of the updates to save memory (Chen et al.
+    2016, arXiv:1604.06174); the forwards then run in train mode with every dropout set to 0,
+    so they compute what eval mode computes."""
 
     mask_truncated_completions: bool = False
     """Leave responses that hit ``max_new_tokens`` without an EOS out of the policy loss: a cut
@@ -481,11 +493,19 @@ def start_rl_run(
     :class:`Rewarder`) for a PPO or GRPO run; ``should_stop`` is checked before each load
     (:func:`rlhf.loop.stop_point`)."""
     cfg.validate()
+    if cfg.batch_size < distributed.world_size():
+        raise ConfigError(
+            f"batch_size ({cfg.batch_size} prompts) must be at least the number of processes "
+            f"({distributed.world_size()}): each one samples its own share of the prompts"
+        )
     rows = validate_rows(kind, data)
     seed_everything(cfg.seed)
     resume = resume_point(resume_from, kind, cfg)
     stop_point(should_stop)
     model, tokenizer, device, _dtype = load_policy(cfg, init_from=resume.checkpoint)
+    if cfg.gradient_checkpointing:  # checkpointing acts in train mode: make it dropout-free
+        disable_dropout(model)
+        enable_gradient_checkpointing(model)
     model.eval()
     reference = resolve_reference(cfg.reference, cfg.init_adapter)
     if reference == "init":  # π_SFT from init_adapter, also when the policy comes from a resume
@@ -570,17 +590,23 @@ class Rollout:
         return self.input_ids[rows][:, cols], self.attention_mask[rows][:, cols], keep
 
 
+def rollout_seed(seed: int, step: int, rank: int) -> int:
+    """The sampling seed of step ``step`` on rank ``rank``: each rank samples its own prompts
+    from its own stream (rank 0's is the one-process seed)."""
+    return seed * 1_000_003 + step + rank * 7_919_000_003
+
+
 def make_rollout(*, cfg, step: int, run: RLRun, repeats: int) -> Rollout:
-    """Step ``step``'s rollout: ``cfg.batch_size`` prompts of the seeded data order, each
-    ``repeats`` times in a row (GRPO's groups), one response each with the policy adapter,
-    scored. Data order and sampling depend only on (seed, step), so a resumed run repeats
-    them exactly."""
+    """Step ``step``'s rollout: ``cfg.batch_size`` prompts of the seeded data order (under
+    torchrun this rank's contiguous share of them), each ``repeats`` times in a row (GRPO's
+    groups), one response each with the policy adapter, scored. Data order and sampling depend
+    only on (seed, step, rank), so a resumed run repeats them exactly."""
     model, tokenizer, device, eos_ids = run.model, run.tokenizer, run.device, run.eos_ids
     idx = batch_indices(
         len(run.prompts), seed=cfg.seed, start=(step - 1) * cfg.batch_size, count=cfg.batch_size
     )
-    prompts = [run.prompts[i] for i in idx for _ in range(repeats)]
-    torch.manual_seed(cfg.seed * 1_000_003 + step)
+    prompts = [run.prompts[i] for i in distributed.local_part(idx) for _ in range(repeats)]
+    torch.manual_seed(rollout_seed(cfg.seed, step, distributed.rank()))
     t0 = time.perf_counter()
     query, query_mask = encode_prompts(
         tokenizer,
@@ -631,21 +657,85 @@ def make_rollout(*, cfg, step: int, run: RLRun, repeats: int) -> Rollout:
     )
 
 
-def rollout_metrics(ro: Rollout, *, lr: float, score_s: float, train_s: float) -> dict:
+def rollout_metrics(
+    ro: Rollout, *, lr: float, score_s: float, train_s: float, sums: dict[str, float]
+) -> dict:
     """The metrics PPO and GRPO share: mean score, response lengths, the learning rate the
-    step's updates used (as SFT, reward and DPO report it), timings and generated tokens per
-    second of rollout."""
+    step's updates used (as SFT, reward and DPO report it), timings (the ranks' mean) and
+    generated tokens per second of rollout; and ``sums`` (each algorithm's own sums) reduced
+    over the ranks with them, in one all-reduce. Returns (metrics, reduced sums)."""
     mask = ro.response_mask
-    return {
-        "objective/reward": float(ro.scores.mean()),
-        "response/length": float(mask.sum(1).mean()),
-        "response/ended_with_eos": float(ro.ended.float().mean()),
+    total = distributed.all_reduce_sums(
+        {
+            **sums,
+            "_rows": len(ro.prompts),
+            "_score": float(ro.scores.double().sum()),
+            "_tokens": float(mask.sum()),
+            "_ended": float(ro.ended.sum()),
+            "_rollout_s": ro.rollout_s,
+            "_score_s": score_s,
+            "_train_s": train_s,
+        }
+    )
+    rows, world = total["_rows"], distributed.world_size()
+    metrics = {
+        "objective/reward": total["_score"] / rows,
+        "response/length": total["_tokens"] / rows,
+        "response/ended_with_eos": total["_ended"] / rows,
         "optim/lr": float(lr),
-        "perf/rollout_s": ro.rollout_s,
-        "perf/score_s": score_s,
-        "perf/train_s": train_s,
-        "perf/tokens_per_s": float(mask.sum()) / max(ro.rollout_s, 1e-9),
+        "perf/rollout_s": total["_rollout_s"] / world,
+        "perf/score_s": total["_score_s"] / world,
+        "perf/train_s": total["_train_s"] / world,
+        "perf/tokens_per_s": total["_tokens"] / max(total["_rollout_s"] / world, 1e-9),
     }
+    return metrics, total
+
+
+def minibatch_totals(
+    orders: Sequence[torch.Tensor], minibatch: int, local: range, masks: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """Tokens of every minibatch over all ranks: [len(orders) * minibatches, len(masks)].
+
+    ``orders``: each pass's permutation of the global rows; ``local``: the global rows this
+    rank holds (row ``local.start`` is its row 0); ``masks``: [b, R] masks of this rank's rows.
+    A minibatch's loss is a mean over the tokens of all its rows, wherever they are."""
+    counts = torch.stack([m.sum(1).double().cpu() for m in masks], 1)  # [b, len(masks)]
+    out = []
+    for order in orders:
+        for rows in order.split(minibatch):
+            mine = [int(r) - local.start for r in rows if int(r) in local]
+            out.append(counts[mine].sum(0))
+    return distributed.all_reduce_(torch.stack(out))
+
+
+def local_chunks(rows: torch.Tensor, local: range, size: int, device) -> list[torch.Tensor]:
+    """The global ``rows`` (of a minibatch) this rank holds, as its own row indexes on
+    ``device`` (order kept), in micro-batches of ``size``; none when it holds none."""
+    keep = (rows >= local.start) & (rows < local.stop)
+    mine = (rows[keep] - local.start).to(device)
+    return list(mine.split(size)) if len(mine) else []
+
+
+@contextlib.contextmanager
+def updating(model, cfg):
+    """The policy updates: in train mode when ``cfg.gradient_checkpointing`` (checkpointing
+    acts only there; :func:`start_rl_run` set every dropout to 0), else in eval mode."""
+    if not cfg.gradient_checkpointing:
+        yield
+        return
+    model.train()
+    try:
+        yield
+    finally:
+        model.eval()
+
+
+def use_adapter(model, name: str, cfg) -> None:
+    """Make adapter ``name`` the active one for an update forward (in train mode again when
+    :func:`updating` put the model there)."""
+    model.set_adapter(name)
+    if cfg.gradient_checkpointing:
+        model.train()
 
 
 def list_mean(xs: list[float]) -> float:

@@ -34,7 +34,7 @@ _ENTRY_POINTS = {
 
 SAMPLES_FILE = "samples.jsonl"
 
-DATA_PARALLEL_KINDS: frozenset[str] = frozenset({"sft", "reward", "dpo"})
+DATA_PARALLEL_KINDS: frozenset[str] = frozenset({"sft", "reward", "dpo", "ppo", "grpo"})
 """The kinds whose trainer runs data-parallel under ``torchrun --nproc-per-node N``: it shards
 the data by rank, all-reduces the LoRA gradients and writes from rank 0 only. Any other kind
 refuses a world size above 1 (:func:`check_world_size`): N processes would each train alone and

@@ -104,6 +104,8 @@ def _jobs(model: Path, out: Path) -> dict[str, dict]:
         learning_rate=1e-2,
     )
     sft = dict(base, batch_size=2, grad_accum_steps=2, eval_fraction=0.25)
+    rl = dict(base, max_new_tokens=6, learning_rate=1e-3, batch_size=3, grad_accum_steps=1)
+    prompts = [{"prompt": f"Tell me about number {i}."} for i in range(6)]
     jobs = {
         "sft": {"kind": "sft", "config": sft, "data": _sft_rows()},
         "reward": {
@@ -115,6 +117,18 @@ def _jobs(model: Path, out: Path) -> dict[str, dict]:
             "kind": "dpo",
             "config": dict(base, batch_size=3, grad_accum_steps=2, eval_fraction=0.34),
             "data": _ranked_rows(),
+        },
+        "ppo": {
+            "kind": "ppo",
+            "config": dict(rl, num_minibatches=1, ppo_epochs=2, max_seq_len=40),
+            "data": prompts,
+            dp_worker.EXACT_ROLLOUTS: True,
+        },
+        "grpo": {
+            "kind": "grpo",
+            "config": dict(rl, num_generations=2, num_minibatches=2, max_seq_len=40),
+            "data": prompts,
+            dp_worker.EXACT_ROLLOUTS: True,
         },
     }
     for name, job in jobs.items():
@@ -167,7 +181,7 @@ def _assert_same_metrics(a: dict, b: dict, *, rtol: float = 1e-4) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["sft", "reward", "dpo"])
+@pytest.mark.parametrize("kind", ["sft", "reward", "dpo", "ppo", "grpo"])
 def test_two_processes_train_as_one_with_the_same_global_batch(runs, kind):
     one, two = runs["one"][kind], runs["two"][kind]
     assert two["step"] == one["step"] == 3

@@ -103,16 +103,17 @@ def test_grpo_loss_types_match_hand_computed_numbers():
 def test_micro_batch_losses_weighted_by_their_share_add_up_to_the_minibatch_loss(loss_type):
     whole, _ = _loss_at_ratio_one(loss_type)
     parts = [
-        _loss_at_ratio_one(loss_type, rows)[0] * micro_batch_share(loss_type, MASK[rows], MASK)
+        _loss_at_ratio_one(loss_type, rows)[0]
+        * micro_batch_share(loss_type, MASK[rows], rows=len(MASK), tokens=float(MASK.sum()))
         for rows in (slice(0, 1), slice(1, 2))
     ]
     assert sum(parts) == pytest.approx(whole)
 
 
 def test_micro_batch_share_counts_completions_or_for_dapo_tokens():
-    assert micro_batch_share("grpo", MASK[:1], MASK) == 0.5
-    assert micro_batch_share("dr_grpo", MASK[:1], MASK) == 0.5
-    assert micro_batch_share("dapo", MASK[:1], MASK) == 0.75  # 3 of the 4 loss tokens
+    assert micro_batch_share("grpo", MASK[:1], rows=2, tokens=4.0) == 0.5
+    assert micro_batch_share("dr_grpo", MASK[:1], rows=2, tokens=4.0) == 0.5
+    assert micro_batch_share("dapo", MASK[:1], rows=2, tokens=4.0) == 0.75  # 3 of the 4 loss tokens
 
 
 def test_grpo_config_needs_a_group_of_at_least_two(tiny_model_dir):

@@ -253,3 +253,58 @@ def test_started_from_an_init_adapter_the_reference_is_that_policy_also_after_a_
         on_step=on_base.__setitem__,
     )
     assert on_base[1]["objective/kl"] > 0.1  # the SFT policy's distance to the base model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["ppo", "grpo"])
+def test_gradient_checkpointing_gives_the_same_rl_training_and_is_used(
+    kind, tiny_model_dir, tmp_path
+):
+    from unittest import mock
+
+    import torch.utils.checkpoint
+    from safetensors.torch import load_file
+
+    from rlhf.runner import run
+
+    prompts = [{"prompt": f"Tell me about number {i}."} for i in range(4)]
+    config = dict(
+        model=str(tiny_model_dir),
+        max_steps=2,
+        batch_size=2,
+        max_seq_len=40,
+        max_new_tokens=6,
+        lora_r=4,
+        lora_alpha=8,
+        learning_rate=1e-3,
+        num_minibatches=1,
+    )
+    if kind == "grpo":
+        config["num_generations"] = 2
+    results = {}
+    for on in (False, True):
+        seen = {}
+        real = torch.utils.checkpoint._checkpoint_without_reentrant_generator
+        with mock.patch.object(
+            torch.utils.checkpoint, "_checkpoint_without_reentrant_generator", wraps=real
+        ) as spy:
+            result = run(
+                kind,
+                {**config, "gradient_checkpointing": on},
+                prompts,
+                output_dir=tmp_path / str(on),
+                on_step=seen.__setitem__,
+                reward_fn=lambda p, c: len(set(c)) / 10.0,
+            )
+        results[on] = (
+            seen,
+            load_file(str(result.checkpoint_dir / "policy" / "adapter_model.safetensors")),
+        )
+        assert spy.called == on  # the decoder layers were recomputed, and only when asked
+    (plain, plain_w), (ckpt, ckpt_w) = results[False], results[True]
+    for step in plain:
+        for key, value in plain[step].items():
+            if not key.startswith("perf/"):
+                assert ckpt[step][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+    for key in plain_w:
+        torch.testing.assert_close(ckpt_w[key], plain_w[key], rtol=1e-5, atol=1e-7)
