@@ -24,7 +24,8 @@ def test_win_rate_counts_a_tie_as_half_with_a_wilson_interval():
     assert win_rate(wins=3, ties=0, losses=0)["ci_high"] == 1.0
 
 
-def _eval_job(project, user):
+def _launch_eval(project, user, **options):
+    """An evaluation of a registered policy checkpoint against the base model."""
     sft = services.job_launch(
         kind="sft", project=project, config={"max_steps": 2}, user=user, base_model="tiny"
     )
@@ -37,8 +38,13 @@ def _eval_job(project, user):
         base_model="tiny",
         parent_checkpoint=a,
         reward_rule="length",
-        options={"send_to_labelers": True},
+        options=options,
     )
+    return job, a
+
+
+def _eval_job(project, user):
+    job, a = _launch_eval(project, user, send_to_labelers=True)
     token = services.job_claim(job_id=job.pk, worker="w:1")
     prompts = list(project.prompts.order_by("id").values_list("id", flat=True)[:3])
     # the reward model prefers A on the first two prompts and B on the third
@@ -121,17 +127,5 @@ def test_an_evaluation_before_any_ranking_says_so(admin_client, admin_user, proj
 
 
 def test_an_evaluation_not_sent_to_labelers_has_no_human_result(admin_client, admin_user, project):
-    sft = services.job_launch(
-        kind="sft", project=project, config={"max_steps": 2}, user=admin_user, base_model="tiny"
-    )
-    a = services.checkpoint_register(job=sft, path="/ckpt/a", role="policy", step=2)
-    job = services.job_launch(
-        kind="eval",
-        project=project,
-        config={},
-        user=admin_user,
-        base_model="tiny",
-        parent_checkpoint=a,
-        reward_rule="length",
-    )
+    job, _ = _launch_eval(project, admin_user)
     assert "human" not in admin_client.get(f"/api/training/jobs/{job.pk}").json()["result"]
