@@ -162,14 +162,14 @@ def die_with_parent(sig: int = signal.SIGKILL) -> bool:
     """Ask Linux to send ``sig`` to this process when its parent dies (prctl
     PR_SET_PDEATHSIG), so a supervisor killed with kill -9 leaves no training process behind.
     Returns False where it is not available (not Linux)."""
-    prctl = _prctl()
+    prctl = libc_prctl()
     return prctl is not None and prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
 
 
 _libc_prctl = None
 
 
-def _prctl():
+def libc_prctl():
     """libc's prctl, looked up once (a ``preexec_fn`` between fork and exec must not load
     libraries: call this before forking)."""
     global _libc_prctl

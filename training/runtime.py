@@ -1,32 +1,45 @@
-"""The bridge between a running engine call and the database, for one claimed job.
+"""The bridge between a running engine and the database, for one claimed job.
 
-``JobMonitor`` gives the engine its ``on_step`` and ``should_stop`` callbacks:
+``engine_run(command, monitor=...)`` starts the engine (``python -m rlhf <kind> ... --events``,
+or torchrun with the job's device count) as a child process group and supervises it: a
+thread reads its JSON-line events (rlhf/events.py) and this thread turns them into the
+monitor's calls; a stop (cancel, lost job, worker shutting down) sends SIGINT to the group,
+which stops at its next step with a checkpoint, and SIGKILL after ``TRAINING_STOP_GRACE_S``.
+The child gets PR_SET_PDEATHSIG=SIGKILL, so a worker killed with kill -9 takes it along.
+
+``JobMonitor`` turns the engine's progress into service calls:
 
 - ``on_step(step, metrics)`` buffers metric points and writes them in batches (every second,
-  every 500 points, and at every checkpoint step), together with the progress and new log lines, in one owner-guarded
-  transaction (``services.metric_points_write``);
+  every 500 points, and at every checkpoint step), together with the progress and new log
+  lines, in one owner-guarded transaction (``services.metric_points_write``);
 - ``should_stop()`` reads the cancel flag and the job's ownership from the database at most
-  once a second, so checking it every step costs nothing on fast steps; it is also true at
-  once when the worker is shutting down (:data:`WORKER_STOPPING`, set by SIGTERM in the pool
-  process, see training.worker): the engine then saves a checkpoint and the job goes back to
-  the queue (``released``);
+  once a second; it is also true at once when the worker is shutting down
+  (:data:`WORKER_STOPPING`, set by SIGTERM in the pool process, see training.worker): the
+  engine then saves a checkpoint and the job goes back to the queue (``released``);
 - a heartbeat thread proves the worker is alive every ``TRAINING_HEARTBEAT_S`` seconds, also
-  during a long step or while the base model loads; if the process dies (kill -9), the
-  heartbeat stops and ``services.jobs_recover_stale`` takes the job back. At each beat it
-  also reports the checkpoints the engine has completed since (``on_checkpoint``), so they
-  are usable while the job still runs.
+  during a long step or while the base model loads; if the worker dies (kill -9), the
+  heartbeat stops and ``services.jobs_recover_stale`` takes the job back;
+- ``check_checkpoints()`` registers each checkpoint the engine completed (``on_checkpoint``)
+  as soon as its event arrives, so it is usable while the job still runs.
 
-Log records of the ``rlhf`` logger are copied into the job's log tail while it runs.
+Log records of the ``rlhf`` logger (an engine run in this process: evaluation) are copied into
+the job's log tail while it runs; a child's arrive as ``log`` events.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
+import queue
 import signal
+import subprocess
+import sys
 import threading
 import time
+from dataclasses import dataclass
+from pathlib import Path
 
 from django.db import close_old_connections, connection
 
@@ -142,8 +155,8 @@ class JobMonitor:
 
     def watch_checkpoints(self, output_dir: str) -> None:
         """Report each checkpoint the engine completes in ``output_dir`` (``on_checkpoint``),
-        checked at every heartbeat and when the monitor closes. Those already there (a resumed
-        run's) are reported at the first check too: registering is idempotent."""
+        checked at each ``checkpoint`` event and when the monitor closes. Those already there
+        (a resumed run's) are reported at the first check too: registering is idempotent."""
         self.output_dir = output_dir
 
     def check_checkpoints(self) -> None:
@@ -164,7 +177,6 @@ class JobMonitor:
     def _heartbeat_loop(self) -> None:
         try:
             while not self._stop.wait(self.heartbeat_s):
-                self.check_checkpoints()
                 try:
                     beat = services.job_heartbeat(job_id=self.job_id, token=self.token)
                 except Exception:  # a database blip: try again at the next beat
@@ -252,3 +264,196 @@ class JobMonitor:
             log_lines=lines,
         ):
             self.lost = True
+
+
+# --------------------------------------------------------------------------- the engine child
+
+ENGINE_LOG = "engine.log"
+"""The child's stderr, in its run folder: what the operator reads when it died without a word."""
+
+
+@dataclass
+class EngineOutcome:
+    """How an engine child ended."""
+
+    result: dict | None = None  # its ``result`` event
+    failure: dict | None = None  # its first ``failed`` event (under torchrun: the first rank's)
+    returncode: int | None = None
+    killed: bool = False  # asked to stop, it did not within the grace period
+    last_output: str = ""  # the last line it wrote to stderr
+
+    def reason(self) -> str:
+        """Why the run ended without a result, as the job's error."""
+        if self.failure is not None:
+            return str(self.failure.get("reason") or "the engine failed")
+        code = self.returncode
+        if code is not None and code < 0:
+            how = f"killed by {signal.Signals(-code).name}"
+            if -code == signal.SIGKILL:
+                how += ": out of memory (the system's OOM killer) or killed by hand"
+        else:
+            how = f"exit status {code}"
+        last = f"; its last words: {self.last_output}" if self.last_output else ""
+        return f"The training process ended without a result ({how}){last}"
+
+
+def engine_command(
+    kind: str,
+    *,
+    run_dir: Path,
+    output_dir: str | Path,
+    devices: int = 1,
+    resume: bool = False,
+    reward_model: str | None = None,
+    reward_fn: str | None = None,
+) -> list[str]:
+    """``python -m rlhf <kind> ... --events -`` on the inputs in ``run_dir``; with several
+    devices the same command under torchrun, one process per device."""
+    launcher = [sys.executable, "-m"]
+    if devices > 1:
+        launcher += ["torch.distributed.run", "--standalone", f"--nproc-per-node={devices}", "-m"]
+    command = [*launcher, "rlhf", kind]
+    command += ["--config", str(run_dir / "config.json"), "--data", str(run_dir / "data.jsonl")]
+    command += ["--out", str(output_dir)]
+    if resume:
+        command.append("--resume")
+    if reward_model:
+        command += ["--reward-model", str(reward_model)]
+    if reward_fn:
+        command += ["--reward-fn", reward_fn]
+    return [*command, "--events", "-"]
+
+
+def engine_env() -> dict[str, str]:
+    """The worker's environment, with this project importable (a rule reward is a
+    ``training.rewards:<name>`` function the engine imports without Django)."""
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, "PYTHONPATH": root + (os.pathsep + path if path else "")}
+
+
+def engine_run(
+    command: list[str], *, monitor: JobMonitor, log_path: Path, stop_grace_s: float
+) -> EngineOutcome:
+    """Run the engine as a child process group and supervise it until it ends: its events
+    become the monitor's calls; when ``monitor.should_stop()`` turns true the group gets
+    SIGINT (a checkpoint at the next step), and SIGKILL ``stop_grace_s`` later if it is still
+    running. Nothing outlives this call, nor the worker (PR_SET_PDEATHSIG)."""
+    from rlhf.events import die_with_parent, libc_prctl
+
+    libc_prctl()  # loaded here: the child must not load a library between fork and exec
+    parent = os.getpid()
+
+    def in_child() -> None:
+        die_with_parent()
+        if os.getppid() != parent:  # the worker died before the request took effect
+            os._exit(1)
+
+    with open(log_path, "ab") as stderr:
+        proc = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            start_new_session=True,  # its own process group: signals reach every rank
+            preexec_fn=in_child,  # noqa: PLW1509 - async-signal-safe: one prctl call
+            env=engine_env(),
+            text=True,
+            encoding="utf-8",
+            errors="replace",
+        )
+    events: queue.Queue = queue.Queue()
+    reader = threading.Thread(
+        target=_read_events, args=(proc.stdout, events), name="engine-events", daemon=True
+    )
+    reader.start()
+    outcome = EngineOutcome()
+    stop_sent_at: float | None = None
+    try:
+        while True:
+            try:
+                event = events.get(timeout=0.2)
+            except queue.Empty:
+                event = {}
+            if event is None:  # the group closed its output: it has ended
+                break
+            _dispatch(event, monitor, outcome)
+            if stop_sent_at is None and monitor.should_stop():
+                _signal_group(proc, signal.SIGINT)
+                stop_sent_at = time.monotonic()
+                monitor.log("stop requested: the engine stops after its current step")
+            elif (
+                stop_sent_at is not None
+                and not outcome.killed
+                and time.monotonic() - stop_sent_at > stop_grace_s
+            ):
+                _signal_group(proc, signal.SIGKILL)
+                outcome.killed = True
+                monitor.log(f"the engine did not stop within {stop_grace_s:g} s: killed")
+        outcome.returncode = proc.wait()
+    finally:
+        if proc.poll() is None:  # this thread failed: leave no engine behind
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait()
+        reader.join(timeout=5)
+        monitor.flush()
+    outcome.last_output = _last_line(log_path)
+    return outcome
+
+
+def _read_events(stream, out: queue.Queue) -> None:
+    """Each line of the child's stdout as an event; a stray line (not an event) as a log line.
+    None at the end."""
+    try:
+        for raw in stream:
+            line = raw.rstrip("\n")
+            if not line.strip():
+                continue
+            try:
+                event = json.loads(line)
+            except ValueError:
+                event = None
+            if not isinstance(event, dict) or not isinstance(event.get("event"), str):
+                event = {"event": "log", "line": line}
+            out.put(event)
+    finally:
+        out.put(None)
+
+
+def _dispatch(event: dict, monitor: JobMonitor, outcome: EngineOutcome) -> None:
+    kind = event.get("event")
+    if kind == "metrics":
+        metrics = {k: v for k, v in (event.get("metrics") or {}).items() if v is not None}
+        monitor.on_step(int(event["step"]), metrics)
+    elif kind == "log":
+        monitor.log(str(event.get("line", "")))
+    elif kind == "checkpoint":
+        monitor.check_checkpoints()
+    elif kind == "result":
+        outcome.result = event
+    elif kind == "failed" and outcome.failure is None:
+        outcome.failure = event
+        if not event.get("expected"):
+            logger.error(
+                "job %s: the engine failed: %s\n%s",
+                monitor.job_id,
+                event.get("reason"),
+                event.get("traceback", ""),
+            )
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:  # already gone
+        pass
+
+
+def _last_line(path: Path) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = [x for x in f.read().decode("utf-8", "replace").splitlines() if x.strip()]
+    except OSError:
+        return ""
+    return lines[-1].strip()[:500] if lines else ""

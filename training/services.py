@@ -98,6 +98,12 @@ def heartbeat_every_s() -> int:
     return _setting("TRAINING_HEARTBEAT_S", 10)
 
 
+def stop_grace_s() -> int:
+    """Seconds a stopping engine (cancel, worker shutdown) gets to reach its next step and
+    save a checkpoint before its process group is killed."""
+    return _setting("TRAINING_STOP_GRACE_S", 60)
+
+
 def recover_every_s() -> int:
     return _setting("TRAINING_RECOVER_EVERY_S", 30)
 

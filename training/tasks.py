@@ -1,10 +1,11 @@
-"""Celery tasks: thin adapters between the broker and training.services.
+"""Celery tasks: thin supervisors between the broker, the engine and training.services.
 
 ``job_run(job_id)`` (queue "gpu"): claim the job with a compare-and-set update (exit if
-another worker has it), read its frozen input rows through selectors, call the engine with
-callbacks that stream metric points, heartbeats and the cancel flag (training.runtime),
-register the checkpoint and finish the job. Errors the engine names (NaN loss, out of
-memory, bad config or data) end the job as failed with that message.
+another worker has it), read its frozen input rows through selectors, write them with the
+config into the job's run folder, start the engine on them as a child process group and turn
+its events into service calls (training.runtime), register the checkpoint and finish the job.
+Errors the engine names (NaN loss, out of memory, bad config or data) end the job as failed
+with its message; the worker never trains in its own process.
 
 ``jobs_recover_stale()`` (queue "default") is the same recovery the workers run in a loop
 (training.worker); it is a task too, so a beat schedule or an operator can trigger it.
@@ -13,13 +14,13 @@ memory, bad config or data) end the job as failed with that message.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
-import traceback
 from pathlib import Path
 
 from celery import shared_task
 
-from training import evaluation, selectors, services
+from training import evaluation, runtime, selectors, services
 from training.models import Checkpoint, Job
 from training.rewards import reward_rule_get
 from training.runtime import JobMonitor, stop_on_sigterm
@@ -55,23 +56,13 @@ def _job_run(job_id: int) -> str:
         monitor.log(f"attempt {job.attempts} of {job.max_attempts} on {job.worker}")
         monitor.flush()
         try:
-            rows = selectors.input_rows(input_kind=job.input_kind, ids=job.input_ids)
-            if selectors.rows_hash(rows) != job.input_hash:
-                raise DataChangedError(
-                    f"the {job.input_kind} this job was launched on changed or were deleted "
-                    f"({len(rows)} of {job.input_count} left); launch a new job"
-                )
-            if job.kind == Job.Kind.SAMPLE:
-                status, result = _run_sample(job, rows, monitor)
-            elif job.kind == Job.Kind.EVAL:
-                status, result = _run_eval(job, rows, monitor)
-            else:
-                status, result = _run_training(job, rows, monitor)
+            rows = _frozen_rows(job)
+            run_kind = {Job.Kind.SAMPLE: _run_sample, Job.Kind.EVAL: _run_eval}.get(
+                job.kind, _run_training
+            )
+            status, result = run_kind(job, rows, monitor)
         except Exception as exc:  # every failure ends the job with its reason, never silently
-            status, error = Job.Status.FAILED, _error_message(exc)
-            if not _is_expected(exc):
-                logger.exception("job %s failed", job_id)
-                monitor.log(traceback.format_exc(limit=8))
+            status, error = Job.Status.FAILED, _failure_reason(exc, job_id)
     if monitor.lost:
         logger.warning("job %s: taken from this worker (stale heartbeat); not finishing it", job_id)
         return "lost"
@@ -105,6 +96,20 @@ class DataChangedError(RuntimeError):
     pass
 
 
+class EngineFailed(RuntimeError):
+    """The engine child ended without a result; the message is the job's error."""
+
+
+def _frozen_rows(job: Job) -> list[dict]:
+    rows = selectors.input_rows(input_kind=job.input_kind, ids=job.input_ids)
+    if selectors.rows_hash(rows) != job.input_hash:
+        raise DataChangedError(
+            f"the {job.input_kind} this job was launched on changed or were deleted "
+            f"({len(rows)} of {job.input_count} left); launch a new job"
+        )
+    return rows
+
+
 RELEASED = "released"
 """What a kind returns when it stopped because the worker is shutting down (not a job status:
 the job goes back to the queue)."""
@@ -132,23 +137,62 @@ def _live_checkpoint(job: Job):
     return register
 
 
-def _reward_inputs(job: Job) -> dict:
+def _reward_args(job: Job) -> dict:
+    """The engine's reward: a reward-model folder, or a rule as ``module:function`` the child
+    imports (training.rewards needs no Django)."""
     if job.reward_checkpoint_id:
         return {"reward_model": job.reward_checkpoint.path}
     if job.reward_rule:
-        return {"reward_fn": reward_rule_get(job.reward_rule).fn}
+        fn = reward_rule_get(job.reward_rule).fn
+        return {"reward_fn": f"{fn.__module__}:{fn.__name__}"}
     return {}
+
+
+RUN_DIR = "engine"
+"""The folder inside a job's output folder with what its engine child reads (config.json,
+data.jsonl) and its stderr (engine.log)."""
+
+
+def _engine(
+    job: Job,
+    rows: list[dict],
+    monitor: JobMonitor,
+    *,
+    kind: str,
+    output_dir: str,
+    resume: bool = False,
+    **reward: str,
+) -> dict:
+    """Run the engine on ``rows`` in a child process group and return its ``result`` event
+    (a stopped one when it was stopped and killed before it said so). Raises EngineFailed
+    with the reason when it failed."""
+    from rlhf.data import write_jsonl
+
+    run_dir = Path(job.output_dir) / RUN_DIR
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(job.config))
+    write_jsonl(run_dir / "data.jsonl", rows)
+    command = runtime.engine_command(
+        kind, run_dir=run_dir, output_dir=output_dir, resume=resume, **reward
+    )
+    outcome = runtime.engine_run(
+        command,
+        monitor=monitor,
+        log_path=run_dir / runtime.ENGINE_LOG,
+        stop_grace_s=services.stop_grace_s(),
+    )
+    if outcome.result is not None:
+        return outcome.result
+    if outcome.killed and outcome.failure is None:
+        return {"stopped": True, "step": monitor.step, "checkpoint": None, "metrics": {}}
+    raise EngineFailed(outcome.reason())
 
 
 def _run_training(job: Job, rows: list[dict], monitor: JobMonitor) -> tuple[str, dict]:
     from rlhf.checkpoint import latest_checkpoint, read_state
-    from rlhf.config import config_from_dict
-    from rlhf.runner import run
 
-    cfg = config_from_dict(services.ENGINE_KIND[job.kind], job.config)
-    monitor.log(
-        f"loading {cfg.model}" + (f" with adapter {cfg.init_adapter}" if cfg.init_adapter else "")
-    )
+    model, adapter = job.config.get("model"), job.config.get("init_adapter")
+    monitor.log(f"loading {model}" + (f" with adapter {adapter}" if adapter else ""))
     monitor.watch_checkpoints(job.output_dir)
     resume = latest_checkpoint(job.output_dir)
     start_step = int(read_state(resume).get("step", 0)) if resume is not None else 0
@@ -163,57 +207,43 @@ def _run_training(job: Job, rows: list[dict], monitor: JobMonitor) -> tuple[str,
             "no checkpoint was saved before the worker was lost: starting again from step 0"
         )
     monitor.flush()
-    result = run(
-        job.kind,
-        cfg,
+    result = _engine(
+        job,
         rows,
+        monitor,
+        kind=services.ENGINE_KIND[job.kind],
         output_dir=job.output_dir,
-        on_step=monitor.on_step,
-        should_stop=monitor.should_stop,
-        resume_from=str(resume) if resume is not None else None,
-        **_reward_inputs(job),
+        resume=resume is not None,
+        **_reward_args(job),
     )
-    monitor.flush()
     if monitor.lost:
         return Job.Status.FAILED, {}
-    monitor.step = result.step
-    if result.stopped and monitor.released:  # its checkpoint is where the next worker resumes
+    step, stopped, metrics = int(result["step"]), bool(result["stopped"]), result["metrics"]
+    monitor.step = step
+    if stopped and monitor.released:  # its checkpoint is where the next worker resumes
         return RELEASED, {}
-    summary = {"step": result.step, "metrics": _finite(result.metrics)}
-    if result.checkpoint_dir is not None:
+    summary = {"step": step, "metrics": _finite(metrics)}
+    if result["checkpoint"] is not None:
         ckpt = services.checkpoint_register_output(
-            job=job,
-            path=result.checkpoint_dir,
-            step=result.step,
-            metrics=result.metrics,
-            stopped=result.stopped,
+            job=job, path=result["checkpoint"], step=step, metrics=metrics, stopped=stopped
         )
         summary["checkpoint_id"] = ckpt.pk
-        monitor.log(f"checkpoint #{ckpt.pk}: {result.checkpoint_dir}")
+        monitor.log(f"checkpoint #{ckpt.pk}: {result['checkpoint']}")
         value = ckpt.children.filter(role=Checkpoint.Role.VALUE, path=ckpt.path).first()
         if value is not None:
             summary["value_checkpoint_id"] = value.pk
-    return (Job.Status.CANCELLED if result.stopped else Job.Status.SUCCEEDED), summary
+    return (Job.Status.CANCELLED if stopped else Job.Status.SUCCEEDED), summary
 
 
 def _run_sample(job: Job, rows: list[dict], monitor: JobMonitor) -> tuple[str, dict]:
-    from rlhf.config import config_from_dict
-    from rlhf.runner import run
+    from rlhf.data import read_jsonl
 
-    cfg = config_from_dict("sample", job.config)
-    samples = run(
-        "sample",
-        cfg,
-        rows,
-        output_dir=job.output_dir,
-        on_step=monitor.on_step,
-        should_stop=monitor.should_stop,
-    )
-    monitor.flush()
+    result = _engine(job, rows, monitor, kind="sample", output_dir=job.output_dir)
     if monitor.lost:
         return Job.Status.FAILED, {}
     if monitor.released:  # sampling keeps no checkpoint: the next worker samples again
         return RELEASED, {}
+    samples = read_jsonl(result["path"]) if result.get("path") else []
     if monitor.cancelled:
         return Job.Status.CANCELLED, {"prompts_sampled": len(samples)}
     stored = services.samples_store(
@@ -324,31 +354,20 @@ def _score(
 # --------------------------------------------------------------------------- errors
 
 
-def _is_expected(exc: BaseException) -> bool:
-    from rlhf.errors import TrainingError
+def _failure_reason(exc: BaseException, job_id: int) -> str:
+    """What the job page shows: the engine's own message for the errors it names (the child
+    reported them; an evaluation raises them here), else the type and message, with the
+    traceback in the worker's log only."""
+    from rlhf.events import failure
 
-    return isinstance(exc, (TrainingError, DataChangedError))
-
-
-def _error_message(exc: BaseException) -> str:
-    """What the job page shows: the engine's own message for the errors it names."""
-    import torch
-
-    from rlhf.errors import ConfigError, DataError, NonFiniteLossError, OutOfMemoryError
-
-    if isinstance(exc, NonFiniteLossError):
-        return f"Training diverged: {exc}"
-    if isinstance(exc, OutOfMemoryError):
-        return f"Out of memory: {exc}"
-    if isinstance(exc, torch.OutOfMemoryError):
-        return "Out of memory: reduce batch_size or max_seq_len (or raise grad_accum_steps)."
-    if isinstance(exc, ConfigError):
-        return f"Invalid config: {exc}"
-    if isinstance(exc, DataError):
-        return f"Invalid data: {exc}"
+    if isinstance(exc, EngineFailed):
+        return str(exc)
     if isinstance(exc, DataChangedError):
         return f"Input data changed: {exc}"
-    return f"{type(exc).__name__}: {exc}"
+    reported = failure(exc)
+    if not reported["expected"]:
+        logger.exception("job %s failed", job_id)
+    return reported["reason"]
 
 
 def _finite(metrics: dict) -> dict:

@@ -130,6 +130,7 @@ def test_an_unexpected_error_is_a_failed_event_with_a_short_traceback_for_the_op
 def test_several_processes_are_refused_for_a_kind_that_cannot_run_data_parallel(
     tmp_path, sft_rows, monkeypatch
 ):
+    monkeypatch.setattr("rlhf.runner.DATA_PARALLEL_KINDS", frozenset())
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg, data = _write_inputs(tmp_path, sft_rows, {"model": "tiny"})
     events = tmp_path / "events.jsonl"

@@ -1,15 +1,25 @@
-"""training.tasks.job_run in this process (no broker): how each failure ends the job.
+"""training.tasks.job_run in this process (no broker): how the task supervises its engine
+child and how each failure ends the job.
 
 The job rows are created directly as queued (no task message is sent), and the tests are
-transactional because the task's heartbeat thread uses its own database connection."""
+transactional because the task's heartbeat thread uses its own database connection. Some
+tests run the real engine (``python -m rlhf ... --events``); the others give the task a fake
+engine, a few lines of Python that print the events a real one prints (tests/rlhf/test_events.py
+proves the engine prints them)."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
 import pytest
-import torch
 
 from training import selectors
-from training.models import Job
+from training.models import Job, MetricPoint
 from training.tasks import job_run
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -42,29 +52,149 @@ def test_a_config_the_engine_now_refuses_fails_the_job_with_the_reason(project, 
     assert job.finished_at is not None and job.run_token == ""
 
 
-def test_running_out_of_memory_fails_the_job_naming_what_to_reduce(project, tmp_path, monkeypatch):
-    def out_of_memory(*args, **kwargs):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+def fake_engine(monkeypatch, script: str) -> None:
+    """The task starts ``script`` (Python) as its engine child instead of ``python -m rlhf``."""
+    command = [sys.executable, "-c", textwrap.dedent(script)]
+    monkeypatch.setattr("training.runtime.engine_command", lambda *args, **kwargs: command)
 
-    monkeypatch.setattr("rlhf.runner.run", out_of_memory)
+
+def events(*items: dict) -> str:
+    """A script printing these events, one JSON line each."""
+    return "".join(f"print({json.dumps(json.dumps(e))}, flush=True)\n" for e in items)
+
+
+def test_the_engines_events_become_metric_points_log_lines_and_the_result(
+    project, tmp_path, monkeypatch
+):
+    fake_engine(
+        monkeypatch,
+        "import os\n"
+        + events(
+            {"event": "log", "line": "rlhf.sft: training 6 rows"},
+            {"event": "metrics", "step": 1, "metrics": {"loss/sft": 2.0, "eval/x": None}},
+            {"event": "metrics", "step": 2, "metrics": {"loss/sft": 1.5}},
+        )
+        + "print('a stray print of some library')\n"
+        + "print('engine pid', os.getpid())\n"
+        + events(
+            {"event": "result", "step": 2, "stopped": False, "checkpoint": None, "metrics": {}}
+        ),
+    )
+    job = queued_job(project, tmp_path=tmp_path)
+    assert job_run.run(job.pk) == Job.Status.SUCCEEDED
+    job.refresh_from_db()
+    points = MetricPoint.objects.filter(job=job).order_by("step")
+    assert [(p.step, p.key, p.value) for p in points] == [
+        (1, "loss/sft", 2.0),
+        (2, "loss/sft", 1.5),
+    ]
+    assert job.step == 2 and job.result["step"] == 2
+    assert "rlhf.sft: training 6 rows" in job.log_tail
+    assert "a stray print of some library" in job.log_tail
+    engine_pid = int(job.log_tail.split("engine pid ")[1].split()[0])
+    assert engine_pid != os.getpid()  # the engine ran in a child, not in the task's process
+
+
+def test_an_engine_failure_fails_the_job_with_the_engines_reason(project, tmp_path, monkeypatch):
+    reason = "Out of memory: out of GPU memory; reduce batch_size or max_seq_len"
+    fake_engine(
+        monkeypatch,
+        events(
+            {"event": "metrics", "step": 1, "metrics": {"loss/sft": 2.0}},
+            {"event": "failed", "reason": reason, "expected": True},
+        )
+        + "raise SystemExit(1)",
+    )
     job = queued_job(project, tmp_path=tmp_path)
     assert job_run.run(job.pk) == Job.Status.FAILED
     job.refresh_from_db()
-    assert job.error.startswith("Out of memory:") and "batch_size" in job.error
+    assert job.status == Job.Status.FAILED and job.error == reason
+    assert job.finished_at is not None and job.run_token == ""
 
 
-def test_the_engines_own_out_of_memory_error_keeps_its_advice(project, tmp_path, monkeypatch):
-    from rlhf.errors import OutOfMemoryError
-
-    def out_of_memory(*args, **kwargs):
-        raise OutOfMemoryError("out of GPU memory; reduce batch_size or max_seq_len")
-
-    monkeypatch.setattr("rlhf.runner.run", out_of_memory)
+def test_an_unexpected_engine_error_shows_its_reason_and_keeps_the_traceback_for_the_operator(
+    project, tmp_path, monkeypatch, caplog
+):
+    fake_engine(
+        monkeypatch,
+        events(
+            {
+                "event": "failed",
+                "reason": "KeyError: 'adapter'",
+                "expected": False,
+                "traceback": 'Traceback (most recent call last):\n  File "x.py"\nKeyError',
+            }
+        ),
+    )
     job = queued_job(project, tmp_path=tmp_path)
-    job_run.run(job.pk)
+    assert job_run.run(job.pk) == Job.Status.FAILED
     job.refresh_from_db()
-    assert job.status == Job.Status.FAILED
-    assert job.error == "Out of memory: out of GPU memory; reduce batch_size or max_seq_len"
+    assert job.error == "KeyError: 'adapter'"
+    assert "Traceback" not in job.log_tail + job.error  # a person never sees one
+    assert "Traceback" in caplog.text  # the worker's log keeps it
+
+
+def test_an_engine_that_dies_without_a_word_fails_the_job_saying_how(
+    project, tmp_path, monkeypatch
+):
+    fake_engine(
+        monkeypatch,
+        "import os, signal, sys\n"
+        "print('CUDA error: an illegal memory access', file=sys.stderr, flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)",
+    )
+    job = queued_job(project, tmp_path=tmp_path)
+    assert job_run.run(job.pk) == Job.Status.FAILED
+    job.refresh_from_db()
+    assert job.error.startswith("The training process ended without a result (killed by SIGKILL")
+    assert job.error.endswith("its last words: CUDA error: an illegal memory access")
+
+
+def test_a_cancel_reaches_the_engine_as_sigint_and_an_engine_that_ignores_it_is_killed(
+    project, tmp_path, monkeypatch
+):
+    from training import services
+    from training.runtime import JobMonitor
+
+    monkeypatch.setattr(JobMonitor, "STOP_CHECK_EVERY_S", 0.0)
+    monkeypatch.setattr(services, "stop_grace_s", lambda: 1)
+    marker = tmp_path / "engine-pid"
+    fake_engine(
+        monkeypatch,
+        f"""
+        import os, signal, time
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a run stuck in a step
+        open({str(marker)!r}, "w").write(str(os.getpid()))
+        {events({"event": "log", "line": "started"}).strip()}
+        time.sleep(120)
+        """,
+    )
+    job = queued_job(project, tmp_path=tmp_path)
+    real_log = JobMonitor.log
+
+    def log_then_cancel(self, line):
+        real_log(self, line)
+        if line == "started":
+            services.job_cancel(job=Job.objects.get(pk=job.pk))
+
+    monkeypatch.setattr(JobMonitor, "log", log_then_cancel)
+    assert job_run.run(job.pk) == Job.Status.CANCELLED
+    job.refresh_from_db()
+    assert "stop requested" in job.log_tail and "did not stop within 1 s: killed" in job.log_tail
+    assert not os.path.exists(f"/proc/{marker.read_text()}")  # nothing left running
+
+
+def test_a_rule_reward_reaches_the_engine_as_a_function_it_imports_without_django():
+    from rlhf.runner import load_reward_fn
+    from training.rewards import length
+    from training.tasks import _reward_args
+
+    spec = _reward_args(Job(reward_rule="length"))["reward_fn"]
+    assert spec == "training.rewards:length" and load_reward_fn(spec) is length
+    check = "import sys, training.rewards; assert 'django' not in sys.modules, sorted(sys.modules)"
+    env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+    done = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
 
 
 def test_a_task_for_a_job_that_is_not_queued_does_nothing(project, tmp_path):
@@ -78,35 +208,84 @@ def test_a_task_for_a_job_that_is_not_queued_does_nothing(project, tmp_path):
 def test_a_cancel_while_the_model_loads_ends_the_job_before_any_training_work(
     project, tmp_path, monkeypatch, tiny_model
 ):
-    """The cancel arrives through the service while the engine loads the base model: the job
-    ends cancelled without tokenizing its data, training or registering a checkpoint."""
-    import rlhf.sft
+    """The cancel arrives through the service as soon as the engine child says it started
+    (before it loads the model): the job ends cancelled with no step trained and no
+    checkpoint (tests/rlhf/test_loop.py proves the engine stops before tokenizing)."""
     from rlhf.checkpoint import latest_checkpoint
-    from rlhf.data import SFTCollator
     from training import services
     from training.models import Checkpoint
     from training.runtime import JobMonitor
 
     monkeypatch.setattr(JobMonitor, "STOP_CHECK_EVERY_S", 0.0)  # read the flag at every check
-    config = {"model": tiny_model, "max_steps": 2, "max_seq_len": 48, "eval_fraction": 0.0}
+    config = {"model": tiny_model, "max_steps": 100_000, "max_seq_len": 48, "eval_fraction": 0.0}
     job = queued_job(project, config=config, tmp_path=tmp_path)
-    real_load, real_encode = rlhf.sft.load_policy, SFTCollator.encode
-    encoded = []
+    real_log = JobMonitor.log
 
-    def load_then_cancel(*args, **kwargs):
-        loaded = real_load(*args, **kwargs)
-        assert services.job_cancel(job=Job.objects.get(pk=job.pk)).cancel_requested
-        return loaded
+    def log_then_cancel(self, line):
+        real_log(self, line)
+        if " in process " in line:  # the engine's first words
+            assert services.job_cancel(job=Job.objects.get(pk=job.pk)).cancel_requested
 
-    def encode(self, row):
-        encoded.append(row)
-        return real_encode(self, row)
-
-    monkeypatch.setattr("rlhf.sft.load_policy", load_then_cancel)
-    monkeypatch.setattr(SFTCollator, "encode", encode)
+    monkeypatch.setattr(JobMonitor, "log", log_then_cancel)
     assert job_run.run(job.pk) == Job.Status.CANCELLED
     job.refresh_from_db()
     assert job.status == Job.Status.CANCELLED and not job.step and job.error == ""
-    assert encoded == [], "the data were tokenized after the cancel"
+    assert not MetricPoint.objects.filter(job=job).exists()
     assert not Checkpoint.objects.filter(job=job).exists()
     assert latest_checkpoint(job.output_dir) is None
+
+
+def test_an_engine_dies_with_its_worker_even_in_the_middle_of_a_long_step(tmp_path):
+    """kill -9 of the supervising process: the engine child gets SIGKILL from the kernel
+    (PR_SET_PDEATHSIG) at once, not only when it next writes an event to the closed pipe."""
+    supervisor = textwrap.dedent(
+        f"""
+        import sys
+        from pathlib import Path
+
+        import django
+
+        django.setup()
+        from training import runtime
+
+        class Monitor:
+            job_id = 0
+            log = staticmethod(lambda line: print(line, flush=True))
+            should_stop = staticmethod(lambda: False)
+            flush = on_step = check_checkpoints = staticmethod(lambda *a: None)
+
+        step = "import os, time; print('engine', os.getpid(), flush=True); time.sleep(60)"
+        runtime.engine_run(
+            [sys.executable, "-c", step],
+            monitor=Monitor(),
+            log_path=Path({str(tmp_path / "engine.log")!r}),
+            stop_grace_s=1,
+        )
+        """
+    )
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "config.settings"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", supervisor], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("engine "), line
+        engine = int(line.split()[1])
+        assert os.path.exists(f"/proc/{engine}")
+        proc.kill()
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 3
+        while _running(engine) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _running(engine), "the engine outlived its worker"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"

@@ -1,13 +1,15 @@
 """End to end with a real Celery worker process, real Redis and PostgreSQL, on the tiny model.
 
 Each test launches jobs through training.services.job_launch (as the pages and the API do);
-the job's task goes through Redis to the worker subprocess, which trains with the engine and
-writes metric points, heartbeats and checkpoints into the test database.
+the job's task goes through Redis to the worker subprocess, which starts the engine as its
+child process group (``python -m rlhf ... --events``) and writes its metric points,
+heartbeats and checkpoints into the test database.
 """
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 from django.db import transaction
@@ -58,6 +60,25 @@ def _details(job_id: int) -> str:
     return f"job {job_id}: {job.status} step {job.step} error {job.error!r}\nlog tail:\n{job.log_tail}\nworker:\n{logs}"
 
 
+def engine_processes(output_dir: str) -> list[int]:
+    """Pids of the running processes whose command line names ``output_dir`` (the engine)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue  # gone meanwhile, or not a process
+        if output_dir in cmdline and state != "Z":
+            found.append(int(proc.name))
+    return found
+
+
+def engine_pid(job: Job) -> int:
+    """The pid the engine reported in its first log line ("sft in process N ...")."""
+    return int(job.log_tail.split(" in process ")[1].split()[0])
+
+
 def assert_succeeded(job: Job, worker) -> None:
     assert job.status == Job.Status.SUCCEEDED, (
         f"{job.status}: {job.error}\n{job.log_tail}\n{worker.log()}"
@@ -99,6 +120,10 @@ def test_sft_job_streams_metric_points_while_it_runs_and_registers_a_checkpoint(
     assert ckpt.path.startswith(job.output_dir) and "loss/sft" in ckpt.metrics
     assert job.attempts == 1 and job.heartbeat_at is not None and job.worker
     assert "attempt 1 of" in job.log_tail and "step 120/120" in job.log_tail, job.log_tail
+    # it trained in a child process, neither the worker nor its pool process
+    task_pid = int(job.worker.rsplit(":", 1)[1])
+    assert engine_pid(job) not in (task_pid, worker.proc.pid)
+    assert not engine_processes(job.output_dir)  # and nothing is left running
 
 
 def test_closed_loop_reward_model_then_ppo_then_sampling_then_evaluation(
@@ -243,9 +268,12 @@ def test_a_job_whose_worker_is_killed_resumes_from_its_last_checkpoint(worker, p
         timeout=90,
         message="a checkpoint of the running job",
     )
+    assert engine_processes(job.output_dir)  # the engine child, in its own process group
     worker.kill9()
     killed_at = time.monotonic()
     saved_step = int(read_state(latest_checkpoint(job.output_dir))["step"])
+    # it died with the worker (PR_SET_PDEATHSIG): no orphan keeps training or writing
+    wait_for(lambda: not engine_processes(job.output_dir), timeout=5, message="no orphan engine")
     assert job_state(job.pk).status == Job.Status.RUNNING  # nobody knows yet
     worker.start()
     resumed = wait_for(
