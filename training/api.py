@@ -44,6 +44,10 @@ class LaunchIn(Schema):
         False, description="Eval only: send the A-vs-B pairs to labelers as items."
     )
     max_attempts: Annotated[StrictInt, Field(ge=1, le=services.MAX_ATTEMPTS)] | None = None
+    devices: Annotated[StrictInt, Field(ge=1, le=services.MAX_DEVICES)] = Field(
+        1,
+        description="Devices (GPUs) to train on, one process each; a worker with as many runs it.",
+    )
 
 
 class JobOut(Schema):
@@ -56,6 +60,7 @@ class JobOut(Schema):
     progress: int
     attempts: int
     max_attempts: int
+    devices: int
     cancel_requested: bool
     error: str
     worker: str
@@ -183,6 +188,7 @@ def launch_job(request, payload: LaunchIn):
             reward_rule=payload.reward_rule,
             options=options,
             max_attempts=payload.max_attempts,
+            devices=payload.devices,
         )
     except services.JobLaunchError as exc:
         return Status(400, {"detail": exc.text, "field": exc.field})

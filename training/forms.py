@@ -183,6 +183,14 @@ class JobLaunchForm(forms.Form):
         help_text="Attempts when a worker is lost mid-job, each resuming from the latest "
         "checkpoint (empty: the server's default).",
     )
+    devices = forms.IntegerField(
+        required=False,
+        min_value=1,
+        max_value=services.MAX_DEVICES,
+        initial=1,
+        help_text="Devices (GPUs) to train on, one process each; runs on a worker that has "
+        "as many.",
+    )
     send_to_labelers = forms.BooleanField(
         required=False, label="Send the A-vs-B pairs to labelers as items"
     )
@@ -229,6 +237,8 @@ class JobLaunchForm(forms.Form):
             del self.fields["reward"]
         if kind not in (Job.Kind.SAMPLE, Job.Kind.EVAL, Job.Kind.PPO, Job.Kind.GRPO):
             del self.fields["max_prompts"]
+        if kind not in services.OUTPUT_ROLE:  # sampling and evaluation run on one device
+            del self.fields["devices"]
         if kind in TINY_DEMO_OVERRIDES and is_tiny_demo_model(settings.DEFAULT_BASE_MODEL):
             self.fields["config"].help_text += (
                 " Prefilled with aggressive settings for the tiny demo model (a high learning_rate;"
@@ -297,6 +307,7 @@ class JobLaunchForm(forms.Form):
                 reward_rule=reward_rule,
                 options=options,
                 max_attempts=data.get("max_attempts"),
+                devices=data.get("devices") or 1,
             )
         except services.JobLaunchError as exc:
             field = exc.field if exc.field in self.fields else None

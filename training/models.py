@@ -98,6 +98,10 @@ class Job(models.Model):
     reward_rule = models.CharField(max_length=64, blank=True)
 
     output_dir = models.CharField(max_length=1000, blank=True)
+    # Devices (GPUs) the job trains on: one process each, under torchrun when more than one.
+    # A job is sent to the queue of its size (training.services.job_queue); a worker consumes
+    # the queues of the sizes it can hold (WORKER_DEVICES, training.worker).
+    devices = models.PositiveSmallIntegerField(default=1)
 
     class Meta:
         ordering = ["-id"]
@@ -109,6 +113,7 @@ class Job(models.Model):
             models.CheckConstraint(
                 condition=Q(max_attempts__gte=1), name="job_max_attempts_at_least_1"
             ),
+            models.CheckConstraint(condition=Q(devices__gte=1), name="job_devices_at_least_1"),
         ]
 
     def __str__(self) -> str:

@@ -108,6 +108,9 @@ def recover_every_s() -> int:
     return _setting("TRAINING_RECOVER_EVERY_S", 30)
 
 
+MAX_DEVICES = 64
+"""The most devices a job may ask for (one node's worth, with room)."""
+
 MAX_ATTEMPTS = 20
 """The most attempts a job may be given (each resumes from the latest checkpoint)."""
 
@@ -201,6 +204,7 @@ def job_launch(
     compare_checkpoint: Checkpoint | None = None,
     options: dict | None = None,
     max_attempts: int | None = None,
+    devices: int = 1,
 ) -> Job:
     """Validate, snapshot the input data and enqueue a job (after the transaction commits).
 
@@ -316,6 +320,10 @@ def job_launch(
         raise JobLaunchError(_NO_DATA[input_kind].format(project=project.name))
     rows = selectors.input_rows(input_kind=input_kind, ids=ids)
 
+    if not isinstance(devices, int) or not 1 <= devices <= MAX_DEVICES:
+        raise JobLaunchError(f"devices must be between 1 and {MAX_DEVICES}.", field="devices")
+    if devices > 1 and kind not in OUTPUT_ROLE:
+        raise JobLaunchError(f"A {kind} job runs on one device.", field="devices")
     if max_attempts is not None and not 1 <= max_attempts <= MAX_ATTEMPTS:
         raise JobLaunchError(f"max_attempts must be between 1 and {MAX_ATTEMPTS}.")
     attempts = max_attempts if max_attempts is not None else default_max_attempts()
@@ -337,6 +345,7 @@ def job_launch(
             reward_checkpoint=reward_checkpoint,
             reward_rule=reward_rule or "",
             total_steps=getattr(cfg, "max_steps", 0) if kind in OUTPUT_ROLE else 0,
+            devices=devices,
         )
         job.output_dir = str(Path(settings.CHECKPOINT_DIR) / f"job-{job.pk}")
         job.log_tail = _log_line(
@@ -376,13 +385,23 @@ def _check_checkpoint(ckpt: Checkpoint, *, project: Project, role: str, field: s
         )
 
 
+def job_queue(devices: int) -> str:
+    """The Celery queue of a job on ``devices`` devices: "gpu" for one, "gpu-N" for N. A worker
+    with D devices consumes gpu, gpu-2 ... gpu-D (training.worker), so it takes only jobs that
+    fit."""
+    return "gpu" if devices <= 1 else f"gpu-{devices}"
+
+
 def job_enqueue(*, job: Job) -> None:
-    """Send the job's task once the current transaction commits (never before the row exists)."""
+    """Send the job's task, to the queue of its size, once the current transaction commits
+    (never before the row exists)."""
     from training.tasks import job_run
 
     job_id = job.pk
     Job.objects.filter(pk=job_id).update(enqueued_at=timezone.now())
-    transaction.on_commit(lambda: job_run.apply_async(args=[job_id], queue="gpu"))
+    devices = Job.objects.filter(pk=job_id).values_list("devices", flat=True).first() or 1
+    queue = job_queue(devices)
+    transaction.on_commit(lambda: job_run.apply_async(args=[job_id], queue=queue))
 
 
 # --------------------------------------------------------------------------- running

@@ -53,7 +53,8 @@ def _job_run(job_id: int) -> str:
     )
     status, error, result = Job.Status.FAILED, "", {}
     with monitor:
-        monitor.log(f"attempt {job.attempts} of {job.max_attempts} on {job.worker}")
+        on = f"{job.devices} devices (torchrun)" if job.devices > 1 else "1 device"
+        monitor.log(f"attempt {job.attempts} of {job.max_attempts} on {job.worker}, {on}")
         monitor.flush()
         try:
             rows = _frozen_rows(job)
@@ -173,7 +174,12 @@ def _engine(
     (run_dir / "config.json").write_text(json.dumps(job.config))
     write_jsonl(run_dir / "data.jsonl", rows)
     command = runtime.engine_command(
-        kind, run_dir=run_dir, output_dir=output_dir, resume=resume, **reward
+        kind,
+        run_dir=run_dir,
+        output_dir=output_dir,
+        devices=job.devices,
+        resume=resume,
+        **reward,
     )
     outcome = runtime.engine_run(
         command,

@@ -10,17 +10,29 @@ process. Several workers may all run it: every change it makes is a compare-and-
 When a worker is stopped (SIGTERM: ``docker stop``, Ctrl-C of ``manage.py studio``), its
 running job stops at its next step, saves a checkpoint and goes back to the queue, so the
 next worker resumes it there; the attempt is not counted.
+
+A worker declares how many devices it has (``WORKER_DEVICES``; default: the GPUs it can see,
+1 on a CPU) and, when it consumes the ``gpu`` queue, also consumes ``gpu-2`` ... ``gpu-D``:
+a job on N devices is sent to ``gpu-N`` (``services.job_queue``), so it runs only on a
+worker that has them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
+import subprocess
 import threading
 
 from billiard.process import active_children
-from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
+from celery.signals import (
+    celeryd_after_setup,
+    worker_ready,
+    worker_shutdown,
+    worker_shutting_down,
+)
 from django.db import close_old_connections, connection
 
 from training.runtime import request_stop
@@ -53,6 +65,48 @@ def recovery_loop(*, every_s: float, stale_after_s: float, stop: threading.Event
                 return
     finally:
         connection.close()
+
+
+def worker_devices() -> int:
+    """How many devices this worker offers a job: ``WORKER_DEVICES``, else the GPUs it can see
+    (``CUDA_VISIBLE_DEVICES``, else ``nvidia-smi -L``), else 1 (a CPU). Torch is not imported:
+    the pool's processes must not inherit an initialised CUDA."""
+    raw = os.environ.get("WORKER_DEVICES", "").strip()
+    if raw:
+        if not raw.isdigit() or int(raw) < 1:
+            raise ValueError(f"WORKER_DEVICES={raw!r} is not a positive integer")
+        return int(raw)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return max(1, len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"]))
+    if shutil.which("nvidia-smi"):
+        try:
+            listed = subprocess.run(
+                ["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10, check=True
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            return 1
+        return max(1, sum(line.startswith("GPU ") for line in listed.splitlines()))
+    return 1
+
+
+def device_queues(devices: int) -> list[str]:
+    """The queues of the job sizes a worker with ``devices`` devices can run."""
+    from training.services import job_queue
+
+    return [job_queue(n) for n in range(1, devices + 1)]
+
+
+@celeryd_after_setup.connect
+def _consume_the_queues_that_fit(sender=None, instance=None, **kwargs) -> None:
+    """A worker of the ``gpu`` queue also takes the jobs of up to its device count."""
+    queues = instance.app.amqp.queues
+    if "gpu" not in (queues.consume_from or {}):
+        return
+    devices = worker_devices()
+    for name in device_queues(devices)[1:]:
+        queues.select_add(name)
+    logger.info("%s device(s): consuming %s", devices, ", ".join(device_queues(devices)))
 
 
 @worker_ready.connect

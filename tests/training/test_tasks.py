@@ -289,3 +289,81 @@ def _running(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+# --------------------------------------------------------------------------- devices and queues
+
+
+def test_a_job_is_sent_to_the_queue_of_its_device_count_also_when_it_is_requeued(
+    project, admin_user, monkeypatch
+):
+    from training import services
+
+    sent = []
+    monkeypatch.setattr(
+        "training.tasks.job_run.apply_async", lambda args, queue: sent.append((args[0], queue))
+    )
+    config = {"max_steps": 2}
+    one = services.job_launch(
+        kind="reward", project=project, config=config, user=admin_user, base_model="tiny"
+    )
+    two = services.job_launch(
+        kind="reward", project=project, config=config, user=admin_user, base_model="tiny", devices=2
+    )
+    assert two.devices == 2 and one.devices == 1
+    services.job_enqueue(job=Job(pk=two.pk))  # recovery re-sends with the id alone
+    assert sent == [(one.pk, "gpu"), (two.pk, "gpu-2"), (two.pk, "gpu-2")]
+
+
+@pytest.mark.parametrize(
+    "kind, devices, message",
+    [
+        ("reward", 0, "devices must be between 1 and 64"),
+        ("reward", 65, "devices must be between 1 and 64"),
+        ("sample", 2, "A sample job runs on one device"),
+    ],
+)
+def test_a_launch_asking_for_devices_it_cannot_have_is_refused(
+    project, admin_user, kind, devices, message
+):
+    from training import services
+
+    with pytest.raises(services.JobLaunchError) as refused:
+        services.job_launch(
+            kind=kind,
+            project=project,
+            config={"num_completions": project.k} if kind == "sample" else {},
+            user=admin_user,
+            base_model="tiny",
+            devices=devices,
+        )
+    assert refused.value.field == "devices" and message in refused.value.text
+    assert not Job.objects.exists()
+
+
+def test_a_worker_consumes_the_queues_of_the_job_sizes_it_can_hold(monkeypatch):
+    from training.worker import device_queues, worker_devices
+
+    assert device_queues(1) == ["gpu"] and device_queues(3) == ["gpu", "gpu-2", "gpu-3"]
+    monkeypatch.setenv("WORKER_DEVICES", "4")
+    assert worker_devices() == 4
+    monkeypatch.delenv("WORKER_DEVICES")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    assert worker_devices() == 2
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU visible: the CPU
+    assert worker_devices() == 1
+    monkeypatch.setenv("WORKER_DEVICES", "two")
+    with pytest.raises(ValueError, match="WORKER_DEVICES='two'"):
+        worker_devices()
+
+
+def test_a_job_on_several_devices_runs_the_engine_under_torchrun():
+    from pathlib import Path
+
+    from training.runtime import engine_command
+
+    one = engine_command("sft", run_dir=Path("/r"), output_dir="/o")
+    two = engine_command("sft", run_dir=Path("/r"), output_dir="/o", devices=2, resume=True)
+    assert one[1:4] == ["-m", "rlhf", "sft"] and one[-2:] == ["--events", "-"]
+    assert two[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m"]
+    assert two[6:] == [*one[2:-2], "--resume", "--events", "-"]

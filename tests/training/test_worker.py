@@ -8,6 +8,7 @@ heartbeats and checkpoints into the test database.
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -124,6 +125,41 @@ def test_sft_job_streams_metric_points_while_it_runs_and_registers_a_checkpoint(
     task_pid = int(job.worker.rsplit(":", 1)[1])
     assert engine_pid(job) not in (task_pid, worker.proc.pid)
     assert not engine_processes(job.output_dir)  # and nothing is left running
+
+
+def test_a_job_on_two_devices_launched_through_the_api_trains_as_one_process_does(
+    worker, project, admin_user, client
+):
+    """torchrun --nproc-per-node 2 on the CPU (gloo): the same config and data give the same
+    training as one process (the engine shards the batch and all-reduces the gradients)."""
+    client.force_login(admin_user)
+    config = {**TINY, "max_steps": 3, "eval_fraction": 0.0}
+    jobs = {}
+    for devices in (1, 2):
+        r = client.post(
+            "/api/training/jobs",
+            json.dumps(
+                {"kind": "reward", "project_id": project.pk, "config": config, "devices": devices}
+            ),
+            content_type="application/json",
+        )
+        assert r.status_code == 201, r.content
+        assert r.json()["devices"] == devices
+        jobs[devices] = r.json()["id"]
+    one, two = finished(jobs[1], timeout=120), finished(jobs[2], timeout=120)
+    assert_succeeded(one, worker)
+    assert_succeeded(two, worker)
+    assert "2 devices (torchrun)" in two.log_tail and "(rank 0 of 2)" in two.log_tail
+    losses = {
+        n: list(
+            MetricPoint.objects.filter(job=job, key="loss/reward")
+            .order_by("step")
+            .values_list("value", flat=True)
+        )
+        for n, job in ((1, one), (2, two))
+    }
+    assert len(losses[1]) == len(losses[2]) == 3
+    assert losses[2] == pytest.approx(losses[1], rel=1e-4, abs=1e-5)
 
 
 def test_closed_loop_reward_model_then_ppo_then_sampling_then_evaluation(

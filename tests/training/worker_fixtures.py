@@ -181,6 +181,7 @@ def _start_shared_worker(tiny_model: str, checkpoint_dir: Path) -> WorkerProcess
         "TRAINING_HEARTBEAT_S": "1",
         "TRAINING_STALE_AFTER_S": str(STALE_AFTER_S),
         "TRAINING_RECOVER_EVERY_S": "1",
+        "WORKER_DEVICES": "2",  # consumes gpu and gpu-2: the 2-process jobs run on the CPU
         "CACHE_REDIS": "0",
         "OMP_NUM_THREADS": "1",
         "MKL_NUM_THREADS": "1",
