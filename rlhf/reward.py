@@ -332,26 +332,53 @@ def pool_hidden(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str
     raise ConfigError(f"unknown pooling {pooling!r}")
 
 
+def segment_ids(input_ids: torch.Tensor, sep_token_id: int) -> torch.Tensor:
+    """Token type ids [B,T] of ``[CLS] A [SEP] B [SEP]`` rows: 0 up to and including the first
+    [SEP], 1 after it (padding after the second part is masked anyway)."""
+    sep = (input_ids == sep_token_id).long()
+    return ((sep.cumsum(1) - sep) > 0).long()
+
+
 class RewardModel(nn.Module):
     """A PeftModel body + :class:`ScalarHead`: ``forward(input_ids, attention_mask) -> [B]``.
 
     The body is run with whatever adapter is active; use :func:`active_adapter` to pick one.
     """
 
-    def __init__(self, peft_model, head: ScalarHead, *, base_kind: str, pooling: str):
+    def __init__(
+        self,
+        peft_model,
+        head: ScalarHead,
+        *,
+        base_kind: str,
+        pooling: str,
+        sep_token_id: int | None = None,
+    ):
         super().__init__()
         self.peft_model = peft_model
         self.head = head
         self.base_kind = base_kind
         self.pooling = pooling
+        config = peft_model.get_base_model().config
+        # an encoder trained on sentence pairs (BERT, MiniLM) reads the completion as segment 1
+        self.sep_token_id = (
+            sep_token_id
+            if base_kind == "encoder" and getattr(config, "type_vocab_size", 0) >= 2
+            else None
+        )
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         body = backbone_of(self.peft_model)
-        out = (
-            body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            if self.base_kind == "causal"
-            else body(input_ids=input_ids, attention_mask=attention_mask)
-        )
+        if self.base_kind == "causal":
+            out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        elif self.sep_token_id is not None:
+            out = body(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                token_type_ids=segment_ids(input_ids, self.sep_token_id),
+            )
+        else:
+            out = body(input_ids=input_ids, attention_mask=attention_mask)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]  # [B,T,H]
         pooled = pool_hidden(hidden, attention_mask, self.pooling)  # [B,H]
         return self.head(pooled.unsqueeze(1)).squeeze(1)  # [B]
@@ -362,7 +389,10 @@ class RewardEncoder:
 
     causal: ``prompt (+ chat template) + completion + EOS`` (rlhf.data.encode_prompt_completion:
     the prompt is cut from the left, so the completion's end, where the reward is read, stays);
-    encoder: the text pair ``[CLS] prompt [SEP] completion [SEP]``, longest part truncated first.
+    encoder: the text pair ``[CLS] prompt [SEP] completion [SEP]`` (a conversation as its plain
+    text, turn by turn), cut by :func:`pair_budget`: the prompt loses its START, so
+    the latest turn, which the completion answers, is what stays; the model reads the two parts
+    as segments 0 and 1 (:class:`RewardModel` passes the token type ids).
     """
 
     def __init__(self, tokenizer, *, base_kind: str, max_seq_len: int, chat_template: bool = False):
@@ -381,13 +411,31 @@ class RewardEncoder:
                 chat_template=self.chat_template,
             )
             return ids
-        return self.tokenizer(prompt, completion, truncation=True, max_length=self.max_seq_len)[
-            "input_ids"
-        ]
+        # A conversation (rlhf.data.ChatPrompt) is read as its plain text. The cut is made in
+        # tokens, then mapped back to characters so that the tokenizer builds the pair itself
+        # (its own special tokens and segments, whatever the family).
+        tok = self.tokenizer
+        p = tok(prompt, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        c = tok(completion, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        specials = tok.num_special_tokens_to_add(pair=True)
+        p_keep, c_keep = pair_budget(len(p), len(c), self.max_seq_len - specials)
+        prompt = prompt[p[len(p) - p_keep][0] :] if p_keep else ""
+        completion = completion[: c[c_keep - 1][1]] if c_keep else ""
+        return tok(prompt, completion, truncation=True, max_length=self.max_seq_len)["input_ids"]
 
     def batch(self, seqs: Sequence[Sequence[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = pad_sequences(seqs, self.tokenizer.pad_token_id, side="right")
         return ids.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+
+
+def pair_budget(prompt_len: int, completion_len: int, budget: int) -> tuple[int, int]:
+    """How many tokens of (prompt, completion) fit ``budget``: the completion keeps its start
+    and at least half the budget when it needs it, the prompt the rest, taken from its END
+    (the latest turn). Cutting the pair's longest side from the right, the tokenizer's
+    default, dropped the last human turn of about half of long HH dialogues at 128 tokens."""
+    budget = max(budget, 0)
+    completion = min(completion_len, max(budget - prompt_len, budget // 2))
+    return min(prompt_len, budget - completion), completion
 
 
 def load_reward_base(name_or_path: str, base_kind: str, *, device, dtype):
@@ -421,7 +469,9 @@ def build_reward_model(cfg: RewardConfig):
         base, lora_config(cfg, task_type=_task_type(base_kind)), adapter_name=ADAPTER
     )
     head = ScalarHead(hidden_size_of(base)).to(device)
-    rm = RewardModel(peft_model, head, base_kind=base_kind, pooling=pooling)
+    rm = RewardModel(
+        peft_model, head, base_kind=base_kind, pooling=pooling, sep_token_id=tokenizer.sep_token_id
+    )
     encoder = RewardEncoder(
         tokenizer, base_kind=base_kind, max_seq_len=cfg.max_seq_len, chat_template=cfg.chat_template
     )
@@ -770,7 +820,13 @@ class RewardScorer:
                 f"{hidden_size_of(peft_model.get_base_model())}: not the same base model"
             )
         head.requires_grad_(False)
-        rm = RewardModel(peft_model, head, base_kind=base_kind, pooling=info.get("pooling", "last"))
+        rm = RewardModel(
+            peft_model,
+            head,
+            base_kind=base_kind,
+            pooling=info.get("pooling", "last"),
+            sep_token_id=tokenizer.sep_token_id,
+        )
         encoder = RewardEncoder(
             tokenizer,
             base_kind=base_kind,

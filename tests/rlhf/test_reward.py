@@ -474,3 +474,37 @@ def test_reward_config_rejects_values_out_of_range(fields, message):
 
     with pytest.raises(ConfigError, match=message):
         config_from_dict("reward", {"model": "some/model", **fields})
+
+
+# ---------------------------------------------------------------------- encoder pairs
+
+
+def test_the_pair_budget_keeps_the_completion_and_the_end_of_the_prompt():
+    from rlhf.reward import pair_budget
+
+    assert pair_budget(10, 5, 100) == (10, 5)  # everything fits
+    assert pair_budget(200, 20, 100) == (80, 20)  # a long prompt gives way
+    assert pair_budget(200, 300, 100) == (50, 50)  # both long: half each
+    assert pair_budget(10, 300, 100) == (10, 90)  # a long completion takes what is left
+
+
+def test_an_encoder_reward_model_reads_the_latest_turn_and_the_completion_as_two_segments():
+    from transformers import AutoTokenizer
+
+    from rlhf.reward import RewardEncoder, segment_ids
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    enc = RewardEncoder(tok, base_kind="encoder", max_seq_len=32)
+    early = " ".join(["early"] * 60)
+    prompt = f"user: {early}\n\nassistant: fine\n\nuser: what colour is the sky?"
+    ids = enc.encode(prompt, "It is blue.")
+    assert len(ids) == 32
+    text = tok.decode(ids)
+    # the latest turn and the whole completion stay; the start of the dialogue is what is cut
+    assert "what colour is the sky?" in text and "it is blue." in text
+    assert text.startswith("[CLS] early") and text.count("[SEP]") == 2
+    types = segment_ids(torch.tensor([ids]), tok.sep_token_id)[0].tolist()
+    first_sep = ids.index(tok.sep_token_id)
+    assert types[: first_sep + 1] == [0] * (first_sep + 1)
+    assert types[first_sep + 1 :] == [1] * (32 - first_sep - 1)
+    assert tok.decode([i for i, t in zip(ids, types, strict=True) if t]) == "it is blue. [SEP]"
