@@ -156,8 +156,10 @@ class OfflineConfig(BaseConfig):
     """Rows per eval forward pass (0 = batch_size; DPO: sequences, 0 = 2 * batch_size)."""
 
     chat_template: bool = False
-    """Wrap prompts with the tokenizer's chat template (user turn + assistant header); the
-    policy's SFT run, its reward model and its RL runs must agree on it."""
+    """Wrap PLAIN-TEXT prompts with the tokenizer's chat template as one user turn (+ the
+    assistant header); the policy's SFT run, its reward model and its RL runs must agree on it.
+    A conversation row (``messages``) is always rendered with the template, whatever this says
+    (rlhf.data.render_conversation)."""
 
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory (Chen et al. 2016, arXiv:1604.06174)."""
