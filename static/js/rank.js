@@ -313,10 +313,35 @@
       .catch(function (err) { busy = false; setStatus(err.message, true); });
   }
 
+  var flagReasonError = document.getElementById("flag-reason-error");
+
+  // Details are required only while "Other" is chosen; the message says so in words on the page
+  // (not only in the browser's own tooltip), and goes away as soon as it no longer applies.
+  function flagOtherPicked() {
+    var picked = flagForm.querySelector("[name=flag-category]:checked");
+    return !!picked && picked.value === "other";
+  }
+
+  function showFlagReasonError(show) {
+    flagReasonError.hidden = !show;
+    flagReason.setAttribute("aria-invalid", show ? "true" : "false");
+  }
+
+  function syncFlagReason() {
+    flagReason.required = flagOtherPicked();
+    if (!flagReason.required || flagReason.value.trim()) showFlagReasonError(false);
+  }
+
+  flagForm.addEventListener("change", syncFlagReason);
+  flagReason.addEventListener("input", syncFlagReason);
+  // The browser blocks the submit of an empty required field before "submit" fires: show ours.
+  flagReason.addEventListener("invalid", function () { showFlagReasonError(true); });
+
   function openFlag() {
     if (busy || !state.el.dataset.flagUrl) return;
     flagForm.reset();
-    flagReason.required = false;
+    syncFlagReason();
+    showFlagReasonError(false);
     dialog.showModal();
     flagForm.querySelector("[name=flag-category]").focus();
   }
@@ -330,7 +355,8 @@
       return;
     }
     if (picked.value === "other" && !reason) {
-      flagReason.required = true;
+      // only spaces typed: the browser's check passed, ours did not
+      showFlagReasonError(true);
       flagReason.focus();
       return;
     }

@@ -242,3 +242,45 @@ def test_a_labeler_revises_a_recent_ranking_and_sees_which_one_counts(live_serve
     assert ranking.groups == [[ids[1]], [ids[2]], [ids[3]], [ids[0]]]
     assert ranking.rationale == "Response 1 is curt after all."
     assert ranking.revisions.get().groups == [[c] for c in ids]
+
+
+def test_the_flag_dialog_asks_for_details_only_while_other_is_chosen(live_server, page, setup):
+    project, labeler = setup
+    _login(page, live_server)
+    page.goto(f"{live_server.url}/projects/{project.pk}/label/")
+    page.wait_for_selector("#item .response")
+    item_id, _ = _shown(page)
+    page.locator("body").click(position={"x": 5, "y": 5})
+    page.keyboard.press("f")
+    assert page.is_hidden("#flag-reason-error")
+    # "Other" with no details: the dialog stays open and says why, in words on the page
+    page.check("input[name='flag-category'][value='other']")
+    page.click("#flag-confirm")
+    assert page.is_visible("#flag-dialog")
+    page.wait_for_selector("#flag-reason-error", state="visible")
+    assert 'Details are needed for "Other"' in page.inner_text("#flag-reason-error")
+    assert not Flag.objects.filter(item_id=item_id).exists()
+    # another category: details are optional again, the message goes, and it submits
+    page.check("input[name='flag-category'][value='wrong_language']")
+    assert page.is_hidden("#flag-reason-error")
+    assert page.evaluate("document.getElementById('flag-reason').required") is False
+    page.click("#flag-confirm")
+    page.wait_for_function(
+        "old => document.getElementById('item').dataset.itemId !== String(old)", arg=item_id
+    )
+    flag = Flag.objects.get(item_id=item_id)
+    assert (flag.category, flag.reason) == ("wrong_language", "")
+    # the dialog opens clean for the next item: "Other" with details submits
+    next_item, _ = _shown(page)
+    page.wait_for_selector("body[data-preload='done']")
+    page.locator("body").click(position={"x": 5, "y": 5})
+    page.keyboard.press("f")
+    assert page.is_hidden("#flag-reason-error")
+    page.check("input[name='flag-category'][value='other']")
+    page.fill("#flag-reason", "The prompt is a duplicate.")
+    page.click("#flag-confirm")
+    page.wait_for_function(
+        "old => document.getElementById('item').dataset.itemId !== String(old)", arg=next_item
+    )
+    flag = Flag.objects.get(item_id=next_item)
+    assert (flag.category, flag.reason) == ("other", "The prompt is a duplicate.")
