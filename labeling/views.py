@@ -182,16 +182,20 @@ NEW_INVITE_KEY = "new_invite_link"
 def project_people(request, project_id):
     """Members (remove them), new accounts and one-time invite links, for project admins."""
     project = selectors.project_get_for_user(user=request.user, project_id=project_id, admin=True)
+    return _people_page(request, project, user_form=UserCreateForm())
+
+
+def _people_page(request, project, *, user_form, status=200):
     context = {
         "project": project,
         "members": selectors.project_members(project=project),
         "invites": selectors.project_open_invites(project=project),
         "new_invite": request.session.pop(NEW_INVITE_KEY, None),
         "invite_form": InviteForm(),
-        "user_form": UserCreateForm(),
+        "user_form": user_form,
         "member_form": MemberForm(),
     }
-    return render(request, "labeling/people.html", context)
+    return render(request, "labeling/people.html", context, status=status)
 
 
 @login_required
@@ -215,16 +219,17 @@ def member_remove(request, project_id, user_id):
 def user_create_view(request, project_id):
     project = selectors.project_get_for_user(user=request.user, project_id=project_id, admin=True)
     form = UserCreateForm(request.POST)
-    if not form.is_valid():
-        messages.error(request, form_errors_text(form))
-    else:
+    if form.is_valid():
         try:
             m = services.user_create_for_project(project=project, **form.cleaned_data)
         except LabelingError as e:
-            messages.error(request, e.message)
+            add_service_error(form, e)
         else:
             messages.success(request, f"Created {m.user.username}, a {m.role} of {project.name}.")
-    return redirect("labeling:project_people", project_id=project.pk)
+            return redirect("labeling:project_people", project_id=project.pk)
+    # the page again, with the errors on the form's fields and the typed username kept
+    # (the password field never renders its value)
+    return _people_page(request, project, user_form=form)
 
 
 @login_required

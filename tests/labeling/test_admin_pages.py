@@ -261,7 +261,7 @@ def test_people_writes_need_the_csrf_token(project, admin_user, labeler):
 def test_an_admin_creates_an_account_that_can_log_in(project, admin_client, django_user_model):
     url = reverse("labeling:user_create", args=[project.pk])
     weak = admin_client.post(url, {"username": "dave", "password": "123", "role": "labeler"})
-    assert weak.status_code == 302 and not django_user_model.objects.filter(username="dave")
+    assert weak.status_code == 200 and not django_user_model.objects.filter(username="dave")
     admin_client.post(
         url, {"username": "dave", "password": "a long passphrase 42", "role": "admin"}
     )
@@ -273,6 +273,35 @@ def test_an_admin_creates_an_account_that_can_log_in(project, admin_client, djan
         {"username": "DAVE", "password": "a long passphrase 42"},
     )
     assert taken.status_code == 400 and taken.json()["field"] == "username"
+
+
+def test_a_refused_account_keeps_the_typed_username_and_shows_errors_on_the_fields(
+    project, admin_client, django_user_model
+):
+    url = reverse("labeling:user_create", args=[project.pk])
+    typed = {"username": "dave", "password": "123", "role": "labeler"}
+    page = admin_client.post(url, typed)
+    assert page.status_code == 200 and not django_user_model.objects.filter(username="dave")
+    form = page.context["user_form"]
+    assert set(form.errors) == {"password"} and "too short" in " ".join(form.errors["password"])
+    html = page.content.decode()
+    start = html.index('id="user-create-form"')
+    user_form_html = html[start : html.index("</form>", start)]
+    assert 'value="dave"' in user_form_html  # the username is kept...
+    assert 'value="123"' not in html  # ...the password never is
+    assert "too short" in user_form_html  # the error is on the form, by its field
+    assert not list(page.context["messages"])  # not in a message at the top of the page
+    # a taken username: the error sits on the username field
+    taken = admin_client.post(
+        url,
+        {
+            "username": project.created_by.username,
+            "password": "a long passphrase 42",
+            "role": "labeler",
+        },
+    )
+    assert taken.status_code == 200 and set(taken.context["user_form"].errors) == {"username"}
+    assert "a long passphrase 42" not in taken.content.decode()
 
 
 def test_an_invite_link_makes_one_account_and_joins_the_project(project, admin_client):
