@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 Series = Mapping[str, Sequence[Sequence[float]]]  # {key: [[step, value], ...]}
 
 AT_CAP_FRACTION = 0.95  # mean length at or above 95% of max_new_tokens counts as "at the cap"
-EOS_COLLAPSE_FRACTION = 0.5  # EOS rate fell to half its start or less
+EOS_COLLAPSE_FRACTION = 0.5  # EOS rate fell to half its best or less
 MIN_STEPS = 6  # fewer points than this say nothing about a trend
 MIN_EVAL_PAIRS = 100  # below this, a held-out accuracy's 95% interval is wider than ±0.1
 OVERFIT_GAP = 0.15  # training accuracy this far above held-out accuracy
@@ -71,16 +71,24 @@ def rl_warnings(config: Mapping, series: Series) -> list[dict]:
                 ),
             }
         )
-    if eos and len(eos) >= MIN_STEPS and climbing:
-        first_eos = _mean(eos[: _window(len(eos))])
-        if first_eos > 0 and last_eos <= EOS_COLLAPSE_FRACTION * first_eos and last_eos < 0.5:
+    if eos and len(eos) >= MIN_STEPS:
+        # against the EOS rate at its best (a policy often learns to end, then unlearns it),
+        # while the reward climbed over the same stretch
+        we = _window(len(eos))
+        rolling = [_mean(eos[i : i + we]) for i in range(len(eos) - we + 1)]
+        peak_at = max(range(len(rolling)), key=rolling.__getitem__)
+        peak, now = rolling[peak_at], rolling[-1]
+        since = rewards[peak_at : peak_at + we]
+        rose = bool(since) and spread > 0 and last - _mean(since) > 0.25 * spread
+        if peak > 0 and now <= EOS_COLLAPSE_FRACTION * peak and now < 0.5 and rose:
             warnings.append(
                 {
                     "code": "eos_collapse",
                     "message": (
                         f"Responses stopped ending: the share that ends with EOS fell from "
-                        f"{first_eos:.0%} to {last_eos:.0%} while {climb}. The policy may be "
-                        "gaming the reward with unfinished text; set missing_eos_penalty."
+                        f"{peak:.0%} (steps {peak_at + 1}-{peak_at + we}) to {now:.0%} while "
+                        f"the reward rose from {_mean(since):.3g} to {last:.3g}. The policy may "
+                        "be gaming the reward with unfinished text; set missing_eos_penalty."
                     ),
                 }
             )

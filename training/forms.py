@@ -96,6 +96,11 @@ TINY_DEMO_OVERRIDES: dict[str, dict] = {
         "learning_rate": 2e-2, "batch_size": 20, "num_generations": 4, "max_new_tokens": 16, "max_seq_len": 128,
         "lora_r": 8, "lora_alpha": 16, "max_steps": 60, "save_every": 10, "missing_eos_penalty": 2.0,
     },
+    # Sample and evaluate at the length the demo's PPO/GRPO train at: a longer cap lets the base
+    # model's longer answers win an evaluation for their length alone (seen: a PPO policy whose
+    # reward rose in training lost 6-19 to the base at 48 tokens).
+    Job.Kind.SAMPLE: {"max_new_tokens": 16},
+    Job.Kind.EVAL: {"max_new_tokens": 16},
 }  # fmt: skip
 # Fields the form sets elsewhere (base model / checkpoint choice) or that rarely change.
 HIDDEN_FIELDS = set(services.RESERVED_CONFIG_FIELDS)

@@ -71,8 +71,13 @@ def job_get_for_user(*, user, job_id) -> Job:
 def checkpoints_for_user(
     *, user, project_id: int | None = None, role: str | None = None
 ) -> QuerySet[Checkpoint]:
-    rows = Checkpoint.objects.filter(project__in=projects_admin_for_user(user=user)).select_related(
-        "project", "job", "parent"
+    """The checkpoints of the projects `user` administers, newest job first and, within a job,
+    its latest step first: what a checkpoint picker offers first is the newest finished model
+    (ids follow registration order, which live registration makes differ from step order)."""
+    rows = (
+        Checkpoint.objects.filter(project__in=projects_admin_for_user(user=user))
+        .select_related("project", "job", "parent")
+        .order_by(F("job_id").desc(nulls_last=True), "-step", "-id")
     )
     if project_id is not None:
         rows = rows.filter(project_id=project_id)

@@ -185,9 +185,10 @@ def job_detail(request, job_id: int):
     job = selectors.job_get_for_user(user=request.user, job_id=job_id)
     selectors.jobs_with_queue_info(jobs=[job])
     job.queue_note = queue_note(job)
-    checkpoints = list(job.checkpoints.all())
+    checkpoints = list(job.checkpoints.order_by("step", "id"))
     for c in checkpoints:
         c.actions = checkpoint_actions(c)
+    result = selectors.job_result(job=job)  # with the labelers' verdict of an evaluation
     return render(
         request,
         "training/job_detail.html",
@@ -196,8 +197,8 @@ def job_detail(request, job_id: int):
             "checkpoints": checkpoints,
             "config_json": json.dumps(job.config, indent=2),
             "warnings": selectors.job_warnings(job=job),
-            "result_json": json.dumps(job.result, indent=2) if job.result else "",
-            "human": selectors.eval_human_result(job=job),
+            "result_json": json.dumps(result, indent=2) if result else "",
+            "human": result.get("human"),
         },
     )
 
@@ -236,7 +237,7 @@ def job_metrics(request, job_id: int):
                     "url": reverse("training:checkpoint_detail", args=[c.pk]),
                     "actions": [{"label": t, "url": u} for t, u in checkpoint_actions(c)],
                 }
-                for c in job.checkpoints.all()
+                for c in job.checkpoints.order_by("step", "id")
             ],
         }
     )

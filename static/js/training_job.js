@@ -103,6 +103,9 @@
   }
 
   var ended = false;
+  // The result, an evaluation's win rates and the checkpoint actions are drawn by the server:
+  // a page opened while the job ran is reloaded once when it ends, to show them.
+  var activeAtLoad = ["queued", "running"].indexOf(root.dataset.status) >= 0;
 
   function show(data) {
     charts.add(data.series);
@@ -121,7 +124,10 @@
     showCheckpoints(data.checkpoints || []);
     showWarnings(data.warnings || []);
     if (data.more || data.job.is_active) return true;
-    if (ended) return false;
+    if (ended) {
+      if (activeAtLoad) window.location.reload();
+      return false;
+    }
     ended = true; // one last poll for the points written as it ended
     return true;
   }

@@ -90,6 +90,14 @@ def test_admin_launches_a_reward_model_job_and_watches_progress_and_chart(
     assert "step 200/200" in page.locator("#job-log").inner_text()
     page.wait_for_selector("#job-checkpoints tr[data-checkpoint-id]", timeout=15_000)
     assert "reward" in page.locator("#job-checkpoints").inner_text()
+    # the page, opened while the job ran, reloads once at its end to show what the server
+    # draws (the result, the checkpoint actions); the cancel control is gone
+    page.wait_for_selector("#job-result", timeout=30_000)
+    assert '"checkpoint_id"' in page.locator("#job-result").inner_text()
+    assert page.locator("#cancel-form").count() == 0
+    page.wait_for_function(
+        "() => Number(document.getElementById('charts').dataset.points) > 5", timeout=30_000
+    )
     drawn = int(page.evaluate("() => document.getElementById('charts').dataset.points"))
     assert drawn == MetricPoint.objects.filter(job=job).count()  # every stored point is on a chart
 

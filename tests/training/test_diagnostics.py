@@ -36,7 +36,22 @@ def test_a_reward_that_climbs_while_responses_sit_at_the_cap_and_stop_ending_is_
     cap = warnings[0]["message"]
     assert "mean length is 16.0 of max_new_tokens=16" in cap and "1% of them end with EOS" in cap
     assert "the reward rose from" in cap and "missing_eos_penalty" in cap
-    assert "fell from 45% to 1%" in warnings[1]["message"]  # first and last 16 steps
+    assert "fell from 45% (steps 1-16) to 1%" in warnings[1]["message"]  # 16-step windows
+
+
+def test_an_eos_rate_that_rose_then_collapsed_while_the_reward_climbed_is_named():
+    # seen on a demo GRPO: EOS ~0.05 at first, learned to 0.98 by step 16, down to 0.36 at the
+    # end while the reward rose from 0.3 to 1.6 and the length from 5 to 13.7 of 16
+    eos = [0.05] * 6 + [0.98] * 10 + [0.98 - 0.062 * i for i in range(10)] + [0.36] * 6
+    n = len(eos)
+    series = _series(
+        objective__reward=[0.3] * 16 + [0.3 + 0.08 * i for i in range(n - 16)],
+        response__length=[5.0] * 16 + [5 + 0.55 * i for i in range(n - 16)],
+        response__ended_with_eos=eos,
+    )
+    (warning,) = warnings_for("grpo", {"max_new_tokens": 16}, series)
+    assert warning["code"] == "eos_collapse"
+    assert "fell from 98%" in warning["message"] and "to 36%" in warning["message"]
 
 
 def test_a_healthy_rl_run_gets_no_warning():

@@ -395,3 +395,17 @@ def test_the_launch_form_sets_max_attempts_as_the_api_does(admin_client, project
     refused = post_launch(admin_client, "reward", project, {"max_steps": 3}, max_attempts=21)
     assert refused.status_code == 200 and "max_attempts" in refused.context["form"].errors
     assert Job.objects.count() == 1
+
+
+def test_checkpoint_pickers_offer_the_newest_jobs_latest_step_first(admin_user, project):
+    from training.forms import JobLaunchForm
+
+    job = a_job(project, admin_user, kind="sft")
+    # live registration can register a job's final checkpoint before an earlier one
+    services.checkpoint_register(job=job, path="/c/40", role="policy", step=40)
+    services.checkpoint_register(job=job, path="/c/20", role="policy", step=20)
+    later = a_job(project, admin_user, kind="sft")
+    services.checkpoint_register(job=later, path="/c/later-10", role="policy", step=10)
+    form = JobLaunchForm(kind="eval", user=admin_user)
+    steps = [c.step for c in form.fields["parent_checkpoint"].queryset]
+    assert steps == [10, 40, 20]
