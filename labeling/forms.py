@@ -9,7 +9,13 @@ from django.contrib.auth.forms import AuthenticationForm
 from django.core.cache import cache
 
 from labeling.models import Membership, Project
-from labeling.services import INVITE_DAYS, MAX_INVITE_DAYS, PROJECT_SETTINGS
+from labeling.services import (
+    INVITE_DAYS,
+    MAX_INVITE_DAYS,
+    MAX_LEASE_SECONDS,
+    MIN_LEASE_SECONDS,
+    PROJECT_SETTINGS,
+)
 
 
 def _throttle_key(username: str, ip: str) -> str:
@@ -92,13 +98,23 @@ class ThrottledAdminAuthenticationForm(LoginThrottleMixin, AdminAuthenticationFo
 
 
 class ProjectForm(forms.ModelForm):
+    # The lease's bounds are the service's rule (project_create and project_update check it
+    # and say why); the field only tells the browser those bounds. It is not a model field
+    # of this form, so the model's own bounds (a PositiveIntegerField: 0 to 2**31 - 1) are
+    # not checked first with another message.
+    lease_seconds = forms.IntegerField(
+        label="Lease (seconds a labeler keeps an item)",
+        help_text=f"From {MIN_LEASE_SECONDS} seconds to 30 days ({MAX_LEASE_SECONDS} seconds).",
+        initial=Project._meta.get_field("lease_seconds").default,
+        widget=forms.NumberInput(attrs={"min": MIN_LEASE_SECONDS, "max": MAX_LEASE_SECONDS}),
+    )
+
     class Meta:
         model = Project
-        fields = list(PROJECT_SETTINGS)
+        fields = [name for name in PROJECT_SETTINGS if name != "lease_seconds"]
         labels = {
             "k": "Responses per item (K)",
             "annotations_per_item": "Labelers per item",
-            "lease_seconds": "Lease (seconds a labeler keeps an item)",
         }
         widgets = {"instructions": forms.Textarea(attrs={"rows": 8})}
 
@@ -108,7 +124,7 @@ class ProjectSettingsForm(ProjectForm):
     once the project has items."""
 
     def __init__(self, *args, project: Project, k_locked: bool, **kwargs):
-        initial = {name: getattr(project, name) for name in self.Meta.fields}
+        initial = {name: getattr(project, name) for name in PROJECT_SETTINGS}
         super().__init__(*args, initial=initial, **kwargs)
         if k_locked:
             self.fields["k"].disabled = True

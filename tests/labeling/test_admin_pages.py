@@ -110,6 +110,39 @@ def test_a_bad_setting_is_shown_on_its_field(project, admin_client):
     assert "name" in form.errors and "annotations_per_item" in form.errors
 
 
+@pytest.mark.parametrize("lease", [0, -1, 29, 10**12])
+def test_the_settings_page_and_the_api_refuse_a_lease_by_the_same_rule(
+    project, admin_client, admin_user, lease
+):
+    """One rule, the service's: at least 30 seconds, with its message, on the page and in
+    the API alike (the page's field must not bring the model's own "at least 0" bound)."""
+    message = f"A lease must last from 30 seconds to 30 days (2592000 seconds), not {lease}."
+    url = reverse("labeling:project_settings", args=[project.pk])
+    page = admin_client.post(url, _settings_form(project, lease_seconds=lease))
+    assert page.status_code == 200
+    assert page.context["form"].errors == {"lease_seconds": [message]}
+    api = Api(admin_user).call("patch", f"/projects/{project.pk}", {"lease_seconds": lease})
+    assert api.status_code == 400
+    assert (api.json()["field"], api.json()["detail"]) == ("lease_seconds", message)
+    project.refresh_from_db()
+    assert project.lease_seconds == 1800
+    admin_user.is_staff = True  # staff may create projects: the same rule there
+    admin_user.save(update_fields=["is_staff"])
+    created = admin_client.post(
+        reverse("labeling:project_create"), _settings_form(project, name="New", lease_seconds=lease)
+    )
+    assert created.status_code == 200
+    assert created.context["form"].errors == {"lease_seconds": [message]}
+
+
+def test_the_lease_field_tells_the_browser_the_services_bounds(project, admin_client):
+    page = admin_client.get(reverse("labeling:project_settings", args=[project.pk]))
+    field = page.context["form"]["lease_seconds"]
+    assert 'min="30"' in str(field) and 'max="2592000"' in str(field)
+    assert 'value="1800"' in str(field)
+    assert "30 seconds to 30 days" in page.content.decode()
+
+
 def test_the_api_patches_only_the_settings_it_is_given(project, admin_user):
     api = Api(admin_user)
     response = api.call("patch", f"/projects/{project.pk}", {"lease_seconds": 90, "k": 3})
