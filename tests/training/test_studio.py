@@ -73,6 +73,10 @@ def test_studio_starts_everything_prints_the_logins_and_stops_on_ctrl_c(tmp_path
             pytest.fail(f"studio did not come up:\n{text[-4000:]}")
         assert f"http://127.0.0.1:{port}/" in text
         assert re.search(r"login 'admin' password '\S+'", text), text[-3000:]
+        # the summary (URL and logins) is printed last, once the server answers, framed
+        summary = text[text.index(f"RLHF Studio is running at http://127.0.0.1:{port}/") :]
+        assert "login 'admin'" in summary and "login 'labeler'" in summary
+        assert "=" * 72 in text[: text.index("RLHF Studio is running")]
         redis_url = re.search(r"embedded redis-server at (redis://\S+)", text).group(1)
         assert redis.Redis.from_url(redis_url).ping()
         with urllib.request.urlopen(

@@ -244,9 +244,13 @@ class Command(BaseCommand):
                 "-w", "2", "--access-logfile", "-",
             ]  # fmt: skip
         self._spawn("web", web, env)
+        # The summary comes last, once the web server answers, so the logins are not lost in
+        # the worker's and the server's start-up lines.
+        self._wait_for_web(opts["host"], opts["port"], timeout=60)
 
         self.stdout.write("")
-        self.stdout.write(self.style.SUCCESS(f"RLHF Studio is starting at http://{address}/"))
+        self.stdout.write("=" * 72)
+        self.stdout.write(self.style.SUCCESS(f"RLHF Studio is running at http://{address}/"))
         if demo_lines.strip():
             self.stdout.write(demo_lines.rstrip())
         else:
@@ -255,6 +259,19 @@ class Command(BaseCommand):
                 "reset one with `manage.py changepassword admin`)."
             )
         self.stdout.write(f"Training: http://{address}/training/   Stop everything with Ctrl-C.")
+        self.stdout.write("=" * 72)
+
+    def _wait_for_web(self, host: str, port: int, *, timeout: float) -> None:
+        """Until the web server accepts connections (or ``timeout`` s, or it exited)."""
+        target = "127.0.0.1" if host in ("0.0.0.0", "") else host.strip("[]")
+        deadline = time.monotonic() + timeout
+        web = dict(self.children).get("web")
+        while time.monotonic() < deadline and (web is None or web.poll() is None):
+            try:
+                with socket.create_connection((target, port), timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.2)
 
     def _ensure_base_model(self) -> None:
         """Build the tiny local base model when DEFAULT_BASE_MODEL is a local folder without one."""
