@@ -145,6 +145,28 @@ def _event_stream(dest: str):
 
 
 def _run(args, *, events_on: bool = False) -> int:
+    """Run ``args.command``; SIGINT and SIGTERM request a stop from the first moment (a stop
+    asked while the model loads is honoured at the loop's first check)."""
+    stop = {"requested": False}
+
+    def on_stop_signal(signum, frame):
+        if stop["requested"]:
+            if events_on:  # the supervisor kills when it has waited long enough
+                return
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        again = "" if events_on else " (Ctrl-C again to abort)"
+        print(f"\nstopping after this step{again}", file=sys.stderr)
+
+    previous = {sig: signal.signal(sig, on_stop_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _run_until_stopped(args, stop=stop, events_on=events_on)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run_until_stopped(args, *, stop: dict, events_on: bool) -> int:
     from tqdm import tqdm
     from transformers.utils import logging as hf_logging
 
@@ -189,18 +211,6 @@ def _run(args, *, events_on: bool = False) -> int:
         os.environ.get("RANK", "0"),
         os.environ.get("WORLD_SIZE", "1"),
     )
-    stop = {"requested": False}
-
-    def on_stop_signal(signum, frame):
-        if stop["requested"]:
-            if events_on:  # the supervisor kills when it has waited long enough
-                return
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        again = "" if events_on else " (Ctrl-C again to abort)"
-        print(f"\nstopping after this step{again}", file=sys.stderr)
-
-    previous = {sig: signal.signal(sig, on_stop_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     bar = tqdm(
         total=None,
         disable=args.quiet or events_on,
@@ -238,8 +248,6 @@ def _run(args, *, events_on: bool = False) -> int:
         )
     finally:
         bar.close()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
     if args.command == "sample":
         path = out / SAMPLES_FILE

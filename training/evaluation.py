@@ -40,3 +40,21 @@ def win_rate(*, wins: int, ties: int, losses: int) -> dict:
         "ci_low": max(0.0, centre - half),
         "ci_high": min(1.0, centre + half),
     }
+
+
+def compare(scores_a: list[float], scores_b: list[float]) -> tuple[dict, list[tuple]]:
+    """A's win rate over B from the reward's scores of paired answers: the summary
+    (:func:`win_rate` plus each side's mean reward) and the curve points (step, key, value):
+    each pair's two rewards and the running win rate after it."""
+    verdicts = [verdict(a, b) for a, b in zip(scores_a, scores_b, strict=True)]
+    wins, ties, n = verdicts.count("a"), verdicts.count("tie"), len(verdicts)
+    points, won = [], 0.0
+    for i, (a, b, v) in enumerate(zip(scores_a, scores_b, verdicts, strict=True), start=1):
+        won += {"a": 1.0, "tie": 0.5, "b": 0.0}[v]
+        points += [(i, "eval/reward_a", a), (i, "eval/reward_b", b), (i, "eval/win_rate", won / i)]
+    summary = {
+        **win_rate(wins=wins, ties=ties, losses=n - wins - ties),
+        "mean_reward_a": sum(scores_a) / n if n else None,
+        "mean_reward_b": sum(scores_b) / n if n else None,
+    }
+    return summary, points

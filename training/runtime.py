@@ -279,6 +279,7 @@ class EngineOutcome:
     result: dict | None = None  # its ``result`` event
     failure: dict | None = None  # its first ``failed`` event (under torchrun: the first rank's)
     returncode: int | None = None
+    stop_sent: bool = False  # it was asked to stop (SIGINT to the group)
     killed: bool = False  # asked to stop, it did not within the grace period
     last_output: str = ""  # the last line it wrote to stderr
 
@@ -333,10 +334,15 @@ def engine_env() -> dict[str, str]:
 
 
 def engine_run(
-    command: list[str], *, monitor: JobMonitor, log_path: Path, stop_grace_s: float
+    command: list[str],
+    *,
+    monitor: JobMonitor,
+    log_path: Path,
+    stop_grace_s: float,
+    steps: bool = True,
 ) -> EngineOutcome:
     """Run the engine as a child process group and supervise it until it ends: its events
-    become the monitor's calls; when ``monitor.should_stop()`` turns true the group gets
+    become the monitor's calls (its ``metrics`` only with ``steps``); when ``monitor.should_stop()`` turns true the group gets
     SIGINT (a checkpoint at the next step), and SIGKILL ``stop_grace_s`` later if it is still
     running. Nothing outlives this call, nor the worker (PR_SET_PDEATHSIG)."""
     from rlhf.events import die_with_parent, libc_prctl
@@ -377,10 +383,11 @@ def engine_run(
                 event = {}
             if event is None:  # the group closed its output: it has ended
                 break
-            _dispatch(event, monitor, outcome)
+            if steps or event.get("event") != "metrics":
+                _dispatch(event, monitor, outcome)
             if stop_sent_at is None and monitor.should_stop():
                 _signal_group(proc, signal.SIGINT)
-                stop_sent_at = time.monotonic()
+                stop_sent_at, outcome.stop_sent = time.monotonic(), True
                 monitor.log("stop requested: the engine stops after its current step")
             elif (
                 stop_sent_at is not None

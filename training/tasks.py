@@ -161,17 +161,20 @@ def _engine(
     *,
     kind: str,
     output_dir: str,
+    config: dict | None = None,
     resume: bool = False,
+    steps: bool = True,
     **reward: str,
 ) -> dict:
     """Run the engine on ``rows`` in a child process group and return its ``result`` event
     (a stopped one when it was stopped and killed before it said so). Raises EngineFailed
-    with the reason when it failed."""
+    with the reason when it failed. ``config`` defaults to the job's; ``steps`` False keeps
+    the engine's steps off the job's progress and curves."""
     from rlhf.data import write_jsonl
 
     run_dir = Path(job.output_dir) / RUN_DIR
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(job.config))
+    (run_dir / "config.json").write_text(json.dumps(job.config if config is None else config))
     write_jsonl(run_dir / "data.jsonl", rows)
     command = runtime.engine_command(
         kind,
@@ -186,10 +189,11 @@ def _engine(
         monitor=monitor,
         log_path=run_dir / runtime.ENGINE_LOG,
         stop_grace_s=services.stop_grace_s(),
+        steps=steps,
     )
     if outcome.result is not None:
         return outcome.result
-    if outcome.killed and outcome.failure is None:
+    if outcome.stop_sent and outcome.failure is None:  # killed, or stopped before it could say
         return {"stopped": True, "step": monitor.step, "checkpoint": None, "metrics": {}}
     raise EngineFailed(outcome.reason())
 
@@ -267,30 +271,27 @@ def _run_sample(job: Job, rows: list[dict], monitor: JobMonitor) -> tuple[str, d
 
 def _run_eval(job: Job, rows: list[dict], monitor: JobMonitor) -> tuple[str, dict]:
     """Win rate of checkpoint A (parent_checkpoint) over B (compare_checkpoint, or the base
-    model) under the job's reward: each side answers every prompt, the reward scores both,
-    a win counts 1, a tie 1/2."""
-    from rlhf.config import config_from_dict
-    from rlhf.runner import run
+    model) under the job's reward: each side answers every prompt (an engine child each), the
+    reward scores both (training.evaluation.compare: a win counts 1, a tie 1/2)."""
+    from rlhf.data import read_jsonl
 
-    base_cfg = config_from_dict("sample", job.config)
     a, b = job.parent_checkpoint, job.compare_checkpoint
     sides = {}
-    for side, ckpt in (("a", a), ("b", b)):
-        if monitor.should_stop():
-            return _stopped(monitor), {}
-        cfg = dataclasses.replace(base_cfg, init_adapter=ckpt.path if ckpt else None)
+    for done, (side, ckpt) in enumerate((("a", a), ("b", b)), start=1):
         monitor.log(f"sampling side {side.upper()}: {ckpt.name if ckpt else job.base_model}")
-        sides[side] = run(
-            "sample",
-            cfg,
+        result = _engine(
+            job,
             rows,
-            output_dir=job.output_dir,
-            on_step=None,
-            should_stop=monitor.should_stop,
+            monitor,
+            kind="sample",
+            output_dir=str(Path(job.output_dir) / f"side-{side}"),
+            config={**job.config, "init_adapter": ckpt.path if ckpt else None},
+            steps=False,  # one progress bar for the whole evaluation
         )
-        monitor.set_progress(1 if side == "a" else 2, 3)
-    if monitor.released or monitor.cancelled:  # a side is incomplete
-        return _stopped(monitor), {}
+        if monitor.should_stop():  # a side is incomplete
+            return _stopped(monitor), {}
+        sides[side] = read_jsonl(result["path"])
+        monitor.set_progress(done, 3)
     prompts, texts_a, texts_b, prompt_ids = [], [], [], []
     for pid, row, sa, sb in zip(job.input_ids, rows, sides["a"], sides["b"], strict=False):
         for ca, cb in zip(sa["completions"], sb["completions"], strict=False):
@@ -299,24 +300,9 @@ def _run_eval(job: Job, rows: list[dict], monitor: JobMonitor) -> tuple[str, dic
             texts_b.append(cb["text"])
             prompt_ids.append(pid)
     scores_a, scores_b = _score(job, prompts, texts_a), _score(job, prompts, texts_b)
-    verdicts = [evaluation.verdict(x, y) for x, y in zip(scores_a, scores_b, strict=True)]
-    wins, ties, n = verdicts.count("a"), verdicts.count("tie"), len(verdicts)
-    points, running = [], 0.0
-    for i, (x, y) in enumerate(zip(scores_a, scores_b, strict=True), start=1):
-        running += 1.0 if x > y else 0.5 if x == y else 0.0
-        points += [
-            (i, "eval/reward_a", x),
-            (i, "eval/reward_b", y),
-            (i, "eval/win_rate", running / i),
-        ]
+    summary, points = evaluation.compare(scores_a, scores_b)
     services.metric_points_write(job_id=job.pk, token=monitor.token, points=points)
-    result = {
-        **evaluation.win_rate(wins=wins, ties=ties, losses=n - wins - ties),
-        "mean_reward_a": sum(scores_a) / n if n else None,
-        "mean_reward_b": sum(scores_b) / n if n else None,
-        "checkpoint_a": a.pk,
-        "checkpoint_b": b.pk if b else None,
-    }
+    result = {**summary, "checkpoint_a": a.pk, "checkpoint_b": b.pk if b else None}
     if job.options.get("send_to_labelers"):
         pairs = [
             {"prompt_id": p, "a": x, "b": y, "reward_a": ra, "reward_b": rb}
@@ -328,6 +314,7 @@ def _run_eval(job: Job, rows: list[dict], monitor: JobMonitor) -> tuple[str, dic
             job=job, pairs=pairs, checkpoint_a=a, checkpoint_b=b
         )
     monitor.set_progress(3, 3)
+    n, wins, ties = result["n"], result["wins"], result["ties"]
     monitor.log(
         f"win rate of A over B: {result['win_rate']:.3f} ({wins} wins, {ties} ties, {n - wins - ties} losses)"
         if n

@@ -25,6 +25,13 @@ from training.tasks import job_run
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
+@pytest.fixture(autouse=True)
+def heartbeat_every_second(monkeypatch):
+    """Beat as the worker tests' workers do: a worker of those tests (session-scoped, maybe
+    started earlier) recovers a job silent for 4 s, and a real engine child may load longer."""
+    monkeypatch.setattr("training.services.heartbeat_every_s", lambda: 1)
+
+
 def queued_job(project, *, kind="sft", config=None, tmp_path) -> Job:
     ids = selectors.demonstration_ids_for_project(project=project)
     rows = selectors.demonstration_rows(completion_ids=ids)
@@ -61,6 +68,21 @@ def fake_engine(monkeypatch, script: str) -> None:
 def events(*items: dict) -> str:
     """A script printing these events, one JSON line each."""
     return "".join(f"print({json.dumps(json.dumps(e))}, flush=True)\n" for e in items)
+
+
+def cancel_when_logged(monkeypatch, job: Job, words: str) -> None:
+    """Cancel ``job`` (through the service) as soon as a log line with ``words`` arrives."""
+    from training import services
+    from training.runtime import JobMonitor
+
+    real_log = JobMonitor.log
+
+    def log_then_cancel(self, line):
+        real_log(self, line)
+        if words in line:
+            assert services.job_cancel(job=Job.objects.get(pk=job.pk)).cancel_requested
+
+    monkeypatch.setattr(JobMonitor, "log", log_then_cancel)
 
 
 def test_the_engines_events_become_metric_points_log_lines_and_the_result(
@@ -170,18 +192,30 @@ def test_a_cancel_reaches_the_engine_as_sigint_and_an_engine_that_ignores_it_is_
         """,
     )
     job = queued_job(project, tmp_path=tmp_path)
-    real_log = JobMonitor.log
-
-    def log_then_cancel(self, line):
-        real_log(self, line)
-        if line == "started":
-            services.job_cancel(job=Job.objects.get(pk=job.pk))
-
-    monkeypatch.setattr(JobMonitor, "log", log_then_cancel)
+    cancel_when_logged(monkeypatch, job, "started")
     assert job_run.run(job.pk) == Job.Status.CANCELLED
     job.refresh_from_db()
     assert "stop requested" in job.log_tail and "did not stop within 1 s: killed" in job.log_tail
     assert not os.path.exists(f"/proc/{marker.read_text()}")  # nothing left running
+
+
+def test_a_cancel_that_ends_the_engine_before_it_can_report_still_ends_the_job_cancelled(
+    project, tmp_path, monkeypatch
+):
+    """SIGINT while the engine still imports its libraries (before its handler is in place)
+    ends it with a KeyboardInterrupt and no event: a stop was asked, so the job is cancelled,
+    not failed."""
+    from training.runtime import JobMonitor
+
+    monkeypatch.setattr(JobMonitor, "STOP_CHECK_EVERY_S", 0.0)
+    fake_engine(
+        monkeypatch, events({"event": "log", "line": "started"}) + "import time\ntime.sleep(60)"
+    )
+    job = queued_job(project, tmp_path=tmp_path)
+    cancel_when_logged(monkeypatch, job, "started")
+    assert job_run.run(job.pk) == Job.Status.CANCELLED
+    job.refresh_from_db()
+    assert job.error == "" and "Traceback" not in job.log_tail
 
 
 def test_a_rule_reward_reaches_the_engine_as_a_function_it_imports_without_django():
@@ -212,21 +246,13 @@ def test_a_cancel_while_the_model_loads_ends_the_job_before_any_training_work(
     (before it loads the model): the job ends cancelled with no step trained and no
     checkpoint (tests/rlhf/test_loop.py proves the engine stops before tokenizing)."""
     from rlhf.checkpoint import latest_checkpoint
-    from training import services
     from training.models import Checkpoint
     from training.runtime import JobMonitor
 
     monkeypatch.setattr(JobMonitor, "STOP_CHECK_EVERY_S", 0.0)  # read the flag at every check
     config = {"model": tiny_model, "max_steps": 100_000, "max_seq_len": 48, "eval_fraction": 0.0}
     job = queued_job(project, config=config, tmp_path=tmp_path)
-    real_log = JobMonitor.log
-
-    def log_then_cancel(self, line):
-        real_log(self, line)
-        if " in process " in line:  # the engine's first words
-            assert services.job_cancel(job=Job.objects.get(pk=job.pk)).cancel_requested
-
-    monkeypatch.setattr(JobMonitor, "log", log_then_cancel)
+    cancel_when_logged(monkeypatch, job, " in process ")  # the engine's first words
     assert job_run.run(job.pk) == Job.Status.CANCELLED
     job.refresh_from_db()
     assert job.status == Job.Status.CANCELLED and not job.step and job.error == ""
@@ -367,3 +393,13 @@ def test_a_job_on_several_devices_runs_the_engine_under_torchrun():
     assert one[1:4] == ["-m", "rlhf", "sft"] and one[-2:] == ["--events", "-"]
     assert two[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m"]
     assert two[6:] == [*one[2:-2], "--resume", "--events", "-"]
+
+
+def test_an_evaluation_counts_a_tie_as_half_a_win_along_its_curve():
+    from training.evaluation import compare
+
+    summary, points = compare([1.0, 0.5, 0.0], [0.0, 0.5, 1.0])
+    assert (summary["wins"], summary["ties"], summary["losses"]) == (1, 1, 1)
+    assert summary["win_rate"] == 0.5 and summary["mean_reward_a"] == 0.5
+    curve = [v for _, key, v in points if key == "eval/win_rate"]
+    assert curve == [1.0, 0.75, 0.5]
