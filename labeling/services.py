@@ -1042,7 +1042,9 @@ def ranking_revise(
     snapshot take it; the version it replaces is kept as a RankingRevision. Allowed for
     RANKING_REVISE_DAYS days after the first submit, while the user is still a member.
     `seconds_spent` is added to the time already spent on the item. Sending the same groups
-    and rationale changes nothing."""
+    (the members of a tie in any order) and rationale stores nothing, not even the time: the
+    returned ranking's `changed` is False then, True when a revision was stored. A new
+    rationale alone is a revision: it is part of what is stored."""
     rationale, seconds_spent = _ranking_notes_clean(rationale, seconds_spent)
     with transaction.atomic():
         item = _item_for_member(user=user, item_id=item_id)
@@ -1066,7 +1068,8 @@ def ranking_revise(
             allow_ties=item.project.allow_ties,
             item_id=item.pk,
         )
-        if clean == ranking.groups and rationale == ranking.rationale:
+        if _same_ranking(clean, ranking.groups) and _same_text(rationale, ranking.rationale):
+            ranking.changed = False
             return ranking
         RankingRevision.objects.create(
             ranking=ranking,
@@ -1081,7 +1084,18 @@ def ranking_revise(
             ranking.seconds_spent = (ranking.seconds_spent or 0) + seconds_spent
         ranking.revised_at = timezone.now()
         ranking.save(update_fields=["groups", "rationale", "seconds_spent", "revised_at"])
+    ranking.changed = True
     return ranking
+
+
+def _same_ranking(a: list[list[int]], b: list[list[int]]) -> bool:
+    """The same ranks holding the same completions (a tie's members in any order)."""
+    return [sorted(g) for g in a] == [sorted(g) for g in b]
+
+
+def _same_text(a: str, b: str) -> bool:
+    """The same text once line ends are alike (a browser sends a textarea's as \n)."""
+    return (a or "").replace("\r\n", "\n") == (b or "").replace("\r\n", "\n")
 
 
 def item_skip(*, user, item_id) -> Assignment:

@@ -496,6 +496,9 @@ def my_rankings(request, project_id):
     return render(request, "labeling/my_rankings.html", context)
 
 
+NO_CHANGE_MESSAGE = "No change: your ranking is as it was, so nothing new was stored."
+
+
 @login_required
 @require_http_methods(["GET", "POST"])
 def ranking_revise_view(request, project_id, item_id):
@@ -514,8 +517,15 @@ def ranking_revise_view(request, project_id, item_id):
             )
         except LabelingError as e:
             return _error(e)
+        if not ranking.changed:  # shown on the page the script goes to next
+            messages.info(request, NO_CHANGE_MESSAGE)
         return JsonResponse(
-            {"ranking_id": ranking.pk, "groups": ranking.groups, "revised_at": ranking.revised_at}
+            {
+                "ranking_id": ranking.pk,
+                "groups": ranking.groups,
+                "revised_at": ranking.revised_at,
+                "changed": ranking.changed,
+            }
         )
     project = selectors.project_get_for_user(user=request.user, project_id=project_id)
     ranking = selectors.ranking_for_revision(project=project, user=request.user, item_id=item_id)

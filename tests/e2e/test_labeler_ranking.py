@@ -284,3 +284,55 @@ def test_the_flag_dialog_asks_for_details_only_while_other_is_chosen(live_server
     )
     flag = Flag.objects.get(item_id=next_item)
     assert (flag.category, flag.reason) == ("other", "The prompt is a duplicate.")
+
+
+def test_an_unchanged_revision_stores_nothing_and_says_so(live_server, page, setup):
+    project, labeler = setup
+    _login(page, live_server)
+    page.goto(f"{live_server.url}/projects/{project.pk}/label/")
+    page.wait_for_selector("#item .response")
+    item_id, ids = _shown(page)
+    page.locator("body").click(position={"x": 5, "y": 5})
+    for key in ["2", "1", "t", "3", "4"]:  # a tie, too: [[r2], [r1, r3], [r4]]
+        page.keyboard.press(key)
+    page.fill("#rationale", "Two is best.")
+    page.click("#submit-ranking")
+    _wait_for_new_item(page, item_id, 1)
+    page.wait_for_selector("body[data-preload='done']")
+    ranking = Ranking.objects.get(item_id=item_id, user=labeler)
+    stored = (ranking.groups, ranking.rationale)
+
+    page.goto(f"{live_server.url}/projects/{project.pk}/my-rankings/")
+    page.click(f"#my-rankings tr[data-item-id='{item_id}'] .revise-link")
+    page.wait_for_selector("#item[data-mode='revise'] .response")
+    page.click("#submit-ranking")  # nothing changed
+    page.wait_for_url(f"{live_server.url}/projects/{project.pk}/my-rankings/")
+    assert "No change: your ranking is as it was" in page.inner_text("body")
+    row = page.inner_text(f"#my-rankings tr[data-item-id='{item_id}'] .counts")
+    assert row == "this ranking"
+    ranking.refresh_from_db()
+    assert (ranking.groups, ranking.rationale) == stored and ranking.revised_at is None
+    assert not ranking.revisions.exists()
+
+    # the same groups with the tie picked in the other order: still the same ranking
+    page.click(f"#my-rankings tr[data-item-id='{item_id}'] .revise-link")
+    page.wait_for_selector("#item[data-mode='revise'] .response")
+    page.click(f"#ranking .chip[data-completion-id='{ids[0]}'] .chip-remove")
+    page.drag_and_drop("#response-1", "#ranking .rank-group[data-rank='2']")
+    page.click("#submit-ranking")
+    page.wait_for_url(f"{live_server.url}/projects/{project.pk}/my-rankings/")
+    assert "No change: your ranking is as it was" in page.inner_text("body")
+    assert not ranking.revisions.exists()
+
+    # a new rationale alone is a revision: it is part of what is stored
+    page.click(f"#my-rankings tr[data-item-id='{item_id}'] .revise-link")
+    page.wait_for_selector("#item[data-mode='revise'] .response")
+    page.fill("#rationale", "Two is best; three and one tie.")
+    page.click("#submit-ranking")
+    page.wait_for_url(f"{live_server.url}/projects/{project.pk}/my-rankings/")
+    assert "No change" not in page.inner_text("body")
+    row = page.inner_text(f"#my-rankings tr[data-item-id='{item_id}'] .counts")
+    assert "your revision of" in row and "1 earlier version kept" in row
+    ranking.refresh_from_db()
+    assert ranking.rationale == "Two is best; three and one tie."
+    assert ranking.revisions.get().rationale == "Two is best."

@@ -74,6 +74,54 @@ def test_the_same_ranking_again_changes_nothing(ranked, labeler):
     assert Ranking.objects.get(pk=ranked.pk).revised_at is None
 
 
+def test_a_tie_in_another_order_or_other_line_ends_are_the_same_ranking(
+    project, labeler, make_items
+):
+    make_items(project, 1)
+    lease = services.assignment_next(project=project, user=labeler)
+    a, b, c, d = lease.display_order
+    ranked = services.ranking_submit(
+        user=labeler, item_id=lease.item_id, groups=[[a], [b, c], [d]], rationale="x\r\ny"
+    )
+    again = services.ranking_revise(
+        user=labeler,
+        item_id=ranked.item_id,
+        groups=[[a], [c, b], [d]],
+        rationale="x\ny",
+        seconds_spent=4,
+    )
+    assert again.changed is False
+    row = Ranking.objects.get(pk=ranked.pk)
+    assert row.groups == [[a], [b, c], [d]] and row.revised_at is None
+    assert not RankingRevision.objects.exists()
+
+
+def test_a_new_rationale_alone_is_a_revision(ranked, labeler):
+    revised = services.ranking_revise(
+        user=labeler, item_id=ranked.item_id, groups=ranked.groups, rationale="second thoughts"
+    )
+    assert revised.changed is True
+    assert RankingRevision.objects.get(ranking=ranked).rationale == "first thoughts"
+    assert Ranking.objects.get(pk=ranked.pk).rationale == "second thoughts"
+
+
+def test_the_page_says_when_a_revision_changes_nothing(project, ranked, labeler):
+    client = Client()
+    client.force_login(labeler)
+    url = reverse("labeling:ranking_revise", args=[project.pk, ranked.item_id])
+    body = {"groups": ranked.groups, "rationale": "first thoughts", "seconds_spent": 3}
+    same = client.post(url, json.dumps(body), content_type="application/json")
+    assert same.status_code == 200 and same.json()["changed"] is False
+    listing = client.get(reverse("labeling:my_rankings", args=[project.pk]))
+    assert b"No change: your ranking is as it was" in listing.content
+    assert b"this ranking" in listing.content and not RankingRevision.objects.exists()
+    body["rationale"] = "second thoughts"
+    changed = client.post(url, json.dumps(body), content_type="application/json")
+    assert changed.status_code == 200 and changed.json()["changed"] is True
+    listing = client.get(reverse("labeling:my_rankings", args=[project.pk]))
+    assert b"No change" not in listing.content and b"1 earlier version kept" in listing.content
+
+
 def test_a_bad_revision_is_refused_and_changes_nothing(project, ranked, labeler):
     with pytest.raises(services.InvalidRanking, match="exactly once"):
         services.ranking_revise(user=labeler, item_id=ranked.item_id, groups=ranked.groups[:2])
