@@ -9,6 +9,7 @@ from django.test import Client
 from django.urls import reverse
 
 from labeling import services
+from labeling.importexport import import_file
 from labeling.models import Assignment, Flag, Item, Membership, Project, Ranking
 
 pytestmark = pytest.mark.django_db
@@ -199,6 +200,24 @@ def test_the_dashboard_shows_progress_stats_and_flags(admin_client, labeler, pro
     assert "prompt is cut off" in html
     assert re.search(
         r"<td>bob-labeler</td><td class=\"num\">1</td>\s*<td class=\"num\">7.0</td>", html
+    )
+
+
+def test_the_dashboard_says_what_imported_items_are(admin_client, project, make_items):
+    make_items(project, 1)
+    rows = [
+        {"prompt": f"Q{i}?", "completions": ["a", "b"], "ranking": [[1], [0]]} for i in range(2)
+    ]
+    data = "".join(json.dumps(row) + "\n" for row in rows).encode()
+    import_file(project=project, fileobj=io.BytesIO(data), user=project.created_by)
+    html = admin_client.get(
+        reverse("labeling:project_dashboard", args=[project.pk])
+    ).content.decode()
+    # the queue item is the progress; the imported ones are said apart, for what they are
+    assert '<span id="progress-complete">0</span> / <span id="progress-total">1</span>' in html
+    assert (
+        "2 imported items with their ranking (not in the labeling queue, not counted in the "
+        "progress above)" in html
     )
 
 
