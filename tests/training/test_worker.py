@@ -409,3 +409,26 @@ def test_a_job_whose_data_changed_after_launch_fails_with_the_reason(worker, pro
         Ranking.objects.filter(pk=job.input_ids[0]).delete()
     job = finished(job.pk)
     assert job.status == Job.Status.FAILED and "changed" in job.error
+
+
+def test_a_two_process_job_stops_with_a_checkpoint_on_cancel(worker, project, admin_user):
+    """SIGINT to the group reaches torchrun and both ranks: they stop at the same step, rank 0
+    saves it, and no process of the group is left."""
+    job = launch(project, admin_user, "sft", ENDLESS, devices=2)
+    wait_for(lambda: running(job.pk).step >= 3, timeout=90, message="the 2-process job to run")
+    assert len(engine_processes(job.output_dir)) >= 3  # torchrun and its two ranks
+    services.job_cancel(job=job_state(job.pk))
+    job = finished(job.pk, timeout=60)
+    assert job.status == Job.Status.CANCELLED, _details(job.pk)
+    ckpt = Checkpoint.objects.get(job=job, name__endswith="(cancelled)")
+    assert ckpt.step == job.step >= 3
+    wait_for(lambda: not engine_processes(job.output_dir), timeout=10, message="no engine left")
+
+
+def test_a_killed_worker_leaves_no_process_of_a_two_process_job(worker, project, admin_user):
+    """kill -9 of the worker: torchrun dies with it, and its ranks with torchrun."""
+    job = launch(project, admin_user, "sft", ENDLESS, devices=2)
+    wait_for(lambda: running(job.pk).step >= 2, timeout=90, message="the 2-process job to run")
+    assert len(engine_processes(job.output_dir)) >= 3
+    worker.kill9()
+    wait_for(lambda: not engine_processes(job.output_dir), timeout=5, message="no orphan rank")
