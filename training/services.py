@@ -555,7 +555,23 @@ def job_finish(
         line = log_line or (f"{status}: {error}" if error else status)
         updates["log_tail"] = _tail(tail + _log_line(line))
         Job.objects.filter(pk=job_id).update(**updates)
+        if status == Job.Status.SUCCEEDED and (result or {}).get("checkpoint_id"):
+            items_score_enqueue(job_id=job_id, checkpoint_id=int(result["checkpoint_id"]))
     return True
+
+
+def items_score_enqueue(*, job_id: int, checkpoint_id: int) -> None:
+    """A reward model just finished: score the project's items with it, so the disagreements
+    page and disagreement routing (labeling.routing) use the current reward model."""
+    from training.tasks import items_score
+
+    job = Job.objects.filter(pk=job_id).values("kind", "project_id").first()
+    if job is None or job["kind"] != Job.Kind.REWARD:
+        return
+    project_id = job["project_id"]
+    transaction.on_commit(
+        lambda: items_score.apply_async(args=[project_id, checkpoint_id], queue=job_queue(1))
+    )
 
 
 def job_cancel(*, job: Job) -> Job:

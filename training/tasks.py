@@ -87,6 +87,29 @@ def _job_run(job_id: int) -> str:
     return status
 
 
+@shared_task(name="training.items_score", ignore_result=True)  # sent to queue "gpu"
+def items_score(project_id: int, checkpoint_id: int) -> int:
+    """Score a project's items with a finished reward model (labeling.routing): what the
+    disagreements page lists and disagreement routing sends first. Inference only, in this
+    process, like an evaluation's reward scoring."""
+    from labeling.models import Project
+    from labeling.routing import item_scores_compute
+
+    ckpt = Checkpoint.objects.filter(pk=checkpoint_id, project_id=project_id).first()
+    project = Project.objects.filter(pk=project_id).first()
+    if ckpt is None or project is None:
+        return 0
+    try:
+        return item_scores_compute(
+            project=project, checkpoint_path=ckpt.path, checkpoint_id=ckpt.pk
+        )
+    except Exception:  # the page keeps the previous scores and says how to score again
+        logger.exception(
+            "scoring the items of project %s with checkpoint %s failed", project_id, checkpoint_id
+        )
+        return 0
+
+
 @shared_task(name="training.jobs_recover_stale", ignore_result=True)
 def jobs_recover_stale() -> dict:
     report = services.jobs_recover_stale(stale_after_s=services.stale_after_s())

@@ -282,6 +282,7 @@ def job_summary(job: Job) -> dict:
         "progress": job.progress_percent,
         "attempts": job.attempts,
         "max_attempts": job.max_attempts,
+        "devices": job.devices,
         "cancel_requested": job.cancel_requested,
         "error": job.error,
         "worker": job.worker,

@@ -409,3 +409,25 @@ def test_checkpoint_pickers_offer_the_newest_jobs_latest_step_first(admin_user, 
     form = JobLaunchForm(kind="eval", user=admin_user)
     steps = [c.step for c in form.fields["parent_checkpoint"].queryset]
     assert steps == [10, 40, 20]
+
+
+def test_the_job_page_shows_the_devices_and_processes_the_job_uses(
+    admin_client, admin_user, project
+):
+    one = a_job(project, admin_user)
+    page = admin_client.get(reverse("training:job_detail", args=[one.pk])).content.decode()
+    assert "1 device, 1 process" in page
+    two = services.job_launch(
+        kind="reward",
+        project=project,
+        config={"max_steps": 4, "batch_size": 2},
+        user=admin_user,
+        base_model="tiny",
+        devices=2,
+    )
+    page = admin_client.get(reverse("training:job_detail", args=[two.pk])).content.decode()
+    assert "2 devices, one process each (torchrun)" in page
+    assert (
+        admin_client.get(reverse("training:job_metrics", args=[two.pk])).json()["job"]["devices"]
+        == 2
+    )

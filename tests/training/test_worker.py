@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from django.db import transaction
 
-from labeling.models import Completion, Item
+from labeling.models import Completion, Item, ItemScore
 from tests.training.worker_fixtures import STALE_AFTER_S, wait_for
 from training import services
 from training.models import Checkpoint, Job, MetricPoint
@@ -172,6 +172,15 @@ def test_closed_loop_reward_model_then_ppo_then_sampling_then_evaluation(
     keys = set(MetricPoint.objects.filter(job=reward_job).values_list("key", flat=True))
     assert {"loss/reward", "reward/accuracy"} <= keys
     reward_ckpt = Checkpoint.objects.get(job=reward_job, role=Checkpoint.Role.REWARD)
+    # the finished reward model scores the project's items for the disagreements page
+    wait_for(
+        lambda: (
+            ItemScore.objects.filter(project=project, checkpoint_id=reward_ckpt.pk).count() == 6
+        ),
+        timeout=60,
+        message="the project's items scored by the new reward model",
+        details=lambda: _details(reward_job.pk),
+    )
 
     ppo_config = {
         "max_steps": 2,
