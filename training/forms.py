@@ -1,8 +1,9 @@
 """The launch form: one per job kind, prefilled with defaults that finish on a laptop CPU
 with the tiny demo model and scale up by editing the config JSON.
 
-The form only parses input; the rules live in ``services.job_launch``, whose
-JobLaunchError is shown on the field it names and creates no job.
+The form only parses input (``launch_arguments``); the view calls ``services.job_launch``,
+where the rules live, and a JobLaunchError is shown on the field it names (no job is
+created).
 """
 
 from __future__ import annotations
@@ -290,8 +291,8 @@ class JobLaunchForm(forms.Form):
             return ckpt, ""
         return None, ""
 
-    def launch(self) -> Job | None:
-        """Launch the job; on a refused launch the error lands on its field and None is returned."""
+    def launch_arguments(self) -> dict:
+        """The keyword arguments of services.job_launch, from the cleaned data."""
         data = self.cleaned_data
         reward_checkpoint, reward_rule = data.get("reward") or (None, "")
         options = {}
@@ -299,22 +300,21 @@ class JobLaunchForm(forms.Form):
             options["max_prompts"] = data["max_prompts"]
         if data.get("send_to_labelers"):
             options["send_to_labelers"] = True
-        try:
-            return services.job_launch(
-                kind=self.kind,
-                project=data["project"],
-                config=data["config"],
-                user=self.user,
-                base_model=data.get("base_model") or None,
-                parent_checkpoint=data.get("parent_checkpoint"),
-                compare_checkpoint=data.get("compare_checkpoint"),
-                reward_checkpoint=reward_checkpoint,
-                reward_rule=reward_rule,
-                options=options,
-                max_attempts=data.get("max_attempts"),
-                devices=data.get("devices") or 1,
-            )
-        except services.JobLaunchError as exc:
-            field = exc.field if exc.field in self.fields else None
-            self.add_error(field, exc.text)
-            return None
+        return {
+            "kind": self.kind,
+            "project": data["project"],
+            "config": data["config"],
+            "user": self.user,
+            "base_model": data.get("base_model") or None,
+            "parent_checkpoint": data.get("parent_checkpoint"),
+            "compare_checkpoint": data.get("compare_checkpoint"),
+            "reward_checkpoint": reward_checkpoint,
+            "reward_rule": reward_rule,
+            "options": options,
+            "max_attempts": data.get("max_attempts"),
+            "devices": data.get("devices") or 1,
+        }
+
+    def add_launch_error(self, exc: services.JobLaunchError) -> None:
+        """Show a refused launch on the field it names (the whole form when no field fits)."""
+        self.add_error(exc.field if exc.field in self.fields else None, exc.text)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+from celery import current_app
 from django.conf import settings
 from django.core.exceptions import NON_FIELD_ERRORS, ValidationError
 from django.db import transaction
@@ -210,123 +211,39 @@ def job_launch(
 
     Raises JobLaunchError (a ValidationError) naming the field at fault: an unknown kind, a
     config the engine's dataclass refuses, a checkpoint of another project or role, a missing
-    reward, or no data to train on. Nothing is created then.
+    reward, no data to train on, a device count or attempt limit out of range. Nothing is
+    created then.
     """
-    from rlhf.config import config_from_dict, config_to_dict
-    from rlhf.errors import ConfigError
+    from rlhf.config import config_to_dict
 
     if kind not in Job.Kind.values:
         raise JobLaunchError(
             f"Unknown job kind {kind!r}; choose one of {', '.join(Job.Kind.values)}."
         )
-    if not isinstance(config, dict):
-        raise JobLaunchError("The config must be a JSON object.", field="config")
-    reserved = [k for k in RESERVED_CONFIG_FIELDS if k in config]
-    if reserved:
-        raise JobLaunchError(
-            f"Set {' and '.join(reserved)} with the base model / checkpoint choice, not in the config.",
-            field="config",
-        )
     options = dict(options or {})
-
-    # What the policy starts from.
-    if parent_checkpoint is not None:
-        _check_checkpoint(
-            parent_checkpoint,
-            project=project,
-            role=Checkpoint.Role.POLICY,
-            field="parent_checkpoint",
-        )
-        base = parent_checkpoint.base_model
-        init_adapter = parent_checkpoint.path
-    else:
-        base = (base_model or "").strip() or settings.DEFAULT_BASE_MODEL
-        init_adapter = None
-    if kind == Job.Kind.EVAL:
-        if parent_checkpoint is None:
-            raise JobLaunchError(
-                "An evaluation needs checkpoint A (the policy to evaluate).",
-                field="parent_checkpoint",
-            )
-        if compare_checkpoint is not None:
-            _check_checkpoint(
-                compare_checkpoint,
-                project=project,
-                role=Checkpoint.Role.POLICY,
-                field="compare_checkpoint",
-            )
-            if compare_checkpoint.base_model != base:
-                raise JobLaunchError(
-                    f"Checkpoint B was trained on {compare_checkpoint.base_model!r}, A on {base!r}; "
-                    "compare checkpoints of the same base model.",
-                    field="compare_checkpoint",
-                )
-        init_adapter = None  # the task loads A and B in turn
-    elif compare_checkpoint is not None:
-        raise JobLaunchError(
-            "Only an evaluation compares two checkpoints.", field="compare_checkpoint"
-        )
-
-    # The reward: a reward-model checkpoint or a built-in rule, for the kinds that need one.
-    if kind in NEEDS_REWARD:
-        if reward_checkpoint is not None and reward_rule:
-            raise JobLaunchError(
-                "Choose a reward model or a rule reward, not both.", field="reward"
-            )
-        if reward_checkpoint is None and not reward_rule:
-            raise JobLaunchError(
-                "Choose a reward: a reward-model checkpoint or a built-in rule.", field="reward"
-            )
-        if reward_checkpoint is not None:
-            _check_checkpoint(
-                reward_checkpoint, project=project, role=Checkpoint.Role.REWARD, field="reward"
-            )
-        if reward_rule and reward_rule not in REWARD_RULES:
-            raise JobLaunchError(
-                f"Unknown reward rule {reward_rule!r}; choose one of {', '.join(REWARD_RULES)}.",
-                field="reward",
-            )
-    elif reward_checkpoint is not None or reward_rule:
-        raise JobLaunchError(f"A {kind} job takes no reward.", field="reward")
-
-    if options.get("send_to_labelers") and kind != Job.Kind.EVAL:
-        raise JobLaunchError(
-            "Only an evaluation sends its A-vs-B pairs to labelers.", field="send_to_labelers"
-        )
-    if kind == Job.Kind.SAMPLE:  # every item of the project shows K completions
-        k = config.get("num_completions", project.k)
-        if k != project.k:
-            raise JobLaunchError(
-                f"num_completions is {k!r}, but the items of {project.name} show "
-                f"K = {project.k} completions: use {project.k}.",
-                field="config",
-            )
-        config = {**config, "num_completions": project.k}
-    try:
-        cfg = config_from_dict(
-            ENGINE_KIND[kind], {**config, "model": base, "init_adapter": init_adapter}
-        )
-    except ConfigError as exc:
-        raise JobLaunchError(f"Invalid config: {exc}", field="config") from None
+    base, init_adapter = _launch_start(
+        kind=kind,
+        project=project,
+        base_model=base_model,
+        parent_checkpoint=parent_checkpoint,
+        compare_checkpoint=compare_checkpoint,
+    )
+    _launch_reward(
+        kind=kind,
+        project=project,
+        reward_checkpoint=reward_checkpoint,
+        reward_rule=reward_rule,
+        options=options,
+    )
+    cfg = _launch_engine_config(
+        kind=kind, project=project, config=config, base=base, init_adapter=init_adapter
+    )
     if parent_checkpoint is None:
         _check_base_model(base)
-
+    attempts = _launch_limits(kind=kind, devices=devices, max_attempts=max_attempts)
     input_kind = INPUT_KIND[kind]
-    max_prompts = options.get("max_prompts")
-    if max_prompts is not None and (not isinstance(max_prompts, int) or max_prompts < 1):
-        raise JobLaunchError("max_prompts must be a positive integer.", field="config")
-    ids = _snapshot_ids(project=project, input_kind=input_kind, limit=max_prompts)
-    if not ids:
-        raise JobLaunchError(_NO_DATA[input_kind].format(project=project.name))
-    rows = selectors.input_rows(input_kind=input_kind, ids=ids)
+    ids, rows = _launch_snapshot(project=project, input_kind=input_kind, options=options)
 
-    if not isinstance(devices, int) or not 1 <= devices <= MAX_DEVICES:
-        raise JobLaunchError(f"devices must be between 1 and {MAX_DEVICES}.", field="devices")
-    if devices > 1 and kind not in OUTPUT_ROLE:
-        raise JobLaunchError(f"A {kind} job runs on one device.", field="devices")
-    if max_attempts is not None and not 1 <= max_attempts <= MAX_ATTEMPTS:
-        raise JobLaunchError(f"max_attempts must be between 1 and {MAX_ATTEMPTS}.")
-    attempts = max_attempts if max_attempts is not None else default_max_attempts()
     with transaction.atomic():
         job = Job.objects.create(
             kind=kind,
@@ -346,16 +263,152 @@ def job_launch(
             reward_rule=reward_rule or "",
             total_steps=getattr(cfg, "max_steps", 0) if kind in OUTPUT_ROLE else 0,
             devices=devices,
+            enqueued_at=timezone.now(),
+            log_tail=_log_line(
+                f"launched by {getattr(user, 'username', '?')}: {len(rows)} {input_kind} "
+                f"(sha256 {selectors.rows_hash(rows)[:12]}), base {base}"
+                + (f", from checkpoint #{parent_checkpoint.pk}" if parent_checkpoint else "")
+            ),
         )
+        # the folder is named after the id, which exists only now: the row's one other write
         job.output_dir = str(Path(settings.CHECKPOINT_DIR) / f"job-{job.pk}")
-        job.log_tail = _log_line(
-            f"launched by {getattr(user, 'username', '?')}: {len(rows)} {input_kind} "
-            f"(sha256 {job.input_hash[:12]}), base {base}"
-            + (f", from checkpoint #{parent_checkpoint.pk}" if parent_checkpoint else "")
-        )
-        job.save(update_fields=["output_dir", "log_tail"])
-        job_enqueue(job=job)
+        Job.objects.filter(pk=job.pk).update(output_dir=job.output_dir)
+        _job_send(job_id=job.pk, devices=devices)
     return job
+
+
+def _launch_start(
+    *,
+    kind: str,
+    project: Project,
+    base_model: str | None,
+    parent_checkpoint: Checkpoint | None,
+    compare_checkpoint: Checkpoint | None,
+) -> tuple[str, str | None]:
+    """(base model, init adapter): what the policy starts from; an evaluation's A and B."""
+    if parent_checkpoint is not None:
+        _check_checkpoint(
+            parent_checkpoint,
+            project=project,
+            role=Checkpoint.Role.POLICY,
+            field="parent_checkpoint",
+        )
+        base, init_adapter = parent_checkpoint.base_model, parent_checkpoint.path
+    else:
+        base, init_adapter = (base_model or "").strip() or settings.DEFAULT_BASE_MODEL, None
+    if kind != Job.Kind.EVAL:
+        if compare_checkpoint is not None:
+            raise JobLaunchError(
+                "Only an evaluation compares two checkpoints.", field="compare_checkpoint"
+            )
+        return base, init_adapter
+    if parent_checkpoint is None:
+        raise JobLaunchError(
+            "An evaluation needs checkpoint A (the policy to evaluate).", field="parent_checkpoint"
+        )
+    if compare_checkpoint is not None:
+        _check_checkpoint(
+            compare_checkpoint,
+            project=project,
+            role=Checkpoint.Role.POLICY,
+            field="compare_checkpoint",
+        )
+        if compare_checkpoint.base_model != base:
+            raise JobLaunchError(
+                f"Checkpoint B was trained on {compare_checkpoint.base_model!r}, A on {base!r}; "
+                "compare checkpoints of the same base model.",
+                field="compare_checkpoint",
+            )
+    return base, None  # the task loads A and B in turn
+
+
+def _launch_reward(
+    *,
+    kind: str,
+    project: Project,
+    reward_checkpoint: Checkpoint | None,
+    reward_rule: str,
+    options: dict,
+) -> None:
+    """The reward (a reward-model checkpoint or a built-in rule) of the kinds that need one."""
+    if kind not in NEEDS_REWARD:
+        if reward_checkpoint is not None or reward_rule:
+            raise JobLaunchError(f"A {kind} job takes no reward.", field="reward")
+    elif reward_checkpoint is not None and reward_rule:
+        raise JobLaunchError("Choose a reward model or a rule reward, not both.", field="reward")
+    elif reward_checkpoint is None and not reward_rule:
+        raise JobLaunchError(
+            "Choose a reward: a reward-model checkpoint or a built-in rule.", field="reward"
+        )
+    elif reward_checkpoint is not None:
+        _check_checkpoint(
+            reward_checkpoint, project=project, role=Checkpoint.Role.REWARD, field="reward"
+        )
+    elif reward_rule not in REWARD_RULES:
+        raise JobLaunchError(
+            f"Unknown reward rule {reward_rule!r}; choose one of {', '.join(REWARD_RULES)}.",
+            field="reward",
+        )
+    if options.get("send_to_labelers") and kind != Job.Kind.EVAL:
+        raise JobLaunchError(
+            "Only an evaluation sends its A-vs-B pairs to labelers.", field="send_to_labelers"
+        )
+
+
+def _launch_engine_config(
+    *, kind: str, project: Project, config: dict, base: str, init_adapter: str | None
+):
+    """The engine's config dataclass for the job, or a JobLaunchError naming what it refuses."""
+    from rlhf.config import config_from_dict
+    from rlhf.errors import ConfigError
+
+    if not isinstance(config, dict):
+        raise JobLaunchError("The config must be a JSON object.", field="config")
+    reserved = [k for k in RESERVED_CONFIG_FIELDS if k in config]
+    if reserved:
+        raise JobLaunchError(
+            f"Set {' and '.join(reserved)} with the base model / checkpoint choice, not in the config.",
+            field="config",
+        )
+    if kind == Job.Kind.SAMPLE:  # every item of the project shows K completions
+        k = config.get("num_completions", project.k)
+        if k != project.k:
+            raise JobLaunchError(
+                f"num_completions is {k!r}, but the items of {project.name} show "
+                f"K = {project.k} completions: use {project.k}.",
+                field="config",
+            )
+        config = {**config, "num_completions": project.k}
+    try:
+        return config_from_dict(
+            ENGINE_KIND[kind], {**config, "model": base, "init_adapter": init_adapter}
+        )
+    except ConfigError as exc:
+        raise JobLaunchError(f"Invalid config: {exc}", field="config") from None
+
+
+def _launch_limits(*, kind: str, devices: int, max_attempts: int | None) -> int:
+    """Check the device count; the job's attempt limit."""
+    if not isinstance(devices, int) or not 1 <= devices <= MAX_DEVICES:
+        raise JobLaunchError(f"devices must be between 1 and {MAX_DEVICES}.", field="devices")
+    if devices > 1 and kind not in OUTPUT_ROLE:
+        raise JobLaunchError(f"A {kind} job runs on one device.", field="devices")
+    if max_attempts is not None and not 1 <= max_attempts <= MAX_ATTEMPTS:
+        raise JobLaunchError(f"max_attempts must be between 1 and {MAX_ATTEMPTS}.")
+    return max_attempts if max_attempts is not None else default_max_attempts()
+
+
+def _launch_snapshot(
+    *, project: Project, input_kind: str, options: dict
+) -> tuple[list[int], list[dict]]:
+    """The ids the job trains on, frozen now, and their engine rows."""
+    max_prompts = options.get("max_prompts")
+    if max_prompts is not None and (not isinstance(max_prompts, int) or max_prompts < 1):
+        raise JobLaunchError("max_prompts must be a positive integer.", field="config")
+    ids = _snapshot_ids(project=project, input_kind=input_kind, limit=max_prompts)
+    if not ids:
+        raise JobLaunchError(_NO_DATA[input_kind].format(project=project.name))
+    return ids, selectors.input_rows(input_kind=input_kind, ids=ids)
 
 
 _NO_DATA = {
@@ -393,15 +446,21 @@ def job_queue(devices: int) -> str:
 
 
 def job_enqueue(*, job: Job) -> None:
-    """Send the job's task, to the queue of its size, once the current transaction commits
-    (never before the row exists)."""
-    from training.tasks import job_run
-
+    """Send the job's task again (a released or recovered job), to the queue of its size,
+    once the current transaction commits."""
     job_id = job.pk
     Job.objects.filter(pk=job_id).update(enqueued_at=timezone.now())
     devices = Job.objects.filter(pk=job_id).values_list("devices", flat=True).first() or 1
+    _job_send(job_id=job_id, devices=devices)
+
+
+def _job_send(*, job_id: int, devices: int) -> None:
+    """The job's task, by name (services do not import the tasks that call them), sent after
+    the commit: never before the row exists."""
     queue = job_queue(devices)
-    transaction.on_commit(lambda: job_run.apply_async(args=[job_id], queue=queue))
+    transaction.on_commit(
+        lambda: current_app.send_task("training.job_run", args=[job_id], queue=queue)
+    )
 
 
 # --------------------------------------------------------------------------- running
@@ -563,14 +622,12 @@ def job_finish(
 def items_score_enqueue(*, job_id: int, checkpoint_id: int) -> None:
     """A reward model just finished: score the project's items with it, so the disagreements
     page and disagreement routing (labeling.routing) use the current reward model."""
-    from training.tasks import items_score
-
     job = Job.objects.filter(pk=job_id).values("kind", "project_id").first()
     if job is None or job["kind"] != Job.Kind.REWARD:
         return
-    project_id = job["project_id"]
+    args = [job["project_id"], checkpoint_id]
     transaction.on_commit(
-        lambda: items_score.apply_async(args=[project_id, checkpoint_id], queue=job_queue(1))
+        lambda: current_app.send_task("training.items_score", args=args, queue=job_queue(1))
     )
 
 

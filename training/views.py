@@ -131,8 +131,11 @@ def job_launch(request, kind: str):
     if request.method == "POST":
         form = JobLaunchForm(request.POST, kind=kind, user=request.user)
         if form.is_valid():
-            job = form.launch()
-            if job is not None:
+            try:
+                job = services.job_launch(**form.launch_arguments())
+            except services.JobLaunchError as exc:
+                form.add_launch_error(exc)
+            else:
                 return redirect("training:job_detail", job_id=job.pk)
     else:
         form = JobLaunchForm(kind=kind, user=request.user, initial=initial)

@@ -383,3 +383,28 @@ def test_a_max_attempts_setting_above_the_api_bound_still_launches(project, admi
     assert launch(project, admin_user).max_attempts == 50
     with pytest.raises(services.JobLaunchError, match="between 1 and 20"):
         launch(project, admin_user, max_attempts=21)
+
+
+def test_a_launch_inserts_its_row_and_updates_it_once_for_the_folder_named_after_its_id(
+    admin_user, project
+):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    with CaptureQueriesContext(connection) as ctx:
+        job = services.job_launch(
+            kind="reward",
+            project=project,
+            config={"max_steps": 4, "batch_size": 2},
+            user=admin_user,
+            base_model="tiny",
+        )
+    writes = [
+        q["sql"].split()[0]
+        for q in ctx.captured_queries
+        if '"training_job"' in q["sql"] and q["sql"].split()[0] in ("INSERT", "UPDATE")
+    ]
+    assert writes == ["INSERT", "UPDATE"]
+    job.refresh_from_db()
+    assert job.output_dir.endswith(f"job-{job.pk}") and job.enqueued_at is not None
+    assert "launched by alice-admin" in job.log_tail

@@ -327,7 +327,8 @@ def test_a_job_is_sent_to_the_queue_of_its_device_count_also_when_it_is_requeued
 
     sent = []
     monkeypatch.setattr(
-        "training.tasks.job_run.apply_async", lambda args, queue: sent.append((args[0], queue))
+        "training.services.current_app.send_task",
+        lambda name, args, queue: name == "training.job_run" and sent.append((args[0], queue)),
     )
     config = {"max_steps": 2}
     one = services.job_launch(
