@@ -87,3 +87,33 @@ def test_an_evaluation_page_shows_the_human_win_rate_beside_the_reward_models(
     human = page.locator("#eval-human").inner_text()
     assert "1.000" in human and "3 of 3 items ranked" in human
     assert "pick the same side in 0.67" in page.locator("#eval-agreement").inner_text()
+
+
+def test_a_labeler_sees_a_long_conversation_folded_to_its_latest_exchange(
+    page, live_server, admin_user, labeler
+):
+    project = labeling_services.project_create(name="Chats", created_by=admin_user, k=2)
+    labeling_services.membership_set(project=project, user=labeler, role=Membership.Role.LABELER)
+    turns = [{"role": "system", "content": "Be kind."}]
+    for i in range(4):
+        turns += [
+            {"role": "user", "content": f"question {i}"},
+            {"role": "assistant", "content": f"answer {i}"},
+        ]
+    turns.append({"role": "user", "content": "the **latest** question"})
+    prompt = labeling_services.prompt_create(project=project, text="chat", messages=turns)
+    for text in ("reply one", "reply two"):
+        labeling_services.completion_create(prompt=prompt, text=text)
+    labeling_services.items_create_for_prompt(project=project, prompt=prompt)
+    login(page, live_server, labeler)
+
+    page.goto(f"{live_server.url}/projects/{project.pk}/label/")
+    page.wait_for_selector("#item[data-item-id] .response")
+    fold = page.locator("details.earlier-turns")
+    assert fold.count() == 1 and not fold.evaluate("d => d.open")
+    assert page.locator(".turn-system").first.is_visible()  # the system turn stays in view
+    latest = page.locator(".turn-user").last
+    assert latest.is_visible() and latest.locator("strong").inner_text() == "latest"
+    assert not page.get_by_text("question 0", exact=True).is_visible()
+    page.click("details.earlier-turns > summary")
+    assert page.get_by_text("question 0", exact=True).is_visible()
