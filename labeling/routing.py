@@ -112,6 +112,8 @@ def item_scores_store(
             raise LabelingError(f"Item {item_id}: a reward is not a finite number.")
     now = timezone.now()
     with transaction.atomic():
+        # two scorings at once (two reward jobs ending together) take turns, the later wins
+        Project.objects.select_for_update().filter(pk=project.pk).first()
         ItemScore.objects.filter(item_id__in=list(scores)).delete()
         ItemScore.objects.bulk_create(
             ItemScore(
@@ -172,12 +174,22 @@ def item_scores_compute(
     where a model may run (the `score_items` command, a GPU worker), never in a web request."""
     if scorer is None:
         scorer = _load_scorer(checkpoint_path)
+    from rlhf.data import ChatPrompt  # a conversation is scored as the reward model read it
+
     pairs = [
-        (item_id, cid, prompt, text)
-        for item_id, cid, prompt, text in ItemCompletion.objects.filter(item__project=project)
+        (item_id, cid, ChatPrompt(prompt, messages) if messages else prompt, text)
+        for item_id, cid, prompt, messages, text in ItemCompletion.objects.filter(
+            item__project=project
+        )
         .exclude(item__source=Item.Source.EVAL)
         .order_by("item_id", "position")
-        .values_list("item_id", "completion_id", "item__prompt__text", "completion__text")
+        .values_list(
+            "item_id",
+            "completion_id",
+            "item__prompt__text",
+            "item__prompt__messages",
+            "completion__text",
+        )
     ]
     scores: dict[int, dict[int, float]] = {}
     batch = 16

@@ -269,15 +269,38 @@ def project_update(
 
 
 def membership_set(*, project: Project, user, role: str) -> Membership:
-    """Add `user` to `project` with `role` ("labeler" or "admin"), or change their role."""
+    """Add `user` to `project` with `role` ("labeler" or "admin"), or change their role. The
+    last admin cannot step down; an admin who does loses the invites they had open."""
     if role not in Membership.Role.values:
         raise LabelingError(
             f"Unknown role {role!r}; use one of {', '.join(Membership.Role.values)}."
         )
-    membership, _ = Membership.objects.update_or_create(
-        project=project, user=user, defaults={"role": role}
-    )
+    with transaction.atomic():
+        current = Membership.objects.select_for_update().filter(project=project, user=user).first()
+        if current is not None and current.role == Membership.Role.ADMIN and role != current.role:
+            _check_not_last_admin(project=project, username=user.username)
+            _invites_revoke_by(project=project, user_pk=user.pk)
+        membership, _ = Membership.objects.update_or_create(
+            project=project, user=user, defaults={"role": role}
+        )
     return membership
+
+
+def _check_not_last_admin(*, project: Project, username: str) -> None:
+    admins = Membership.objects.select_for_update().filter(
+        project=project, role=Membership.Role.ADMIN
+    )
+    if len(admins) <= 1:
+        raise LabelingError(
+            f"{username} is the project's last admin: make another member an admin first.",
+            field="user_id",
+        )
+
+
+def _invites_revoke_by(*, project: Project, user_pk: int) -> None:
+    """An admin who leaves (or steps down) takes their open invites with them: a link they
+    kept must not let them back in."""
+    Invite.objects.filter(project=project, created_by_id=user_pk, used_at__isnull=True).delete()
 
 
 def membership_add_by_username(*, project: Project, username: str, role: str) -> Membership:
@@ -305,15 +328,8 @@ def membership_remove(*, project: Project, user_id) -> None:
         if membership is None:
             raise MemberNotFound(f"User {user_id} is not a member of {project.name}.")
         if membership.role == Membership.Role.ADMIN:
-            admins = Membership.objects.select_for_update().filter(
-                project=project, role=Membership.Role.ADMIN
-            )
-            if len(admins) <= 1:
-                raise LabelingError(
-                    f"{membership.user.username} is the project's last admin: make another "
-                    "member an admin first.",
-                    field="user_id",
-                )
+            _check_not_last_admin(project=project, username=membership.user.username)
+            _invites_revoke_by(project=project, user_pk=user_pk)
         membership.delete()
         Assignment.objects.filter(
             item__project=project, user_id=user_pk, status=Assignment.Status.ACTIVE

@@ -106,11 +106,24 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _parent_is_torchrun() -> bool:
+    """Whether this process's parent is still torchrun (False once it was re-parented);
+    True where /proc cannot tell."""
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return True
+    return b"torch.distributed.run" in cmdline or b"torchrun" in cmdline
+
+
 def _run_with_events(args) -> int:
     from rlhf import events
 
     if "LOCAL_RANK" in os.environ:  # a torchrun rank: it dies with torchrun, as torchrun does
         events.die_with_parent()  # with its supervisor (which set the same on it)
+        if not _parent_is_torchrun():  # torchrun died before the request took effect
+            return 1
     with _event_stream(args.events) as stream:
         writer = events.EventWriter(stream, rank=int(os.environ.get("RANK", "0")))
         try:

@@ -209,7 +209,7 @@ def all_reduce_gradients(params: Sequence[torch.nn.Parameter]) -> None:
         + [torch.tensor([float(g is not None) for g in grads], device=_comm_device())]
     )
     dist.all_reduce(flat)
-    present = flat[-len(params) :]
+    present = flat[-len(params) :].tolist()  # one device sync, not one per parameter
     offset = 0
     for i, p in enumerate(params):
         n = p.numel()

@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from django.db import close_old_connections, connection
+from django.db import DatabaseError, close_old_connections, connection
 
 from training import services
 
@@ -230,7 +230,12 @@ class JobMonitor:
             stopping or now - self._last_stop_check >= self.STOP_CHECK_EVERY_S
         ):  # on a worker stop, read the flags once more: a cancel wins over a release
             self._last_stop_check = now
-            state = services.job_stop_requested(job_id=self.job_id, token=self.token)
+            try:
+                state = services.job_stop_requested(job_id=self.job_id, token=self.token)
+            except DatabaseError:  # a database blip: ask again at the next check, keep training
+                logger.warning("job %s: could not read its stop flags", self.job_id, exc_info=True)
+                close_old_connections()
+                return self.lost or self.cancelled or self.released
             self.lost = self.lost or not state.owned
             self.cancelled = self.cancelled or state.cancel_requested
             self.released = stopping and not (self.lost or self.cancelled)
@@ -255,14 +260,22 @@ class JobMonitor:
             self._last_flush = time.monotonic()
         if self.lost:
             return
-        if not services.metric_points_write(
-            job_id=self.job_id,
-            token=self.token,
-            points=points,
-            step=step or None,
-            total_steps=total or None,
-            log_lines=lines,
-        ):
+        try:
+            written = services.metric_points_write(
+                job_id=self.job_id,
+                token=self.token,
+                points=points,
+                step=step or None,
+                total_steps=total or None,
+                log_lines=lines,
+            )
+        except DatabaseError:  # a database blip: keep the points for the next flush
+            logger.warning("job %s: could not write its metrics", self.job_id, exc_info=True)
+            close_old_connections()
+            with self._lock:
+                self._points[:0], self._lines[:0] = points, lines
+            return
+        if not written:
             self.lost = True
 
 
@@ -307,12 +320,18 @@ def engine_command(
     resume: bool = False,
     reward_model: str | None = None,
     reward_fn: str | None = None,
+    stop_grace_s: float = 60,
 ) -> list[str]:
     """``python -m rlhf <kind> ... --events -`` on the inputs in ``run_dir``; with several
     devices the same command under torchrun, one process per device."""
     launcher = [sys.executable, "-m"]
     if devices > 1:
-        launcher += ["torch.distributed.run", "--standalone", f"--nproc-per-node={devices}", "-m"]
+        # torchrun starts every rank in a session of its own: a stop reaches the ranks through
+        # torchrun, which forwards it and kills them after its shutdown timeout, set to ours
+        launcher += [
+            "torch.distributed.run", "--standalone", f"--nproc-per-node={devices}",
+            f"--shutdown-timeout={int(stop_grace_s)}", "-m",
+        ]  # fmt: skip
     command = [*launcher, "rlhf", kind]
     command += ["--config", str(run_dir / "config.json"), "--data", str(run_dir / "data.jsonl")]
     command += ["--out", str(output_dir)]
@@ -361,7 +380,7 @@ def engine_run(
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=stderr,
-            start_new_session=True,  # its own process group: signals reach every rank
+            start_new_session=True,  # its own process group (torchrun's ranks have their own)
             preexec_fn=in_child,  # noqa: PLW1509 - async-signal-safe: one prctl call
             env=engine_env(),
             text=True,
@@ -386,9 +405,13 @@ def engine_run(
             if steps or event.get("event") != "metrics":
                 _dispatch(event, monitor, outcome)
             if stop_sent_at is None and monitor.should_stop():
-                _signal_group(proc, signal.SIGINT)
                 stop_sent_at, outcome.stop_sent = time.monotonic(), True
-                monitor.log("stop requested: the engine stops after its current step")
+                if monitor.lost:  # another worker owns the job now: no last checkpoint here
+                    _signal_group(proc, signal.SIGKILL)
+                    outcome.killed = True
+                else:
+                    _signal_group(proc, signal.SIGINT)
+                    monitor.log("stop requested: the engine stops after its current step")
             elif (
                 stop_sent_at is not None
                 and not outcome.killed
@@ -397,6 +420,11 @@ def engine_run(
                 _signal_group(proc, signal.SIGKILL)
                 outcome.killed = True
                 monitor.log(f"the engine did not stop within {stop_grace_s:g} s: killed")
+            elif outcome.killed and proc.poll() is not None:
+                # killed, yet its output is still open: a process it started holds it
+                waited = time.monotonic() - (stop_sent_at or time.monotonic())
+                if waited > stop_grace_s + 10:
+                    break
         outcome.returncode = proc.wait()
     finally:
         if proc.poll() is None:  # this thread failed: leave no engine behind

@@ -205,6 +205,7 @@ def _engine(
         output_dir=output_dir,
         devices=job.devices,
         resume=resume,
+        stop_grace_s=services.stop_grace_s(),
         **reward,
     )
     outcome = runtime.engine_run(
@@ -315,10 +316,12 @@ def _run_eval(job: Job, rows: list[dict], monitor: JobMonitor) -> tuple[str, dic
             return _stopped(monitor), {}
         sides[side] = read_jsonl(result["path"])
         monitor.set_progress(done, 3)
+    from rlhf.data import row_prompt  # a conversation is scored as the reward model read it
+
     prompts, texts_a, texts_b, prompt_ids = [], [], [], []
     for pid, row, sa, sb in zip(job.input_ids, rows, sides["a"], sides["b"], strict=False):
         for ca, cb in zip(sa["completions"], sb["completions"], strict=False):
-            prompts.append(row["prompt"])
+            prompts.append(row_prompt(row))
             texts_a.append(ca["text"])
             texts_b.append(cb["text"])
             prompt_ids.append(pid)

@@ -492,3 +492,26 @@ def test_the_dashboard_and_the_api_group_open_flags_by_category(
         "count": 2,
     }
     assert Api(labeler).call("get", f"/projects/{project.pk}/flags").status_code == 404
+
+
+def test_an_admin_who_leaves_or_steps_down_takes_their_open_invites_with_them(
+    project, admin_user, make_user
+):
+    second = make_user("carol-admin")
+    services.membership_set(project=project, user=second, role=Membership.Role.ADMIN)
+    services.invite_create(project=project, role="admin", created_by=second)
+    services.invite_create(project=project, role="labeler", created_by=admin_user)
+    services.membership_set(project=project, user=second, role=Membership.Role.LABELER)
+    assert list(Invite.objects.filter(project=project).values_list("created_by", flat=True)) == [
+        admin_user.pk
+    ]
+    services.membership_set(project=project, user=second, role=Membership.Role.ADMIN)
+    services.invite_create(project=project, role="admin", created_by=second)
+    services.membership_remove(project=project, user_id=second.pk)
+    assert not Invite.objects.filter(project=project, created_by=second).exists()
+
+
+def test_the_last_admin_cannot_step_down_to_labeler(project, admin_user):
+    with pytest.raises(services.LabelingError, match="last admin"):
+        services.membership_set(project=project, user=admin_user, role=Membership.Role.LABELER)
+    assert Membership.objects.get(project=project, user=admin_user).role == Membership.Role.ADMIN

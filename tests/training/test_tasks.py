@@ -390,10 +390,16 @@ def test_a_job_on_several_devices_runs_the_engine_under_torchrun():
     from training.runtime import engine_command
 
     one = engine_command("sft", run_dir=Path("/r"), output_dir="/o")
-    two = engine_command("sft", run_dir=Path("/r"), output_dir="/o", devices=2, resume=True)
+    two = engine_command(
+        "sft", run_dir=Path("/r"), output_dir="/o", devices=2, resume=True, stop_grace_s=45
+    )
     assert one[1:4] == ["-m", "rlhf", "sft"] and one[-2:] == ["--events", "-"]
-    assert two[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m"]
-    assert two[6:] == [*one[2:-2], "--resume", "--events", "-"]
+    # torchrun gives its ranks our grace period to stop before it kills them
+    assert two[1:7] == [
+        "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+        "--shutdown-timeout=45", "-m",
+    ]  # fmt: skip
+    assert two[7:] == [*one[2:-2], "--resume", "--events", "-"]
 
 
 def test_an_evaluation_counts_a_tie_as_half_a_win_along_its_curve():
@@ -404,3 +410,36 @@ def test_an_evaluation_counts_a_tie_as_half_a_win_along_its_curve():
     assert summary["win_rate"] == 0.5 and summary["mean_reward_a"] == 0.5
     curve = [v for _, key, v in points if key == "eval/win_rate"]
     assert curve == [1.0, 0.75, 0.5]
+
+
+def test_a_database_blip_keeps_the_points_and_the_engine_running(project, monkeypatch):
+    from django.db import OperationalError
+
+    from training import runtime, services
+
+    job = services.job_launch(
+        kind="reward",
+        project=project,
+        config={"max_steps": 4, "batch_size": 2},
+        user=None,
+        base_model="tiny",
+    )
+    token = services.job_claim(job_id=job.pk, worker="w:1")
+    monitor = runtime.JobMonitor(job_id=job.pk, token=token)
+    real_write, real_flags = services.metric_points_write, services.job_stop_requested
+
+    def blip(**kw):
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(services, "metric_points_write", blip)
+    monkeypatch.setattr(services, "job_stop_requested", blip)
+    monitor.on_step(1, {"loss/reward": 0.5})
+    monitor.flush()
+    assert monitor.should_stop() is False and monitor.lost is False  # training goes on
+    monkeypatch.setattr(services, "metric_points_write", real_write)
+    monkeypatch.setattr(services, "job_stop_requested", real_flags)
+    monitor.on_step(2, {"loss/reward": 0.4})
+    monitor.flush()
+    assert list(
+        MetricPoint.objects.filter(job=job).order_by("step").values_list("step", flat=True)
+    ) == [1, 2]  # the point of step 1 was kept for the next flush
