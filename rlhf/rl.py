@@ -736,8 +736,3 @@ def use_adapter(model, name: str, cfg) -> None:
     model.set_adapter(name)
     if cfg.gradient_checkpointing:
         model.train()
-
-
-def list_mean(xs: list[float]) -> float:
-    """The mean of a list of per-minibatch statistics (0 for none)."""
-    return sum(xs) / max(len(xs), 1)

@@ -19,8 +19,8 @@ The child gets PR_SET_PDEATHSIG=SIGKILL, so a worker killed with kill -9 takes i
 - a heartbeat thread proves the worker is alive every ``TRAINING_HEARTBEAT_S`` seconds, also
   during a long step or while the base model loads; if the worker dies (kill -9), the
   heartbeat stops and ``services.jobs_recover_stale`` takes the job back;
-- ``check_checkpoints()`` registers each checkpoint the engine completed (``on_checkpoint``)
-  as soon as its event arrives, so it is usable while the job still runs.
+- ``checkpoint_written(path)`` registers each checkpoint the engine completed
+  (``on_checkpoint``) as soon as its event arrives, so it is usable while the job still runs.
 
 Log records of the ``rlhf`` logger (an engine run in this process: evaluation) are copied into
 the job's log tail while it runs; a child's arrive as ``log`` events.
@@ -114,7 +114,6 @@ class JobMonitor:
         self.job_id = job_id
         self.on_checkpoint = on_checkpoint  # called with each new complete checkpoint folder
         self._seen_checkpoints: set[str] = set()
-        self.output_dir: str | None = None
         self.save_every = save_every
         self.token = token
         self.total_steps = total_steps
@@ -151,28 +150,18 @@ class JobMonitor:
         if self._thread is not None:
             self._thread.join(timeout=max(5.0, self.heartbeat_s * 2))
         self.flush()
-        self.check_checkpoints()
 
-    def watch_checkpoints(self, output_dir: str) -> None:
-        """Report each checkpoint the engine completes in ``output_dir`` (``on_checkpoint``),
-        checked at each ``checkpoint`` event and when the monitor closes. Those already there
-        (a resumed run's) are reported at the first check too: registering is idempotent."""
-        self.output_dir = output_dir
-
-    def check_checkpoints(self) -> None:
-        if self.on_checkpoint is None or self.output_dir is None or self.lost:
+    def checkpoint_written(self, path: str) -> None:
+        """The engine completed the checkpoint folder ``path``: register it now
+        (``on_checkpoint``), so it is usable while the job still runs."""
+        if self.on_checkpoint is None or self.lost or path in self._seen_checkpoints:
             return
-        from rlhf.checkpoint import list_checkpoints
-
-        for path in list_checkpoints(self.output_dir):
-            if str(path) in self._seen_checkpoints:
-                continue
-            try:
-                self.on_checkpoint(path)
-            except Exception:  # the final registration at the end of the job tries again
-                logger.exception("job %s: could not register %s", self.job_id, path)
-                continue
-            self._seen_checkpoints.add(str(path))
+        try:
+            self.on_checkpoint(Path(path))
+        except Exception:  # the final registration at the end of the job tries again
+            logger.exception("job %s: could not register %s", self.job_id, path)
+            return
+        self._seen_checkpoints.add(path)
 
     def _heartbeat_loop(self) -> None:
         try:
@@ -463,7 +452,7 @@ def _dispatch(event: dict, monitor: JobMonitor, outcome: EngineOutcome) -> None:
     elif kind == "log":
         monitor.log(str(event.get("line", "")))
     elif kind == "checkpoint":
-        monitor.check_checkpoints()
+        monitor.checkpoint_written(str(event["path"]))
     elif kind == "result":
         outcome.result = event
     elif kind == "failed" and outcome.failure is None:

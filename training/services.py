@@ -243,6 +243,7 @@ def job_launch(
     attempts = _launch_limits(kind=kind, devices=devices, max_attempts=max_attempts)
     input_kind = INPUT_KIND[kind]
     ids, rows = _launch_snapshot(project=project, input_kind=input_kind, options=options)
+    rows_hash = selectors.rows_hash(rows)
 
     with transaction.atomic():
         job = Job.objects.create(
@@ -255,7 +256,7 @@ def job_launch(
             input_kind=input_kind,
             input_ids=ids,
             input_count=len(rows),
-            input_hash=selectors.rows_hash(rows),
+            input_hash=rows_hash,
             base_model=base,
             parent_checkpoint=parent_checkpoint,
             compare_checkpoint=compare_checkpoint,
@@ -266,7 +267,7 @@ def job_launch(
             enqueued_at=timezone.now(),
             log_tail=_log_line(
                 f"launched by {getattr(user, 'username', '?')}: {len(rows)} {input_kind} "
-                f"(sha256 {selectors.rows_hash(rows)[:12]}), base {base}"
+                f"(sha256 {rows_hash[:12]}), base {base}"
                 + (f", from checkpoint #{parent_checkpoint.pk}" if parent_checkpoint else "")
             ),
         )

@@ -227,7 +227,6 @@ def _run_training(job: Job, rows: list[dict], monitor: JobMonitor) -> tuple[str,
 
     model, adapter = job.config.get("model"), job.config.get("init_adapter")
     monitor.log(f"loading {model}" + (f" with adapter {adapter}" if adapter else ""))
-    monitor.watch_checkpoints(job.output_dir)
     resume = latest_checkpoint(job.output_dir)
     start_step = int(read_state(resume).get("step", 0)) if resume is not None else 0
     # A retried attempt continues from its checkpoint (or from scratch): drop the points the

@@ -292,7 +292,7 @@ def job_summary(job: Job) -> dict:
         "heartbeat_at": job.heartbeat_at.isoformat() if job.heartbeat_at else None,
         "started_at": job.started_at.isoformat() if job.started_at else None,
         "finished_at": job.finished_at.isoformat() if job.finished_at else None,
-        "result": selectors.job_result(job=job),
+        "result": job.result,  # the page shows an evaluation's human verdict server-side
         "is_active": job.is_active,
         "queue_position": getattr(job, "queue_position", None),
         "steps_per_s": getattr(job, "steps_per_s", None),
